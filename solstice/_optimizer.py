@@ -1,0 +1,29 @@
+"""The `Optimizer` abstraction: optimizer state plus the rule that turns gradients into updates."""
+
+import abc
+from typing import Any
+
+import equinox as eqx
+
+PyTree = Any
+
+
+class Optimizer(eqx.Module):
+    """Holds optimizer state; `__call__` turns gradients into updates and a new optimizer.
+
+    Subclasses build their state in `__init__` (the optax `init`) and implement `__call__`
+    (the optax `update`). Optimizers are immutable: `__call__` returns the updates *and* the
+    optimizer carrying the new state.
+
+    **Example:**
+
+    ```python
+    grads = eqx.filter_grad(loss_fn)(model, batch)
+    updates, optimizer = optimizer(grads, eqx.filter(model, eqx.is_array))
+    model = eqx.apply_updates(model, updates)
+    ```
+    """
+
+    @abc.abstractmethod
+    def __call__(self, grads: PyTree, params: PyTree | None = None) -> tuple[PyTree, "Optimizer"]:
+        """Return `(updates, new_optimizer)`; `params` is the current parameter tree."""

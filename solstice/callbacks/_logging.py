@@ -1,0 +1,49 @@
+"""`LoggingCallback`: sends published metrics to the loggers, off the training thread."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from .._config import hyperparameters
+from ..loggers import AsyncLogger, FanoutLogger, Logger
+from ._callback import Callback
+
+
+class LoggingCallback(Callback):
+    """Forwards every `on_log` to the loggers through one background thread.
+
+    The Trainer adds one automatically, wrapping its `loggers=` (and `trainer.history`) as
+    `AsyncLogger(FanoutLogger(loggers))`: values stay on the device until the logging thread
+    converts them; a failing logger is reported with a warning and disabled, never fatal.
+    At fit start the experiment's static configuration and the Trainer's settings are logged as
+    hyperparameters.
+    """
+
+    def __init__(self, loggers: Sequence[Logger]):
+        self.loggers = list(loggers)
+        self._sink: Logger | None = None
+
+    @property
+    def sink(self) -> Logger:
+        if self._sink is None:
+            self._sink = AsyncLogger(FanoutLogger(self.loggers))
+        return self._sink
+
+    def on_fit_start(self, trainer, experiment) -> None:
+        params = hyperparameters(experiment)
+        params.update({f"trainer.{k}": v for k, v in trainer.hparams.items()})
+        self.sink.log_hyperparams(params)
+
+    def on_log(self, trainer, experiment, metrics: dict[str, Any], step: int) -> None:
+        self.sink.log_metrics(metrics, step)
+
+    def flush(self) -> None:
+        if self._sink is not None:
+            self.sink.flush()
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_ids": [logger.run_id for logger in self.loggers]}

@@ -1,0 +1,67 @@
+"""Helpers shared by every loader: batch-size checks and padding of the last evaluation batch."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+
+MASK_KEY = "mask"
+
+
+def batch_size_of(batch: PyTree) -> int:
+    """Return the leading-axis size shared by every leaf of `batch`.
+
+    Raises `ValueError`, naming each leaf's path and size, if they disagree.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError("A batch must contain at least one array; got an empty pytree.")
+    sizes = {}
+    for path, leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"Batch leaf `{jax.tree_util.keystr(path)}` is a scalar; every leaf of a batch "
+                "needs a leading batch axis. Give it shape `(batch_size, ...)`."
+            )
+        sizes[jax.tree_util.keystr(path)] = shape[0]
+    if len(set(sizes.values())) != 1:
+        listing = ", ".join(f"`{k}`: {v}" for k, v in sizes.items())
+        raise ValueError(
+            f"Batch leaves disagree on the batch size ({listing}). Every leaf must share the "
+            "same leading axis; check how the batch is built."
+        )
+    return next(iter(sizes.values()))
+
+
+def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """Pad every leaf of a dict batch to `size` rows and add a boolean `"mask"` (True = real).
+
+    If the batch already has a `"mask"`, it is padded with `False`. Used for the last, partial
+    evaluation batch so that every sample counts once and nothing recompiles.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"Only dict batches can be padded and masked, got `{type(batch).__name__}`. "
+            "Yield batches as dicts (e.g. `{'image': x, 'label': y}`) or make the evaluation "
+            "split a multiple of the batch size."
+        )
+    n = batch_size_of(batch)
+    if n > size:
+        raise ValueError(f"Cannot pad a batch of {n} rows down to {size}.")
+    out = dict(batch)
+    mask = np.asarray(out.pop(MASK_KEY, np.ones((n,), dtype=bool)), dtype=bool)
+
+    def pad(x):
+        x = np.asarray(x)
+        if n == size:
+            return x
+        widths = [(0, size - n)] + [(0, 0)] * (x.ndim - 1)
+        return np.pad(x, widths)
+
+    out = jax.tree.map(pad, out)
+    out[MASK_KEY] = pad(mask)
+    return out

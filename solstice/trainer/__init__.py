@@ -1,0 +1,4 @@
+"""The Trainer and the pieces it is made of (placement, compiled steps, loops)."""
+
+from ._progress import Progress as Progress
+from ._trainer import Trainer as Trainer

@@ -1,0 +1,277 @@
+"""Step compilation: the jitted train/eval/predict functions the Trainer calls.
+
+The experiment is split once into its arrays (`dyn`, donated and updated every step) and the
+rest (`static`, closed over by the compiled functions). Metrics are merged into an on-device
+accumulator inside the compiled step, so the loop never reads a value back.
+"""
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._experiment import Experiment
+from .._metrics import Metrics
+
+PyTree = Any
+
+
+def _select(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
+
+
+def _signature(tree: PyTree) -> dict[str, str]:
+    """Shapes, dtypes and static values of a pytree of arguments, by pytree path."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            out[jax.tree_util.keystr(path)] = f"{leaf.dtype}{list(leaf.shape)}"
+        else:
+            out[jax.tree_util.keystr(path)] = repr(leaf)
+    return out
+
+
+def _describe_change(old: dict[str, str], new: dict[str, str]) -> str:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            changes.append(f"`{key}`: {old.get(key, 'absent')} -> {new.get(key, 'absent')}")
+    return "; ".join(changes[:5]) or "the pytree structure"
+
+
+class TraceLog:
+    """Counts traces of each compiled function and warns once when one is retraced."""
+
+    def __init__(self) -> None:
+        self.signatures: dict[str, list[dict[str, str]]] = {}
+        self.warned: set[str] = set()
+
+    def record(self, name: str, args: PyTree) -> None:
+        sig = _signature(args)
+        history = self.signatures.setdefault(name, [])
+        history.append(sig)
+        if len(history) > 1 and name not in self.warned:
+            self.warned.add(name)
+            warnings.warn(
+                f"The {name} step was traced again (trace #{len(history)}), which means a "
+                f"recompilation: {_describe_change(history[-2], sig)}. Keep shapes, dtypes "
+                "and non-array experiment fields constant between steps (store changing "
+                "numbers as `jnp` arrays, pad ragged batches).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def count(self, name: str) -> int:
+        return len(self.signatures.get(name, []))
+
+
+def _check_train_output(out: Any, experiment: Experiment) -> tuple[Experiment, Metrics]:
+    name = type(experiment).__name__
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"`{name}.train_step` must return a tuple `(experiment, metrics)`, got "
+            f"`{type(out).__name__}`. End it with `return new_experiment, metrics`."
+        )
+    new, metrics = out
+    if not isinstance(new, Experiment):
+        raise TypeError(
+            f"`{name}.train_step` must return `(Experiment, Metrics)`, but its first element "
+            f"is a `{type(new).__name__}`. Return the updated experiment first, e.g. "
+            "`eqx.tree_at(lambda e: e.model, self, new_model), metrics`."
+        )
+    if not isinstance(metrics, Metrics):
+        raise TypeError(
+            f"`{name}.train_step` must return `(Experiment, Metrics)`, but its second element "
+            f"is a `{type(metrics).__name__}`. Wrap the values in a `solstice.Metrics` "
+            "subclass (e.g. `solstice.ClassificationMetrics`)."
+        )
+    return new, metrics
+
+
+def _check_metrics(out: Any, experiment: Experiment, method: str) -> Metrics:
+    if not isinstance(out, Metrics):
+        raise TypeError(
+            f"`{type(experiment).__name__}.{method}` must return a `solstice.Metrics`, got "
+            f"`{type(out).__name__}`."
+        )
+    return out
+
+
+class CompiledSteps:
+    """The compiled step functions for one experiment structure.
+
+    **Arguments:**
+
+    - `experiment`: a template whose non-array part is closed over.
+    - `replicated`: the sharding the experiment's arrays live in.
+    - `trace_log`: where traces are counted (for the recompilation warning).
+    - `keep_step_metrics`: also return each step's own metrics (only when a per-batch hook
+      needs them).
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        replicated: jax.sharding.Sharding,
+        trace_log: TraceLog | None = None,
+        keep_step_metrics: bool = False,
+    ):
+        _, self.static = eqx.partition(experiment, eqx.is_array)
+        self.replicated = replicated
+        self.trace_log = trace_log or TraceLog()
+        self.keep_step_metrics = keep_step_metrics
+        self.metrics_static: dict[str, PyTree] = {}
+        self._jitted: dict[str, Callable] = {}
+
+    # ---- experiment <-> arrays
+    def combine(self, dyn: PyTree) -> Experiment:
+        return eqx.combine(dyn, self.static)
+
+    def _split_new(self, new: Experiment, dyn: PyTree) -> PyTree:
+        new_dyn, new_static = eqx.partition(new, eqx.is_array)
+        if jax.tree.structure(new_dyn) != jax.tree.structure(dyn) or not eqx.tree_equal(
+            new_static, self.static
+        ):
+            raise ValueError(
+                f"`{type(new).__name__}.train_step` returned an experiment whose structure or "
+                "non-array fields differ from the input's. A step may only change array "
+                "values; keep Python numbers that change as `jnp` arrays and keep the same "
+                "fields."
+            )
+        return jax.lax.with_sharding_constraint(new_dyn, self.replicated)
+
+    def _metrics_parts(self, stage: str, metrics: Metrics) -> PyTree:
+        m_dyn, m_static = eqx.partition(metrics, eqx.is_array)
+        self.metrics_static[stage] = m_static
+        return m_dyn
+
+    def metrics(self, stage: str, m_dyn: PyTree) -> Metrics:
+        """Rebuild a `Metrics` object from its arrays."""
+        return eqx.combine(m_dyn, self.metrics_static[stage])
+
+    # ---- single steps (traced bodies)
+    def _train_core(self, dyn, batch):
+        exp = self.combine(dyn)
+        new, metrics = _check_train_output(exp.train_step(batch), exp)
+        return self._split_new(new, dyn), self._metrics_parts("train", metrics)
+
+    def _eval_core(self, dyn, batch):
+        exp = self.combine(dyn)
+        metrics = _check_metrics(exp.eval_step(batch), exp, "eval_step")
+        return self._metrics_parts("eval", metrics)
+
+    def _accumulate(self, stage, acc, m_dyn, reset):
+        merged = self.metrics(stage, acc).merge(self.metrics(stage, m_dyn))
+        return _select(reset, m_dyn, eqx.partition(merged, eqx.is_array)[0])
+
+    def _train_body(self, dyn, acc, batch, reset):
+        new_dyn, m_dyn = self._train_core(dyn, batch)
+        return new_dyn, self._accumulate("train", acc, m_dyn, reset), m_dyn
+
+    def _eval_body(self, dyn, acc, batch, reset):
+        m_dyn = self._eval_core(dyn, batch)
+        return self._accumulate("eval", acc, m_dyn, reset), m_dyn
+
+    # ---- public compiled functions
+    def _get(self, name: str, build: Callable[[], Callable]) -> Callable:
+        fn = self._jitted.get(name)
+        if fn is None:
+            fn = self._jitted[name] = build()
+        return fn
+
+    def train(self, dyn, acc, batch, reset):
+        """One training step: `(dyn, acc, step_metrics_or_None)`; donates `dyn` and `acc`."""
+
+        def build():
+            def step(dyn, acc, batch, reset):
+                self.trace_log.record("train", (acc, batch))
+                new_dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
+                return new_dyn, acc, (m_dyn if self.keep_step_metrics else None)
+
+            return jax.jit(step, donate_argnums=(0, 1))
+
+        return self._get("train", build)(dyn, acc, batch, reset)
+
+    def train_many(self, dyn, acc, batches, reset):
+        """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
+
+        Returns `(dyn, acc, stacked_step_metrics_or_None)`.
+        """
+
+        def build():
+            def steps(dyn, acc, batches, reset):
+                self.trace_log.record("train_many", (acc, batches))
+
+                def body(carry, batch):
+                    dyn, acc, flag = carry
+                    dyn, acc, m_dyn = self._train_body(dyn, acc, batch, flag)
+                    return (dyn, acc, jnp.zeros_like(flag)), (
+                        m_dyn if self.keep_step_metrics else None
+                    )
+
+                (dyn, acc, _), ms = jax.lax.scan(body, (dyn, acc, reset), batches)
+                return dyn, acc, ms
+
+            return jax.jit(steps, donate_argnums=(0, 1))
+
+        return self._get("train_many", build)(dyn, acc, batches, reset)
+
+    def evaluate(self, dyn, acc, batch, reset):
+        """One evaluation step: `(acc, step_metrics_or_None)`; donates `acc` only."""
+
+        def build():
+            def step(dyn, acc, batch, reset):
+                self.trace_log.record("eval", (acc, batch))
+                acc, m_dyn = self._eval_body(dyn, acc, batch, reset)
+                return acc, (m_dyn if self.keep_step_metrics else None)
+
+            return jax.jit(step, donate_argnums=(1,))
+
+        return self._get("eval", build)(dyn, acc, batch, reset)
+
+    def predict(self, dyn, batch):
+        """One predict step: the experiment's `predict_step(batch)` outputs."""
+
+        def build():
+            def step(dyn, batch):
+                self.trace_log.record("predict", batch)
+                return self.combine(dyn).predict_step(batch)
+
+            return jax.jit(step)
+
+        return self._get("predict", build)(dyn, batch)
+
+    def empty_accumulator(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
+        """Zeros shaped like one step's metrics arrays (overwritten by the first step)."""
+        if stage == "train":
+            shapes = jax.eval_shape(lambda d, b: self._train_core(d, b)[1], dyn, batch)
+        else:
+            shapes = jax.eval_shape(self._eval_core, dyn, batch)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return jax.device_put(zeros, self.replicated)
+
+    def close_interval(self, stage: str, acc, total, reset):
+        """Compute the interval's metrics and fold the interval into the running total.
+
+        Returns `(computed: dict[str, Array], new_total)`.
+        """
+
+        def build():
+            def fn(acc, total, reset):
+                interval = self.metrics(stage, acc)
+                merged = self.metrics(stage, total).merge(interval)
+                new_total = _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
+                return interval.compute(), new_total
+
+            return jax.jit(fn, donate_argnums=(1,))
+
+        return self._get(f"close_{stage}", build)(acc, total, reset)
+
+    def compute(self, stage: str, acc) -> dict[str, jax.Array]:
+        """`compute()` of an accumulator, on the device."""
+        return self._get(
+            f"compute_{stage}", lambda: jax.jit(lambda a: self.metrics(stage, a).compute())
+        )(acc)

@@ -1,0 +1,168 @@
+"""The feeder: validates host batches and puts them on the devices ahead of the step."""
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..datamodules._batching import MASK_KEY, batch_size_of, pad_batch
+from ._placement import Placement
+
+PyTree = Any
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _is_device_batch(batch: PyTree) -> bool:
+    return all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
+
+
+def _stack(batches: list[PyTree]) -> PyTree:
+    if _is_device_batch(batches[0]):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+class BatchPreparer:
+    """Checks a host batch and, for evaluation, pads it and adds a `"mask"`.
+
+    **Arguments:**
+
+    - `placement`: the devices the batch will be split over.
+    - `evaluation`: pad a short final batch to the first batch's size and mask it.
+    - `validate`: the experiment's `validate_batch` (host-side checks), or `None`.
+    """
+
+    def __init__(
+        self,
+        placement: Placement,
+        *,
+        evaluation: bool,
+        validate: Callable[[PyTree], None] | None = None,
+    ):
+        self.placement = placement
+        self.evaluation = evaluation
+        self.validate = validate
+        self.expected_size: int | None = None
+        self.add_mask: bool | None = None
+
+    def __call__(self, batch: PyTree) -> PyTree:
+        size = batch_size_of(batch)
+        if self.expected_size is None:
+            self.expected_size = size
+            self.placement.check_local_batch_size(size)
+            self.add_mask = self.evaluation and isinstance(batch, dict)
+        if self.evaluation:
+            if self.add_mask and (size < self.expected_size or MASK_KEY not in batch):
+                batch = pad_batch(batch, self.expected_size)
+            elif size != self.expected_size:
+                raise ValueError(
+                    f"Evaluation batch of size {size} after batches of "
+                    f"{self.expected_size}; a ragged batch would recompile the step. Yield "
+                    "dict batches (the Trainer then pads and masks the last one) or make the "
+                    "split a multiple of the batch size."
+                )
+        elif size != self.expected_size:
+            raise ValueError(
+                f"Training batch of size {size} after batches of {self.expected_size}. "
+                "Training batches must all have the same size (drop the last partial batch, "
+                "as the built-in DataModules do)."
+            )
+        if self.validate is not None and not _is_device_batch(batch):
+            self.validate(batch)
+        return batch
+
+
+class Feeder:
+    """Iterates device batches prepared on a background thread, `depth` ahead of the step.
+
+    With `group > 1`, consecutive batches are stacked `(group, batch, ...)` for fused steps;
+    a final remainder is yielded batch by batch. Items are `(num_steps, device_batch)`.
+    Errors raised while reading or checking data re-raise on the consuming thread.
+
+    **Example:**
+
+    ```python
+    with Feeder(loader, prepare, placement, depth=2) as feeder:
+        for n, batch in feeder:
+            ...
+    ```
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[PyTree],
+        prepare: Callable[[PyTree], PyTree],
+        placement: Placement,
+        *,
+        depth: int = 2,
+        group: int = 1,
+    ):
+        self._batches = batches
+        self._prepare = prepare
+        self._placement = placement
+        self._group = group
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="solstice-feeder", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            pending: list[PyTree] = []
+            for batch in self._batches:
+                if self._stop.is_set():
+                    return
+                pending.append(self._prepare(batch))
+                if len(pending) == self._group:
+                    if self._group == 1:
+                        item = (1, self._placement.put_batch(pending[0]))
+                    else:
+                        item = (self._group, self._placement.put_stacked_batches(_stack(pending)))
+                    pending = []
+                    if not self._put(item):
+                        return
+            for batch in pending:
+                if not self._put((1, self._placement.put_batch(batch))):
+                    return
+            self._put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
+            self._put(_Failure(exc))
+
+    def __iter__(self) -> Iterator[tuple[int, PyTree]]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        """Stop the background thread (drops batches not yet consumed)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Feeder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,209 @@
+"""The loops: one training epoch, one evaluation run, one predict run.
+
+Nothing here reads a device value back except at log intervals and epoch ends.
+"""
+
+import itertools
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._feeder import BatchPreparer, Feeder
+
+if TYPE_CHECKING:
+    from ._trainer import Trainer
+
+PyTree = Any
+
+
+def num_batches(loader: Iterable, limit: int | float | None, what: str) -> int | None:
+    """How many batches to take from `loader` given a `limit_*_batches` setting."""
+    try:
+        length = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        length = None
+    if limit is None:
+        return length
+    if isinstance(limit, float):
+        if length is None:
+            raise ValueError(
+                f"`{what}={limit}` is a fraction, but the dataloader has no `len()`. Pass an "
+                "int number of batches instead."
+            )
+        return max(1, int(length * limit)) if length else 0
+    return limit if length is None else min(limit, length)
+
+
+def batches_from(loader: Iterable, start: int, count: int | None) -> Iterable[PyTree]:
+    """The loader's batches from index `start`, at most `count - start` of them."""
+    if start:
+        it = loader.iter_from(start) if hasattr(loader, "iter_from") else itertools.islice(
+            loader, start, None
+        )
+    else:
+        it = loader
+    if count is not None:
+        it = itertools.islice(it, max(0, count - start))
+    return it
+
+
+def _slice(tree: PyTree, i: int) -> PyTree:
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> None:
+    """Run (the rest of) one training epoch; stops early on `should_stop` or `max_steps`."""
+    progress = trainer.progress
+    hooks = trainer._hooks
+    steps = trainer._steps
+    fused = trainer.steps_per_execution
+    batch_start = hooks.active("on_train_batch_start")
+    batch_end = hooks.active("on_train_batch_end")
+    if trainer.max_steps is not None:
+        remaining = progress.batch_idx + max(0, trainer.max_steps - progress.global_step)
+        count = remaining if count is None else min(count, remaining)
+    prepare = BatchPreparer(
+        trainer._placement, evaluation=False, validate=trainer.experiment.validate_batch
+    )
+    feeder = Feeder(
+        batches_from(loader, progress.batch_idx, count),
+        prepare,
+        trainer._placement,
+        depth=trainer.prefetch,
+        group=fused,
+    )
+    state = trainer._train_state
+    with feeder:
+        for n, batch in feeder:
+            if state.acc is None:
+                spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
+                state.init(steps, trainer._dyn, spec)
+            if batch_start:
+                for i in range(n):
+                    hooks.call(trainer, "on_train_batch_start", batch if n == 1 else _slice(batch, i), progress.batch_idx + i)
+            if n == 1:
+                trainer._dyn, state.acc, step_metrics = steps.train(
+                    trainer._dyn, state.acc, batch, state.reset_flag()
+                )
+            else:
+                trainer._dyn, state.acc, step_metrics = steps.train_many(
+                    trainer._dyn, state.acc, batch, state.reset_flag()
+                )
+            state.steps_in_interval += n
+            for i in range(n):
+                progress.global_step += 1
+                progress.batch_idx += 1
+                if batch_end:
+                    one = step_metrics if n == 1 else _slice(step_metrics, i)
+                    hooks.call(
+                        trainer,
+                        "on_train_batch_end",
+                        steps.metrics("train", one),
+                        batch if n == 1 else _slice(batch, i),
+                        progress.batch_idx - 1,
+                    )
+            if progress.global_step % trainer.log_every_n_steps == 0:
+                trainer._close_train_interval()
+            if trainer.should_stop:
+                break
+    if state.steps_in_interval:
+        trainer._close_train_interval()
+
+
+class TrainAccumulators:
+    """On-device metric accumulators of the current training epoch."""
+
+    def __init__(self, true: jax.Array, false: jax.Array):
+        self._true, self._false = true, false
+        self.acc: PyTree = None  # current log interval
+        self.total: PyTree = None  # whole epoch so far
+        self.fresh_interval = True
+        self.fresh_epoch = True
+        self.steps_in_interval = 0
+
+    def init(self, steps, dyn, batch_spec) -> None:
+        self.acc = steps.empty_accumulator("train", dyn, batch_spec)
+        self.total = jax.tree.map(jnp.copy, self.acc)
+
+    def reset_flag(self) -> jax.Array:
+        flag = self._true if self.fresh_interval else self._false
+        self.fresh_interval = False
+        return flag
+
+    def epoch_flag(self) -> jax.Array:
+        flag = self._true if self.fresh_epoch else self._false
+        self.fresh_epoch = False
+        return flag
+
+    def new_epoch(self) -> None:
+        self.fresh_interval = True
+        self.fresh_epoch = True
+        self.steps_in_interval = 0
+
+
+def run_evaluation(
+    trainer: "Trainer", stage: str, loader: Iterable, count: int | None
+) -> dict[str, jax.Array]:
+    """Evaluate every batch of `loader` (padded and masked) and return the metrics on device."""
+    hooks = trainer._hooks
+    steps = trainer._steps
+    batch_start = hooks.active(f"on_{stage}_batch_start")
+    batch_end = hooks.active(f"on_{stage}_batch_end")
+    prepare = BatchPreparer(
+        trainer._placement, evaluation=True, validate=trainer.experiment.validate_batch
+    )
+    acc = None
+    reset = trainer._true
+    with Feeder(
+        batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
+    ) as feeder:
+        for batch_idx, (_, batch) in enumerate(feeder):
+            if acc is None:
+                acc = steps.empty_accumulator("eval", trainer._dyn, batch)
+            if batch_start:
+                hooks.call(trainer, f"on_{stage}_batch_start", batch, batch_idx)
+            acc, step_metrics = steps.evaluate(trainer._dyn, acc, batch, reset)
+            reset = trainer._false
+            if batch_end:
+                hooks.call(
+                    trainer,
+                    f"on_{stage}_batch_end",
+                    steps.metrics("eval", step_metrics),
+                    batch,
+                    batch_idx,
+                )
+    if acc is None:
+        return {}
+    return steps.compute("eval", acc)
+
+
+def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTree:
+    """Predict every batch and return the outputs of the real (unpadded) rows, on the host."""
+    hooks = trainer._hooks
+    steps = trainer._steps
+    batch_start = hooks.active("on_predict_batch_start")
+    batch_end = hooks.active("on_predict_batch_end")
+    prepare = BatchPreparer(trainer._placement, evaluation=True, validate=None)
+    outputs, masks = [], []
+    with Feeder(
+        batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
+    ) as feeder:
+        for batch_idx, (_, batch) in enumerate(feeder):
+            if batch_start:
+                hooks.call(trainer, "on_predict_batch_start", batch, batch_idx)
+            out = steps.predict(trainer._dyn, batch)
+            outputs.append(out)
+            masks.append(batch.get("mask") if isinstance(batch, dict) else None)
+            if batch_end:
+                hooks.call(trainer, "on_predict_batch_end", out, batch, batch_idx)
+    if not outputs:
+        return None
+    outputs, masks = jax.device_get((outputs, masks))
+    kept = [
+        jax.tree.map(lambda x, m=m: np.asarray(x) if m is None else np.asarray(x)[m], out)
+        for out, m in zip(outputs, masks)
+    ]
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *kept)

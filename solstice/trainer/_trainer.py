@@ -1,0 +1,466 @@
+"""`Trainer`: runs fit / validate / test / predict on an Experiment and a DataModule."""
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from .._experiment import Experiment
+from ..callbacks._callback import Callback
+from ..callbacks._logging import LoggingCallback
+from ..callbacks._progress_bar import ProgressBar
+from ..datamodules._datamodule import DataModule
+from ..loggers import History, Logger
+from ._compile import CompiledSteps, TraceLog
+from ._hooks import Hooks
+from ._loop import TrainAccumulators, num_batches, run_evaluation, run_predict, run_train_epoch
+from ._placement import Placement
+from ._progress import Progress
+
+PyTree = Any
+
+
+def _check_count(name: str, value: Any, *, allow_none: bool = True, minimum: int = 0) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def _check_limit(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"`{name}={value}`: a float limit is a fraction of the batches and must be in "
+                "(0, 1]; pass an int for a number of batches."
+            )
+        return
+    _check_count(name, value)
+
+
+class Trainer:
+    """Owns the loop: compiles the experiment's steps, places data and state on devices,
+    calls hooks on the experiment and the callbacks, and publishes metrics to the loggers.
+
+    **Arguments:**
+
+    - `max_epochs`, `max_steps`: when to stop fitting (at least one is required).
+    - `check_val_every_n_epoch`: validate after every n-th training epoch.
+    - `limit_train_batches`, `limit_val_batches`, `limit_test_batches`,
+      `limit_predict_batches`: an int number of batches or a float fraction per epoch.
+    - `fast_dev_run`: `True` (or an int n) runs n batches of train/val/test in one epoch
+      without loggers or checkpoints, to smoke-test a setup.
+    - `log_every_n_steps`: how often training metrics are published (the only time the
+      training loop reads values back from the device).
+    - `callbacks`: `solstice.callbacks.Callback` objects.
+    - `loggers`: `solstice.Logger` objects. Default: none; metrics are always recorded in
+      memory in `trainer.history`, and nothing is written to disk unless a logger is given.
+    - `seed`: seed of the Trainer's own randomness (on-device batch transforms).
+    - `devices`: `"auto"` (all devices), an int (the first n) or a list of devices; batches
+      are split over them along the batch axis, the experiment is replicated.
+    - `enable_progress_bar`: add a `ProgressBar` unless one is in `callbacks`.
+    - `steps_per_execution`: fuse this many training steps into one compiled call
+      (`lax.scan`); `log_every_n_steps` must be a multiple of it.
+    - `prefetch`: how many batches are put on the devices ahead of the step.
+
+    **Example:**
+
+    ```python
+    trainer = solstice.Trainer(max_epochs=10, loggers=[solstice.CSVLogger("logs")])
+    experiment = trainer.fit(experiment, Digits(batch_size=64))
+    print(trainer.test(experiment, Digits(batch_size=256)))   # {"test/accuracy": ...}
+    ```
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        check_val_every_n_epoch: int = 1,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        fast_dev_run: bool | int = False,
+        log_every_n_steps: int = 50,
+        callbacks: Sequence[Callback] | None = None,
+        loggers: Sequence[Logger] | None = None,
+        seed: int = 0,
+        devices: "str | int | Sequence[jax.Device]" = "auto",
+        enable_progress_bar: bool = True,
+        steps_per_execution: int = 1,
+        prefetch: int = 2,
+    ):
+        _check_count("max_epochs", max_epochs)
+        _check_count("max_steps", max_steps)
+        if fast_dev_run is not False:
+            _check_count("fast_dev_run", int(fast_dev_run), minimum=1)
+            n = int(fast_dev_run)
+            max_epochs, max_steps = 1, None
+            limit_train_batches = limit_val_batches = limit_test_batches = n
+            limit_predict_batches = n
+        if max_epochs is None and max_steps is None:
+            raise ValueError(
+                "Neither `max_epochs` nor `max_steps` was given, so training would never "
+                "stop. Pass `max_epochs=...` and/or `max_steps=...` to `Trainer(...)`."
+            )
+        _check_count("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
+        _check_count("log_every_n_steps", log_every_n_steps, minimum=1)
+        _check_count("steps_per_execution", steps_per_execution, minimum=1)
+        _check_count("prefetch", prefetch, minimum=1)
+        for name, value in (
+            ("limit_train_batches", limit_train_batches),
+            ("limit_val_batches", limit_val_batches),
+            ("limit_test_batches", limit_test_batches),
+            ("limit_predict_batches", limit_predict_batches),
+        ):
+            _check_limit(name, value)
+        if log_every_n_steps % steps_per_execution:
+            raise ValueError(
+                f"`log_every_n_steps={log_every_n_steps}` is not a multiple of "
+                f"`steps_per_execution={steps_per_execution}`: metrics can only be published "
+                "between fused calls. Use a multiple, e.g. "
+                f"`log_every_n_steps={steps_per_execution * max(1, log_every_n_steps // steps_per_execution)}`."
+            )
+        callbacks = list(callbacks or [])
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(
+                    f"`callbacks` must hold `solstice.callbacks.Callback` objects, got "
+                    f"`{type(cb).__name__}`. Subclass `Callback` and override its hooks."
+                )
+        loggers = list(loggers or [])
+        for lg in loggers:
+            if not isinstance(lg, Logger):
+                raise TypeError(
+                    f"`loggers` must hold `solstice.Logger` objects, got `{type(lg).__name__}`."
+                )
+
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.limit_train_batches = limit_train_batches
+        self.limit_val_batches = limit_val_batches
+        self.limit_test_batches = limit_test_batches
+        self.limit_predict_batches = limit_predict_batches
+        self.fast_dev_run = int(fast_dev_run)
+        self.log_every_n_steps = log_every_n_steps
+        self.seed = seed
+        self.steps_per_execution = steps_per_execution
+        self.prefetch = prefetch
+        self.loggers = [] if self.fast_dev_run else loggers
+        self.history = History()
+        self._logging = LoggingCallback([*self.loggers, self.history])
+        if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            callbacks.append(ProgressBar())
+        self.callbacks: list[Callback] = [*callbacks, self._logging]
+        self.hparams = {
+            "max_epochs": max_epochs,
+            "max_steps": max_steps,
+            "log_every_n_steps": log_every_n_steps,
+            "steps_per_execution": steps_per_execution,
+            "seed": seed,
+        }
+
+        self._placement = Placement(devices)
+        self._true = jax.device_put(np.bool_(True), self._placement.replicated)
+        self._false = jax.device_put(np.bool_(False), self._placement.replicated)
+        self.trace_log = TraceLog()
+        self.progress = Progress()
+        self.should_stop = False
+        self.callback_metrics: dict[str, float] = {}
+        self.logged_metrics: dict[str, Any] = {}
+        self.num_training_batches: int | None = None
+        self.datamodule: DataModule | None = None
+        self._steps: CompiledSteps | None = None
+        self._dyn: PyTree = None
+        self._experiment_cache: tuple[PyTree, Experiment] | None = None
+        self._hooks: Hooks | None = None
+        self._train_state = TrainAccumulators(self._true, self._false)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def experiment(self) -> Experiment:
+        """The current experiment (its arrays live on the Trainer's devices)."""
+        if self._steps is None:
+            raise RuntimeError("The Trainer has no experiment yet; call `fit` (or test, ...).")
+        cache = self._experiment_cache
+        if cache is None or cache[0] is not self._dyn:
+            cache = self._experiment_cache = (self._dyn, self._steps.combine(self._dyn))
+        return cache[1]
+
+    @property
+    def current_epoch(self) -> int:
+        return self.progress.epoch
+
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return self._placement.devices
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self._placement.mesh
+
+    # ------------------------------------------------------------------ set-up
+    def _attach(self, experiment: Experiment) -> None:
+        if not isinstance(experiment, Experiment):
+            raise TypeError(
+                f"Expected a `solstice.Experiment`, got `{type(experiment).__name__}`. "
+                "Subclass `solstice.Experiment` (or use `solstice.ClassificationExperiment`)."
+            )
+        self._hooks = Hooks(self.callbacks, experiment)
+        keep = any(
+            self._hooks.active(f"on_{s}_batch_end") for s in ("train", "validation", "test")
+        )
+        dyn, static = eqx.partition(experiment, eqx.is_array)
+        if (
+            self._steps is None
+            or self._steps.keep_step_metrics != keep
+            or not eqx.tree_equal(static, self._steps.static)
+        ):
+            self._steps = CompiledSteps(
+                experiment, self._placement.replicated, self.trace_log, keep_step_metrics=keep
+            )
+        self._dyn = self._placement.replicate(dyn)
+        self._experiment_cache = None
+
+    def _replace_experiment(self, new: Any, where: str) -> None:
+        if not isinstance(new, Experiment):
+            raise TypeError(
+                f"`{where}` returned a `{type(new).__name__}`; a hook on the experiment must "
+                "return a `solstice.Experiment` (a replacement) or `None`."
+            )
+        dyn, static = eqx.partition(new, eqx.is_array)
+        if not eqx.tree_equal(static, self._steps.static):
+            self._steps = CompiledSteps(
+                new,
+                self._placement.replicated,
+                self.trace_log,
+                keep_step_metrics=self._steps.keep_step_metrics,
+            )
+        self._hooks.refresh(new)
+        self._dyn = jax.device_put(dyn, self._placement.replicated)
+        self._experiment_cache = None
+
+    def _prepare_data(self, datamodule: DataModule, stage: str) -> None:
+        if not isinstance(datamodule, DataModule):
+            raise TypeError(
+                f"Expected a `solstice.datamodules.DataModule`, got "
+                f"`{type(datamodule).__name__}`. Wrap arrays in `ArrayDataModule(...)`."
+            )
+        self.datamodule = datamodule
+        datamodule.prepare_data()
+        datamodule.setup(stage)
+
+    @contextlib.contextmanager
+    def _run(self, stage: str) -> Iterator[None]:
+        self.progress.stage = stage
+        try:
+            yield
+        except BaseException as exc:
+            for cb_exc in self._call_exception_hooks(exc):
+                warnings.warn(f"An `on_exception` hook raised {cb_exc!r}.", RuntimeWarning)
+            raise
+        finally:
+            self.progress.stage = None
+            self._logging.flush()
+
+    def _call_exception_hooks(self, exc: BaseException) -> list[BaseException]:
+        errors = []
+        if self._hooks is None or not self._hooks.active("on_exception"):
+            return errors
+        try:
+            self._hooks.call(self, "on_exception", exc)
+        except Exception as hook_exc:  # noqa: BLE001 - reported, the original propagates
+            errors.append(hook_exc)
+        return errors
+
+    # ------------------------------------------------------------------ publishing
+    def _publish(self, metrics: dict[str, Any], step: int) -> None:
+        metrics = {**metrics, "epoch": self.progress.epoch}
+        self.logged_metrics.update(metrics)
+        self._hooks.call(self, "on_log", metrics, step)
+
+    def _close_train_interval(self) -> None:
+        state = self._train_state
+        computed, state.total = self._steps.close_interval(
+            "train", state.acc, state.total, state.epoch_flag()
+        )
+        state.fresh_interval = True
+        state.steps_in_interval = 0
+        self._publish({f"train/{k}": v for k, v in computed.items()}, self.progress.global_step)
+
+    def _update_callback_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.callback_metrics.update(host)
+        return host
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self, experiment: Experiment, datamodule: DataModule, ckpt_path: str | None = None
+    ) -> Experiment:
+        """Train `experiment` on `datamodule`; return the trained experiment.
+
+        **Arguments:**
+
+        - `experiment`: the initial experiment (left untouched: the Trainer works on a copy).
+        - `datamodule`: provides `train_dataloader()` and optionally `val_dataloader()`.
+        - `ckpt_path`: resume from a checkpoint (`"last"`, `"best"` or a path); needs a
+          `ModelCheckpoint` callback for `"last"`/`"best"`.
+
+        **Returns:** the trained experiment.
+        """
+        self._attach(experiment)
+        self._prepare_data(datamodule, "fit")
+        self.should_stop = False
+        if ckpt_path is not None:
+            self._resume(ckpt_path)
+        with self._run("train"):
+            hooks = self._hooks
+            hooks.call(self, "on_fit_start")
+            hooks.call(self, "on_train_start")
+            while not self._fit_done():
+                self._train_epoch(datamodule)
+            hooks.call(self, "on_train_end")
+            hooks.call(self, "on_fit_end")
+        return self.experiment
+
+    def _fit_done(self) -> bool:
+        p = self.progress
+        return (
+            self.should_stop
+            or (self.max_epochs is not None and p.epoch >= self.max_epochs)
+            or (self.max_steps is not None and p.global_step >= self.max_steps)
+        )
+
+    def _train_epoch(self, datamodule: DataModule) -> None:
+        progress = self.progress
+        datamodule.set_epoch(progress.epoch)
+        loader = datamodule.train_dataloader()
+        count = num_batches(loader, self.limit_train_batches, "limit_train_batches")
+        if count == 0:
+            raise ValueError(
+                f"The training dataloader of `{type(datamodule).__name__}` yields no batches "
+                f"(epoch {progress.epoch}). Check the training split is not empty and is at "
+                "least one batch long."
+            )
+        self.num_training_batches = count
+        if progress.batch_idx == 0:
+            self._train_state.new_epoch()
+        self._hooks.call(self, "on_train_epoch_start")
+        steps_before = progress.global_step
+        run_train_epoch(self, loader, count)
+        if progress.global_step == steps_before and progress.batch_idx == 0:
+            raise ValueError(
+                f"The training dataloader of `{type(datamodule).__name__}` yielded no batches "
+                f"in epoch {progress.epoch}; an empty training split cannot be fitted."
+            )
+        epoch_metrics = self._steps.compute("train", self._train_state.total)
+        self._publish({f"train/{k}_epoch": v for k, v in epoch_metrics.items()}, progress.global_step)
+        self._update_callback_metrics({f"train/{k}_epoch": v for k, v in epoch_metrics.items()})
+        if (progress.epoch + 1) % self.check_val_every_n_epoch == 0:
+            self._validate_during_fit(datamodule)
+        self._hooks.call(self, "on_train_epoch_end")
+        progress.epoch += 1
+        progress.batch_idx = 0
+        self._train_state.new_epoch()
+
+    def _validate_during_fit(self, datamodule: DataModule) -> None:
+        loader = datamodule.val_dataloader()
+        if loader is None:
+            return
+        self.progress.stage = "validation"
+        try:
+            self._evaluate("validation", "val", loader, self.limit_val_batches)
+        finally:
+            self.progress.stage = "train"
+        self.progress.validation_runs += 1
+
+    def _evaluate(self, stage: str, prefix: str, loader: Any, limit: Any) -> dict[str, float]:
+        count = num_batches(loader, limit, f"limit_{prefix}_batches")
+        hooks = self._hooks
+        hooks.call(self, f"on_{stage}_start")
+        hooks.call(self, f"on_{stage}_epoch_start")
+        computed = run_evaluation(self, stage, loader, count)
+        metrics = {f"{prefix}/{k}": v for k, v in computed.items()}
+        host = self._update_callback_metrics(metrics) if metrics else {}
+        if metrics:
+            self._publish(metrics, self.progress.global_step)
+        hooks.call(self, f"on_{stage}_epoch_end")
+        hooks.call(self, f"on_{stage}_end")
+        return host
+
+    def _resume(self, ckpt_path: str) -> None:
+        from ..callbacks._checkpoint_resume import resume_from
+
+        resume_from(self, ckpt_path)
+
+    # ------------------------------------------------------------------ evaluation
+    def validate(self, experiment: Experiment, datamodule: DataModule) -> dict[str, float]:
+        """Run the validation split once; return `{"val/<metric>": value}`."""
+        return self._evaluate_standalone(experiment, datamodule, "validation", "val")
+
+    def test(self, experiment: Experiment, datamodule: DataModule) -> dict[str, float]:
+        """Run the test split once; return `{"test/<metric>": value}`."""
+        return self._evaluate_standalone(experiment, datamodule, "test", "test")
+
+    def _evaluate_standalone(
+        self, experiment: Experiment, datamodule: DataModule, stage: str, prefix: str
+    ) -> dict[str, float]:
+        self._attach(experiment)
+        self._prepare_data(datamodule, "validate" if stage == "validation" else stage)
+        loader = datamodule.val_dataloader() if stage == "validation" else datamodule.test_dataloader()
+        if loader is None:
+            raise ValueError(
+                f"`{type(datamodule).__name__}.{'val' if stage == 'validation' else 'test'}"
+                f"_dataloader()` returned None, so there is nothing to {stage}. Give the "
+                f"datamodule a {prefix} split."
+            )
+        limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
+        with self._run(stage):
+            return self._evaluate(stage, prefix, loader, limit)
+
+    def predict(self, experiment: Experiment, datamodule: DataModule) -> PyTree:
+        """Run `predict_step` over the predict split.
+
+        **Returns:** the outputs of every sample in order, concatenated along the batch axis
+        (a pytree of numpy arrays; padding rows removed).
+        """
+        self._attach(experiment)
+        self._prepare_data(datamodule, "predict")
+        loader = datamodule.predict_dataloader()
+        if loader is None:
+            raise ValueError(
+                f"`{type(datamodule).__name__}.predict_dataloader()` returned None; give the "
+                "datamodule a predict split."
+            )
+        count = num_batches(loader, self.limit_predict_batches, "limit_predict_batches")
+        with self._run("predict"):
+            self._hooks.call(self, "on_predict_start")
+            self._hooks.call(self, "on_predict_epoch_start")
+            outputs = run_predict(self, loader, count)
+            self._hooks.call(self, "on_predict_epoch_end")
+            self._hooks.call(self, "on_predict_end")
+        return outputs
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Flush and close the loggers (also done when the Trainer is used as a context)."""
+        self._logging.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

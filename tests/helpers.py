@@ -1,0 +1,46 @@
+"""Small experiments and data shared by the tests."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import solstice
+from solstice.datamodules import ArrayDataModule
+
+
+def make_mlp_experiment(seed: int = 0, in_size: int = 64, num_classes: int = 10, lr: float = 3e-3,
+                        width: int = 32):
+    key_model, key_exp = jax.random.split(jax.random.key(seed))
+    mlp = eqx.nn.MLP(in_size, num_classes, width, 1, key=key_model)
+    model = eqx.nn.Sequential([eqx.nn.Lambda(jnp.ravel), mlp])
+    return solstice.ClassificationExperiment(
+        model, solstice.OptaxOptimizer(optax.adam(lr), model), num_classes=num_classes, key=key_exp
+    )
+
+
+def blobs(n: int, num_classes: int = 4, dim: int = 8, seed: int = 0):
+    """Linearly separable-ish Gaussian blobs: `{"image": (n, dim) float32, "label": (n,) int32}`."""
+    centers = np.random.default_rng(1234).normal(size=(num_classes, dim)).astype(np.float32) * 3
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=n).astype(np.int32)
+    x = centers[labels] + rng.normal(size=(n, dim)).astype(np.float32)
+    return {"image": x, "label": labels}
+
+
+def blobs_datamodule(n_train=256, n_val=70, batch_size=32, eval_batch_size=None, seed=0, **kw):
+    return ArrayDataModule(
+        train=blobs(n_train, seed=seed),
+        val=blobs(n_val, seed=seed + 1),
+        test=blobs(n_val, seed=seed + 2),
+        predict=blobs(n_val, seed=seed + 3),
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=seed,
+        **kw,
+    )
+
+
+def params_of(experiment):
+    return jax.tree.leaves(eqx.filter(experiment.model, eqx.is_array))
