@@ -15,6 +15,7 @@ from ..callbacks._logging import LoggingCallback
 from ..callbacks._progress_bar import ProgressBar
 from ..datamodules._datamodule import DataModule
 from ..loggers import History, Logger
+from ._compilation_cache import enable_compilation_cache
 from ._compile import CompiledSteps, TraceLog
 from ._hooks import Hooks
 from ._loop import TrainAccumulators, num_batches, run_evaluation, run_predict, run_train_epoch
@@ -68,6 +69,9 @@ class Trainer:
     - `steps_per_execution`: fuse this many training steps into one compiled call
       (`lax.scan`); `log_every_n_steps` must be a multiple of it.
     - `prefetch`: how many batches are put on the devices ahead of the step.
+    - `compilation_cache`: keep compiled steps in JAX's persistent cache (`True`: the
+      per-user `~/.cache/solstice/jax`; a path; `False` to opt out). A cache directory the
+      user configured in JAX already is left as it is.
 
     **Example:**
 
@@ -97,6 +101,7 @@ class Trainer:
         enable_progress_bar: bool = True,
         steps_per_execution: int = 1,
         prefetch: int = 2,
+        compilation_cache: "bool | str" = True,
     ):
         _check_count("max_epochs", max_epochs)
         _check_count("max_steps", max_steps)
@@ -169,6 +174,7 @@ class Trainer:
             "seed": seed,
         }
 
+        self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
         self._placement = Placement(devices)
         self._true = jax.device_put(np.bool_(True), self._placement.replicated)
         self._false = jax.device_put(np.bool_(False), self._placement.replicated)
