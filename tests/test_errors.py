@@ -1,0 +1,145 @@
+"""Bad input raises a built-in exception naming the value, what was expected and the fix."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import blobs, blobs_datamodule, make_mlp_experiment
+
+import solstice
+from solstice.datamodules import ArrayDataModule, DataModule
+
+
+def _trainer(**kw):
+    kw.setdefault("max_epochs", 1)
+    kw.setdefault("enable_progress_bar", False)
+    kw.setdefault("devices", 1)
+    return solstice.Trainer(**kw)
+
+
+def _exp(num_classes=4, out=None):
+    return make_mlp_experiment(in_size=8, num_classes=num_classes) if out is None else out
+
+
+class _MeanLoss(solstice.Metrics):
+    total: jax.Array
+
+    def merge(self, other):
+        return _MeanLoss(self.total + other.total)
+
+    def compute(self):
+        return {"loss": self.total}
+
+
+class _BadReturn(solstice.Experiment):
+    w: jax.Array
+    returns: str = eqx.field(static=True)
+
+    def train_step(self, batch):
+        m = _MeanLoss(jnp.sum(batch["image"]) * self.w)
+        if self.returns == "metrics-only":
+            return m
+        if self.returns == "swapped":
+            return m, self
+        return self, {"loss": m.total}
+
+    def eval_step(self, batch):
+        return _MeanLoss(jnp.zeros(()))
+
+
+@pytest.mark.parametrize(
+    "returns, match",
+    [
+        ("metrics-only", r"must return a tuple `\(experiment, metrics\)`"),
+        ("swapped", r"first element is a `_MeanLoss`"),
+        ("dict", r"second element is a `dict`"),
+    ],
+)
+def test_train_step_must_return_experiment_and_metrics(returns, match):
+    with pytest.raises(TypeError, match=match):
+        _trainer().fit(_BadReturn(jnp.ones(()), returns), blobs_datamodule())
+
+
+def test_batch_leaves_disagree_on_batch_size():
+    with pytest.raises(ValueError, match=r"disagree on the batch size.*'image'.*: 10.*'label'.*: 9"):
+        ArrayDataModule(train={"image": np.zeros((10, 8)), "label": np.zeros(9)}, batch_size=2)
+
+    class Ragged(DataModule):
+        def train_dataloader(self):
+            yield {"image": np.zeros((8, 8), np.float32), "label": np.zeros(6, np.int32)}
+
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        _trainer().fit(_exp(), Ragged())
+
+
+def test_batch_not_divisible_by_devices():
+    with pytest.raises(ValueError, match=r"batch size 30 is not divisible by the number of devices 4"):
+        _trainer(devices=4).fit(_exp(), blobs_datamodule(batch_size=30))
+
+
+def test_labels_out_of_range():
+    data = blobs(64)
+    data["label"][5] = 7
+    dm = ArrayDataModule(train=data, batch_size=64)
+    with pytest.raises(ValueError, match=r"label 7, outside \[0, 4\).*num_classes"):
+        _trainer().fit(_exp(), dm)
+    data["label"][5] = -1
+    with pytest.raises(ValueError, match=r"label -1"):
+        _trainer().fit(_exp(), ArrayDataModule(train=data, batch_size=64))
+
+
+def test_logits_with_wrong_number_of_classes():
+    key = jax.random.key(0)
+    model = eqx.nn.MLP(8, 3, 16, 1, key=key)  # 3 outputs, 4 classes
+    exp = solstice.ClassificationExperiment(
+        model, solstice.OptaxOptimizer(optax.sgd(0.1), model), num_classes=4
+    )
+    with pytest.raises(ValueError, match=r"logits of shape \(3,\).*num_classes=4"):
+        _trainer().fit(exp, blobs_datamodule())
+
+
+def test_empty_training_split():
+    empty = {"image": np.zeros((0, 8), np.float32), "label": np.zeros((0,), np.int32)}
+    with pytest.raises(ValueError, match="train` split has 0 examples"):
+        _trainer().fit(_exp(), ArrayDataModule(train=empty, batch_size=8))
+
+    class Nothing(DataModule):
+        def train_dataloader(self):
+            return iter(())
+
+    with pytest.raises(ValueError, match="yielded no batches"):
+        _trainer().fit(_exp(), Nothing())
+
+
+def test_stopping_conditions():
+    with pytest.raises(ValueError, match="Neither `max_epochs` nor `max_steps`"):
+        solstice.Trainer()
+    with pytest.raises(ValueError, match=r"`max_epochs` must be an int >= 0, got -1"):
+        solstice.Trainer(max_epochs=-1)
+    with pytest.raises(ValueError, match=r"`max_steps` must be an int >= 0, got -5"):
+        solstice.Trainer(max_steps=-5)
+
+
+def test_other_bad_arguments():
+    with pytest.raises(ValueError, match="not a multiple of `steps_per_execution=3`"):
+        solstice.Trainer(max_epochs=1, log_every_n_steps=10, steps_per_execution=3)
+    with pytest.raises(ValueError, match=r"limit_val_batches=1.5"):
+        solstice.Trainer(max_epochs=1, limit_val_batches=1.5)
+    with pytest.raises(TypeError, match="`callbacks` must hold"):
+        solstice.Trainer(max_epochs=1, callbacks=[object()])
+    with pytest.raises(ValueError, match=r"`devices=99`"):
+        solstice.Trainer(max_epochs=1, devices=99)
+    with pytest.raises(TypeError, match="Expected a `solstice.Experiment`"):
+        _trainer().fit(object(), blobs_datamodule())
+    with pytest.raises(TypeError, match="Wrap arrays in `ArrayDataModule"):
+        _trainer().fit(_exp(), {"image": np.zeros(3)})
+    with pytest.raises(ValueError, match="has keys.*looks for"):
+        _trainer().fit(
+            _exp(), ArrayDataModule(train={"x": np.zeros((8, 8), np.float32), "y": np.zeros(8, np.int32)}, batch_size=8)
+        )
+    with pytest.raises(ValueError, match="nothing to test"):
+        _trainer().test(_exp(), ArrayDataModule(train=blobs(8), batch_size=8))
+    with pytest.raises(TypeError, match="must be a `solstice.Optimizer`"):
+        solstice.ClassificationExperiment(eqx.nn.Linear(2, 2, key=jax.random.key(0)), optax.sgd(0.1), 2)
