@@ -27,3 +27,11 @@ class Optimizer(eqx.Module):
     @abc.abstractmethod
     def __call__(self, grads: PyTree, params: PyTree | None = None) -> tuple[PyTree, "Optimizer"]:
         """Return `(updates, new_optimizer)`; `params` is the current parameter tree."""
+
+    def current_learning_rate(self) -> Any:
+        """The learning rate of the latest update (a scalar array), or `None` if unknown.
+
+        Read by `solstice.callbacks.LearningRateMonitor`; override it in optimizers that
+        have a learning rate.
+        """
+        return None
