@@ -1,0 +1,12 @@
+"""Loggers: where published metrics go."""
+
+from ._async import AsyncLogger as AsyncLogger
+from ._convert import to_floats as to_floats
+from ._csv import CSVLogger as CSVLogger
+from ._failures import LoggerFailure as LoggerFailure
+from ._fanout import FanoutLogger as FanoutLogger
+from ._history import History as History
+from ._logger import Logger as Logger
+from ._python import PythonLogger as PythonLogger
+from ._tensorboard import TensorBoardLogger as TensorBoardLogger
+from ._wandb import WandBLogger as WandBLogger

@@ -1,0 +1,160 @@
+"""`CSVLogger`: metrics as one CSV table, hyperparameters as JSON."""
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ._closed import check_open
+from ._convert import to_floats
+from ._hparams import jsonable_hparams
+from ._logger import Logger
+
+_FIXED = ("step", "epoch")
+
+
+def _cell(value: float) -> str:
+    return str(int(value)) if value.is_integer() and math.isfinite(value) else repr(value)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write a file via a temporary file next to it and `os.replace`, so that readers see
+    either the old file or the whole new one."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class CSVLogger(Logger):
+    """Writes metrics to one CSV table and hyperparameters to a JSON file.
+
+    `<log_dir>/<filename>` has one row per `log_metrics` call: columns `step` and `epoch`
+    (from the `epoch` key, empty when absent), then one column per metric in order of first
+    appearance; a metric missing from a call leaves its cell empty. When a new metric
+    appears, the file is rewritten with the wider header (atomically: a temporary file,
+    then `os.replace`), so no row is lost and the file is always a valid table. Rows are
+    appended between header changes; `flush()` makes them visible to readers.
+
+    If the file already exists (a resumed run), new rows are appended to it.
+
+    `<log_dir>/hparams.json` holds the hyperparameters (nested as given; values that are not
+    numbers, bools or strings are stored as strings), updated by each `log_hyperparams`.
+
+    **Arguments:**
+
+    - `log_dir`: the directory for this run's files (created if missing).
+    - `filename`: the name of the metrics file.
+
+    **Example:**
+
+    ```python
+    logger = CSVLogger("runs/exp1")
+    logger.log_metrics({"train/loss": 0.5, "epoch": 0}, step=10)
+    logger.log_metrics({"val/loss": 0.6, "epoch": 0}, step=10)  # adds a column
+    logger.close()
+    # runs/exp1/metrics.csv:
+    # step,epoch,train/loss,val/loss
+    # 10,0,0.5,
+    # 10,0,,0.6
+    ```
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, *, filename: str = "metrics.csv"):
+        if not filename or os.path.basename(filename) != filename:
+            raise ValueError(
+                f"`filename` must be a plain file name such as 'metrics.csv', got {filename!r}; "
+                "put directories in `log_dir`."
+            )
+        self.log_dir = os.fspath(log_dir)
+        self.path = os.path.join(self.log_dir, filename)
+        self.hparams_path = os.path.join(self.log_dir, "hparams.json")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._columns: list[str] = list(_FIXED)
+        self._hparams: dict[str, Any] = {}
+        if os.path.exists(self.path):
+            with open(self.path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), None)
+            if header is not None:
+                if tuple(header[:2]) != _FIXED:
+                    raise ValueError(
+                        f"{self.path!r} exists but is not a CSVLogger table: its header "
+                        f"{header!r} does not start with 'step,epoch'. Choose another "
+                        "`log_dir` or `filename`."
+                    )
+                self._columns = header
+        if os.path.exists(self.hparams_path):
+            with open(self.hparams_path, encoding="utf-8") as f:
+                self._hparams = json.load(f)
+        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            _atomic_write(self.path, lambda f: csv.writer(f).writerow(self._columns))
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+        self._closed = False
+
+    def _widen(self, new_columns: list[str]) -> None:
+        self._file.close()
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))[1:]
+        columns = self._columns + new_columns
+        pad = [""] * len(new_columns)
+
+        def write(f) -> None:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(row + pad for row in rows)
+
+        _atomic_write(self.path, write)
+        self._columns = columns
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        check_open(self, self._closed)
+        if "step" in metrics:
+            raise ValueError(
+                f"CSVLogger got a metric named 'step' (value {metrics['step']!r}), but the "
+                "`step` column holds the `step` argument. Rename the metric, e.g. "
+                "'train/step'."
+            )
+        values = to_floats(metrics)
+        new = [key for key in values if key not in self._columns]
+        if new:
+            self._widen(new)
+        cells = {key: _cell(value) for key, value in values.items()}
+        cells["step"] = str(int(step))
+        self._writer.writerow([cells.get(column, "") for column in self._columns])
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        check_open(self, self._closed)
+        self._hparams.update(jsonable_hparams(params))
+        text = json.dumps(self._hparams, indent=2, sort_keys=True)
+        _atomic_write(self.hparams_path, lambda f: f.write(text + "\n"))
+
+    def flush(self) -> None:
+        if not self._closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    @property
+    def run_id(self) -> str:
+        """The log directory."""
+        return self.log_dir
+
+    def __repr__(self) -> str:
+        return f"CSVLogger({self.log_dir!r})"

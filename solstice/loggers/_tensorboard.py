@@ -1,0 +1,123 @@
+"""`TensorBoardLogger`: scalars and hyperparameters as TensorBoard event files."""
+
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from ._closed import check_open
+from ._convert import to_floats
+from ._hparams import flatten_hparams
+from ._logger import Logger
+
+
+class TensorBoardLogger(Logger):
+    """Writes scalars and hyperparameters to a TensorBoard event file, with tensorboardX.
+
+    Every metric is a scalar summary at its step (the `epoch` key too, so TensorBoard can
+    plot against it). Hyperparameters go to TensorBoard's HParams dashboard (nested mappings
+    flattened to `outer/inner`; values other than numbers, bools and strings are stored as
+    strings), which lists every scalar of the run as a metric. View with
+    `tensorboard --logdir <log_dir>`.
+
+    Events are written on the calling thread (wrap the logger in `AsyncLogger` to take that
+    off the training thread; the Trainer does) and reach the disk every `flush_secs` seconds,
+    at `flush()` and at `close()`: after `flush()` returns, TensorBoard sees everything
+    logged before it.
+
+    To resume a run, point a new logger at the same `log_dir` (its `run_id`), with
+    `purge_step=<resumed step>` so that TensorBoard hides what the old run wrote after its
+    last checkpoint.
+
+    Needs `tensorboardX` (`pip install 'solstice[tensorboard]'`).
+
+    **Arguments:**
+
+    - `log_dir`: the directory of this run's event files (created if missing).
+    - `flush_secs`: how often buffered events are written to disk while logging.
+    - `purge_step`: if given, TensorBoard discards events from earlier files in `log_dir`
+      whose step is at least this one.
+
+    **Example:**
+
+    ```python
+    logger = TensorBoardLogger("runs/exp1")
+    logger.log_hyperparams({"lr": 1e-3, "model": {"width": 128}})
+    logger.log_metrics({"train/loss": 0.25, "epoch": 0}, step=10)
+    logger.close()
+    ```
+    """
+
+    def __init__(
+        self, log_dir: str | os.PathLike, *, flush_secs: float = 10.0, purge_step: int | None = None
+    ):
+        try:
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+        except ImportError as error:
+            raise ImportError(
+                "TensorBoardLogger needs tensorboardX, which is not installed. Install it "
+                "with `pip install 'solstice[tensorboard]'`."
+            ) from error
+        if flush_secs < 0:
+            raise ValueError(
+                f"`flush_secs` must be >= 0 (seconds between writes to disk), got {flush_secs}."
+            )
+        self.log_dir = os.fspath(log_dir)
+        self.flush_secs = flush_secs
+        os.makedirs(self.log_dir, exist_ok=True)
+        # A unique suffix: two writers started in the same second never share a file.
+        suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._events = EventsWriter(os.path.join(self.log_dir, "events"), suffix)
+        self._Event = Event
+        if purge_step is not None:
+            start = SessionLog(status=SessionLog.START)
+            self._events.write_event(
+                Event(step=int(purge_step), wall_time=time.time(), session_log=start)
+            )
+        self._last_flush = time.monotonic()
+        self._closed = False
+
+    def _write(self, summary: Any, step: int) -> None:
+        self._events.write_event(self._Event(summary=summary, step=step, wall_time=time.time()))
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self.flush_secs:
+            self.flush()
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        check_open(self, self._closed)
+        from tensorboardX.summary import scalar
+
+        for key, value in to_floats(metrics).items():
+            self._write(scalar(key, value), int(step))
+        self._maybe_flush()
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        check_open(self, self._closed)
+        from tensorboardX.summary import hparams
+
+        # Only the session-start summary: without an "experiment" summary TensorBoard's
+        # HParams dashboard takes every scalar tag of the run as a metric.
+        _, session_start, _ = hparams(flatten_hparams(params), {})
+        self._write(session_start, 0)
+        self._maybe_flush()
+
+    def flush(self) -> None:
+        if not self._closed:
+            self._events.flush()
+            self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._events.close()
+
+    @property
+    def run_id(self) -> str:
+        """The log directory."""
+        return self.log_dir
+
+    def __repr__(self) -> str:
+        return f"TensorBoardLogger({self.log_dir!r})"
