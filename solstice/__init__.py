@@ -8,6 +8,12 @@ from ._metrics import Metrics as Metrics
 from ._optax_optimizer import OptaxOptimizer as OptaxOptimizer
 from ._optimizer import Optimizer as Optimizer
 from ._sgd import SGDOptimizer as SGDOptimizer
+from .checkpointing import (
+    ResumeReport as ResumeReport,
+    check_resume as check_resume,
+    load as load,
+    save as save,
+)
 from .loggers import (
     CSVLogger as CSVLogger,
     Logger as Logger,

@@ -1,5 +1,6 @@
 """`LoggingCallback`: sends published metrics to the loggers, off the training thread."""
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,3 +48,19 @@ class LoggingCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_ids": [logger.run_id for logger in self.loggers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make each logger continue the run it wrote to before (e.g. the same W&B run id)."""
+        run_ids = state.get("run_ids", [])
+        if len(run_ids) != len(self.loggers):
+            warnings.warn(
+                f"The checkpoint was written with {len(run_ids)} logger(s), this Trainer has "
+                f"{len(self.loggers)}; logger runs are not continued. Pass the same `loggers=` "
+                "to continue them.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        for logger, run_id in zip(self.loggers, run_ids):
+            if run_id is not None:
+                logger.resume_from(run_id)

@@ -102,10 +102,9 @@ class ArrayDataModule(DataModule):
         self.transform = transform
         self.augment = augment
         self._device_cache: dict[str, tuple[PyTree, PyTree]] = {}
-        if on_device:
-            mesh_ = self.mesh if self.mesh is not None else default_mesh()
-            check_mesh(mesh_, self.batch_size)
-            check_mesh(mesh_, self.eval_batch_size)
+        if mesh is not None:  # without one, checked when loading: jax.devices() must not
+            check_mesh(mesh, self.batch_size)  # run before `jax.distributed.initialize()`
+            check_mesh(mesh, self.eval_batch_size)
 
     @property
     def device_transform(self) -> Callable[[PyTree, Any], PyTree] | None:
@@ -167,9 +166,7 @@ class ArrayDataModule(DataModule):
     def train_dataloader(self) -> BatchLoader | DeviceBatchLoader:
         loader = self._loader("train", train=True)
         if loader is None:
-            raise ValueError(
-                f"`{type(self).__name__}` has no `train` split; pass `train=` to fit."
-            )
+            raise ValueError(f"`{type(self).__name__}` has no `train` split; pass `train=` to fit.")
         return loader
 
     def val_dataloader(self) -> BatchLoader | DeviceBatchLoader | None:

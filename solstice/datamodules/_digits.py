@@ -1,6 +1,7 @@
 """`Digits`: scikit-learn's bundled 8x8 handwritten digits (real data, no download)."""
 
 import numpy as np
+from jax.sharding import Mesh
 
 from ._array import ArrayDataModule
 
@@ -30,6 +31,7 @@ class Digits(ArrayDataModule):
 
     - `batch_size`, `eval_batch_size`, `shuffle`, `seed`: as in `ArrayDataModule`.
     - `val_fraction`, `test_fraction`: share of examples held out for validation and test.
+    - `on_device`, `mesh`: keep the data on the devices (see `ArrayDataModule`).
 
     **Example:**
 
@@ -50,6 +52,8 @@ class Digits(ArrayDataModule):
         test_fraction: float = 0.2,
         shuffle: bool = True,
         seed: int = 0,
+        on_device: bool = False,
+        mesh: Mesh | None = None,
     ):
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
@@ -60,7 +64,12 @@ class Digits(ArrayDataModule):
                 "training data; keep their sum below 1."
             )
         super().__init__(
-            batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle=shuffle, seed=seed
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            on_device=on_device,
+            mesh=mesh,
         )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 
 from ._batching import batch_size_of, pad_batch
-from ._order import EpochOrder, epoch_permutation as epoch_permutation
+from ._order import EpochOrder
+from ._order import epoch_permutation as epoch_permutation
 
 PyTree = Any
 
@@ -92,7 +93,10 @@ class BatchLoader:
         local = self.order.local_batch_size
         for b in range(start, len(self)):
             idx = self.order.local_indices(b)
-            batch = jax.tree.map(lambda a, idx=idx: np.take(a, idx, axis=0), self.arrays)
+            if type(self.arrays) is dict:  # the common case, without pytree overhead
+                batch = {k: np.take(a, idx, axis=0) for k, a in self.arrays.items()}
+            else:
+                batch = jax.tree.map(lambda a, idx=idx: np.take(a, idx, axis=0), self.arrays)
             if not self.drop_last:
                 batch = pad_batch(batch, local)
             if self.transform is not None:

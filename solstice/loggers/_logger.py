@@ -36,6 +36,14 @@ class Logger(abc.ABC):
         """Flush and release resources. Must be safe to call more than once."""
         self.flush()
 
+    def resume_from(self, run_id: str) -> "Logger":
+        """Continue the run `run_id` (saved in a checkpoint) instead of starting a new one.
+
+        Called by the Trainer when resuming, before anything is logged. Default: nothing to
+        continue (file loggers append to their directory anyway). Returns `self`.
+        """
+        return self
+
     @property
     def run_id(self) -> str | None:
         """An identifier of the run this logger writes to, saved in checkpoints so a resumed

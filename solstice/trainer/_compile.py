@@ -23,6 +23,27 @@ def _select(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
+def _advance_guard(guard: PyTree, m_dyn: PyTree) -> PyTree:
+    """Count one step and remember the first whose metrics hold a non-finite value.
+
+    `guard` is `(steps, first_bad)`: int32 scalars, `steps` the global step count and
+    `first_bad` the (1-based) global step whose metrics first were not finite, or -1.
+    """
+    if guard is None:
+        return None
+    steps, first_bad = guard
+    steps = steps + 1
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(m_dyn)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    if not checks:
+        return steps, first_bad
+    finite = jnp.all(jnp.stack(checks))
+    return steps, jnp.where((first_bad < 0) & ~finite, steps, first_bad)
+
+
 def _signature(tree: PyTree) -> dict[str, str]:
     """Shapes, dtypes and static values of a pytree of arguments, by pytree path."""
     out = {}
@@ -110,6 +131,9 @@ class CompiledSteps:
     - `trace_log`: where traces are counted (for the recompilation warning).
     - `keep_step_metrics`: also return each step's own metrics (only when a per-batch hook
       needs them).
+    - `track_nonfinite`: the training steps also carry a guard `(steps, first_bad)` that
+      records, on the device, the first step whose metrics were not finite (only when a
+      `TerminateOnNaN` callback asks for it). Otherwise the guard argument is `None`.
     """
 
     def __init__(
@@ -118,11 +142,13 @@ class CompiledSteps:
         replicated: jax.sharding.Sharding,
         trace_log: TraceLog | None = None,
         keep_step_metrics: bool = False,
+        track_nonfinite: bool = False,
     ):
         _, self.static = eqx.partition(experiment, eqx.is_array)
         self.replicated = replicated
         self.trace_log = trace_log or TraceLog()
         self.keep_step_metrics = keep_step_metrics
+        self.track_nonfinite = track_nonfinite
         self.metrics_static: dict[str, PyTree] = {}
         self._jitted: dict[str, Callable] = {}
 
@@ -182,42 +208,45 @@ class CompiledSteps:
             fn = self._jitted[name] = build()
         return fn
 
-    def train(self, dyn, acc, batch, reset):
-        """One training step: `(dyn, acc, step_metrics_or_None)`; donates `dyn` and `acc`."""
+    def train(self, dyn, acc, batch, reset, guard=None):
+        """One training step: `(dyn, acc, step_metrics_or_None, guard)`; donates `dyn`, `acc`
+        and `guard` (see `track_nonfinite`; `None` passes through)."""
 
         def build():
-            def step(dyn, acc, batch, reset):
+            def step(dyn, acc, batch, reset, guard):
                 self.trace_log.record("train", (acc, batch))
                 new_dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
-                return new_dyn, acc, (m_dyn if self.keep_step_metrics else None)
+                guard = _advance_guard(guard, m_dyn)
+                return new_dyn, acc, (m_dyn if self.keep_step_metrics else None), guard
 
-            return jax.jit(step, donate_argnums=(0, 1))
+            return jax.jit(step, donate_argnums=(0, 1, 4))
 
-        return self._get("train", build)(dyn, acc, batch, reset)
+        return self._get("train", build)(dyn, acc, batch, reset, guard)
 
-    def train_many(self, dyn, acc, batches, reset):
+    def train_many(self, dyn, acc, batches, reset, guard=None):
         """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
 
-        Returns `(dyn, acc, stacked_step_metrics_or_None)`.
+        Returns `(dyn, acc, stacked_step_metrics_or_None, guard)`.
         """
 
         def build():
-            def steps(dyn, acc, batches, reset):
+            def steps(dyn, acc, batches, reset, guard):
                 self.trace_log.record("train_many", (acc, batches))
 
                 def body(carry, batch):
-                    dyn, acc, flag = carry
+                    dyn, acc, flag, guard = carry
                     dyn, acc, m_dyn = self._train_body(dyn, acc, batch, flag)
-                    return (dyn, acc, jnp.zeros_like(flag)), (
+                    guard = _advance_guard(guard, m_dyn)
+                    return (dyn, acc, jnp.zeros_like(flag), guard), (
                         m_dyn if self.keep_step_metrics else None
                     )
 
-                (dyn, acc, _), ms = jax.lax.scan(body, (dyn, acc, reset), batches)
-                return dyn, acc, ms
+                (dyn, acc, _, guard), ms = jax.lax.scan(body, (dyn, acc, reset, guard), batches)
+                return dyn, acc, ms, guard
 
-            return jax.jit(steps, donate_argnums=(0, 1))
+            return jax.jit(steps, donate_argnums=(0, 1, 4))
 
-        return self._get("train_many", build)(dyn, acc, batches, reset)
+        return self._get("train_many", build)(dyn, acc, batches, reset, guard)
 
     def evaluate(self, dyn, acc, batch, reset):
         """One evaluation step: `(acc, step_metrics_or_None)`; donates `acc` only."""

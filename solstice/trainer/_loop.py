@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..datamodules._batching import batch_size_of
 from ._feeder import BatchPreparer, Feeder
 
 if TYPE_CHECKING:
@@ -40,8 +41,10 @@ def num_batches(loader: Iterable, limit: int | float | None, what: str) -> int |
 def batches_from(loader: Iterable, start: int, count: int | None) -> Iterable[PyTree]:
     """The loader's batches from index `start`, at most `count - start` of them."""
     if start:
-        it = loader.iter_from(start) if hasattr(loader, "iter_from") else itertools.islice(
-            loader, start, None
+        it = (
+            loader.iter_from(start)
+            if hasattr(loader, "iter_from")
+            else itertools.islice(loader, start, None)
         )
     else:
         it = loader
@@ -78,19 +81,26 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
     state = trainer._train_state
     with feeder:
         for n, batch in feeder:
+            if trainer.train_batch_size is None:  # global size: device arrays' shapes
+                trainer.train_batch_size = batch_size_of(batch) if n == 1 else jax.tree.leaves(batch)[0].shape[1]
             if state.acc is None:
                 spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
                 state.init(steps, trainer._dyn, spec)
             if batch_start:
                 for i in range(n):
-                    hooks.call(trainer, "on_train_batch_start", batch if n == 1 else _slice(batch, i), progress.batch_idx + i)
+                    hooks.call(
+                        trainer,
+                        "on_train_batch_start",
+                        batch if n == 1 else _slice(batch, i),
+                        progress.batch_idx + i,
+                    )
             if n == 1:
-                trainer._dyn, state.acc, step_metrics = steps.train(
-                    trainer._dyn, state.acc, batch, state.reset_flag()
+                trainer._dyn, state.acc, step_metrics, trainer._guard = steps.train(
+                    trainer._dyn, state.acc, batch, state.reset_flag(), trainer._guard
                 )
             else:
-                trainer._dyn, state.acc, step_metrics = steps.train_many(
-                    trainer._dyn, state.acc, batch, state.reset_flag()
+                trainer._dyn, state.acc, step_metrics, trainer._guard = steps.train_many(
+                    trainer._dyn, state.acc, batch, state.reset_flag(), trainer._guard
                 )
             state.steps_in_interval += n
             for i in range(n):
@@ -107,14 +117,24 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                     )
             if progress.global_step % trainer.log_every_n_steps == 0:
                 trainer._close_train_interval()
+            trainer._step_boundary()  # step-triggered checkpoints, SIGINT/SIGTERM
             if trainer.should_stop:
                 break
+    if state.acc is None and state.restoring:
+        # Resumed at the very end of an epoch's batches: no step has shown the metrics'
+        # structure yet, so take it from the epoch's first batch.
+        first = next(iter(batches_from(loader, 0, 1)))
+        state.init(steps, trainer._dyn, trainer._placement.put_batch(prepare(first)))
     if state.steps_in_interval:
         trainer._close_train_interval()
 
 
 class TrainAccumulators:
-    """On-device metric accumulators of the current training epoch."""
+    """On-device metric accumulators of the current training epoch.
+
+    They are part of a mid-epoch checkpoint (`state_dict` holds the flags, the arrays are
+    saved by the checkpoint), so metrics after a resume are bit-identical too.
+    """
 
     def __init__(self, true: jax.Array, false: jax.Array):
         self._true, self._false = true, false
@@ -123,10 +143,32 @@ class TrainAccumulators:
         self.fresh_interval = True
         self.fresh_epoch = True
         self.steps_in_interval = 0
+        self._restored: tuple[Any, Any] | None = None
 
     def init(self, steps, dyn, batch_spec) -> None:
-        self.acc = steps.empty_accumulator("train", dyn, batch_spec)
-        self.total = jax.tree.map(jnp.copy, self.acc)
+        empty = steps.empty_accumulator("train", dyn, batch_spec)
+        if self._restored is None:
+            self.acc = empty
+            self.total = jax.tree.map(jnp.copy, empty)
+            return
+        from ..checkpointing._tree import check_structure, from_storage, specs
+
+        saved, stored = self._restored
+        self._restored = None
+        template = {"acc": empty, "total": empty}
+        check_structure(
+            saved,
+            specs(template),
+            source="training accumulators",
+            template_name="the training metrics of this experiment",
+        )
+        restored = from_storage(template, saved, stored)
+        self.acc, self.total = restored["acc"], restored["total"]
+
+    @property
+    def restoring(self) -> bool:
+        """Whether accumulators restored from a checkpoint wait for `init`."""
+        return self._restored is not None
 
     def reset_flag(self) -> jax.Array:
         flag = self._true if self.fresh_interval else self._false
@@ -142,6 +184,22 @@ class TrainAccumulators:
         self.fresh_interval = True
         self.fresh_epoch = True
         self.steps_in_interval = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fresh_interval": self.fresh_interval,
+            "fresh_epoch": self.fresh_epoch,
+            "steps_in_interval": self.steps_in_interval,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], saved: Any = None, stored: Any = None) -> None:
+        """Restore the flags, and arrays (`saved` leaf specs, `stored` restored arrays) that
+        replace the accumulators when the first batch shows their structure."""
+        self.fresh_interval = bool(state["fresh_interval"])
+        self.fresh_epoch = bool(state["fresh_epoch"])
+        self.steps_in_interval = int(state["steps_in_interval"])
+        self.acc = self.total = None
+        self._restored = None if stored is None else (saved, stored)
 
 
 def run_evaluation(

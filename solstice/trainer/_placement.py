@@ -1,4 +1,12 @@
-"""Device placement: the mesh, batch sharding, and replication of the experiment."""
+"""Device placement: the mesh, batch sharding, and replication of the experiment.
+
+One code path serves one device, several local devices and several processes: the mesh always
+has one axis, `"batch"`, over every device the Trainer uses. With several processes
+(`jax.process_count() > 1`, after `jax.distributed.initialize()`) each process holds only its
+own devices' shards, so nothing here may `jax.device_put` a process-local `jax.Array` onto the
+global mesh: host values are assembled with `jax.make_array_from_process_local_data`, and
+global arrays are resharded by a compiled identity that every process runs.
+"""
 
 from collections.abc import Sequence
 from typing import Any
@@ -21,13 +29,22 @@ def resolve_devices(devices: "str | int | Sequence[jax.Device]") -> list[jax.Dev
     """
     if devices == "auto" or devices is None:
         return list(jax.devices())
-    if isinstance(devices, bool) or not isinstance(devices, (int, Sequence)):
+    if (
+        isinstance(devices, bool)
+        or not isinstance(devices, (int, Sequence))
+        or isinstance(devices, str)
+    ):
         raise TypeError(
-            f"`devices` must be 'auto', a positive int or a list of jax devices, got "
-            f"{devices!r}."
+            f"`devices` must be 'auto', a positive int or a list of jax devices, got {devices!r}."
         )
     if isinstance(devices, int):
         available = jax.local_devices()
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"`devices={devices}` is ambiguous with {jax.process_count()} processes: "
+                "every process must use the same global mesh. Use `devices='auto'` (every "
+                "device of every process) or pass the same list of devices in every process."
+            )
         if not 1 <= devices <= len(available):
             raise ValueError(
                 f"`devices={devices}` but this process has {len(available)} device(s) "
@@ -35,28 +52,52 @@ def resolve_devices(devices: "str | int | Sequence[jax.Device]") -> list[jax.Dev
                 "'auto'. On CPU, more devices can be faked with "
                 "`XLA_FLAGS=--xla_force_host_platform_device_count=N`."
             )
-        if jax.process_count() > 1:
-            raise ValueError(
-                "`devices=<int>` is ambiguous with several processes; use 'auto' or a list."
-            )
         return list(available[:devices])
     devs = list(devices)
     if not devs or not all(isinstance(d, jax.Device) for d in devs):
         raise TypeError(f"`devices` list must hold jax devices, got {devices!r}.")
+    if len(set(devs)) != len(devs):
+        raise ValueError(f"`devices` lists a device more than once: {devs!r}.")
+    if not any(d.process_index == jax.process_index() for d in devs):
+        raise ValueError(
+            f"None of `devices` belongs to this process (process {jax.process_index()}); "
+            "every process must take part in the mesh. Use `devices='auto'`."
+        )
     return devs
+
+
+def _already_placed(tree: PyTree, sharding: NamedSharding) -> bool:
+    """Whether every leaf is a `jax.Array` laid out exactly as `sharding` (a cheap check)."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(
+        isinstance(x, jax.Array)
+        and (x.sharding == sharding or x.sharding.is_equivalent_to(sharding, x.ndim))
+        for x in leaves
+    )
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 class Placement:
     """Puts batches on a 1-D `Mesh` (axis `"batch"`) and replicates the experiment.
 
     One device is the degenerate case of the same code. With several processes each process
-    provides its share of every global batch (`jax.make_array_from_process_local_data`).
+    provides its share of every global batch (`jax.make_array_from_process_local_data`), and
+    the experiment, identical in every process, is assembled into one global replicated array
+    per leaf.
+
+    **Arguments:**
+
+    - `devices`: `"auto"`, an int or a list of devices (see `Trainer(devices=...)`).
 
     **Example:**
 
     ```python
     placement = Placement("auto")
     batch = placement.put_batch({"x": np.ones((8, 3), np.float32)})
+    params = placement.replicate(params)
     ```
     """
 
@@ -64,8 +105,10 @@ class Placement:
         self.devices = resolve_devices(devices)
         self.mesh = Mesh(np.asarray(self.devices), (BATCH_AXIS,))
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
+        self.stacked_batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.multi_process = jax.process_count() > 1
+        self.process_count = len({d.process_index for d in self.devices})
+        self.multi_process = self.process_count > 1
         local = [d for d in self.devices if d.process_index == jax.process_index()]
         self.num_local_devices = len(local)
 
@@ -84,37 +127,108 @@ class Placement:
                 "or pass fewer `devices=`."
             )
 
+    # ------------------------------------------------------------------ batches
     def put_batch(self, batch: PyTree) -> PyTree:
-        """Place a host batch on the devices, sharded along its leading axis."""
-        if self.multi_process:
-            return jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x),
-                batch,
-            )
-        return jax.device_put(batch, self.batch_sharding)
+        """Place a batch on the devices, sharded along its leading axis.
+
+        Host arrays are this process's rows of the global batch; `jax.Array`s already laid
+        out on the mesh (from an on-device DataModule) are kept as they are.
+        """
+        return self._put_sharded(batch, self.batch_sharding)
 
     def put_stacked_batches(self, batches: PyTree) -> PyTree:
         """Place a stack of batches `(K, batch, ...)`, sharded along axis 1."""
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
-        if self.multi_process:
-            return jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(sharding, x), batches
-            )
-        return jax.device_put(batches, sharding)
+        return self._put_sharded(batches, self.stacked_batch_sharding)
 
-    def replicate(self, tree: PyTree) -> PyTree:
-        """Copy every array of `tree` onto all devices (a full copy on each).
+    def _put_sharded(self, tree: PyTree, sharding: NamedSharding) -> PyTree:
+        if _already_placed(tree, sharding):
+            return tree  # an on-device DataModule's batch: `device_put` would cost ~30 us
+        if not self.multi_process:
+            return jax.device_put(tree, sharding)
+        return jax.tree.map(lambda x: self._put_global(x, sharding, local_rows=True), tree)
 
-        Always a copy, never an alias: the Trainer donates these buffers, and the caller's
-        experiment must stay usable.
+    # ------------------------------------------------------------------ experiment
+    def replicate(self, tree: PyTree, *, copy: bool = True) -> PyTree:
+        """Put every array of `tree` on all devices (a full copy on each).
+
+        **Arguments:**
+
+        - `tree`: a pytree of arrays (numpy, or `jax.Array`s on any devices), with the same
+          values in every process.
+        - `copy`: `True` (the default) always makes new buffers, never aliases: the Trainer
+          donates them, and the caller's experiment must stay usable. `False` keeps leaves
+          that are already replicated on this mesh as they are (for an experiment that a
+          hook returned, whose arrays are mostly the Trainer's own).
+
+        **Returns:** the same pytree, every array a `jax.Array` with sharding `replicated`.
         """
-        if self.multi_process:
-            return jax.tree.map(self._replicate_from_host, tree)
-        return jax.device_put(tree, self.replicated, may_alias=False)
+        return self.shard(tree, self.replicated, copy=copy)
 
-    def _replicate_from_host(self, x: jax.Array) -> jax.Array:
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = self._replicate_from_host(jax.random.key_data(x))
+    def shard(self, tree: PyTree, shardings: PyTree, *, copy: bool = True) -> PyTree:
+        """Put the arrays of `tree` on the mesh with the given shardings.
+
+        **Arguments:**
+
+        - `tree`: a pytree of arrays whose values are the same in every process.
+        - `shardings`: one `NamedSharding` for all leaves, or a pytree of them (see
+          `_sharding_rules.experiment_shardings`).
+        - `copy`: as in `replicate`.
+        """
+        if not self.multi_process:
+            return jax.device_put(tree, shardings, may_alias=None if not copy else False)
+        if isinstance(shardings, jax.sharding.Sharding):
+            return jax.tree.map(lambda x: self._put_global(x, shardings, copy=copy), tree)
+        return jax.tree.map(lambda x, s: self._put_global(x, s, copy=copy), tree, shardings)
+
+    def to_host(self, tree: PyTree) -> PyTree:
+        """Copy every array of `tree` to this process's host memory, whole (numpy arrays).
+
+        With one process this is `jax.device_get`. With several, an array sharded over other
+        processes' devices is gathered from all of them (a collective: every process must
+        call this with the same tree), and a replicated one is read from a local copy.
+        """
+        if not self.multi_process:
+            return jax.device_get(tree)
+        from jax.experimental import multihost_utils
+
+        def fetch(x: Any) -> Any:
+            if not isinstance(x, jax.Array) or x.is_fully_addressable:
+                return jax.device_get(x)
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        return jax.tree.map(fetch, tree)
+
+    def _put_global(
+        self,
+        x: Any,
+        sharding: NamedSharding,
+        *,
+        local_rows: bool = False,
+        copy: bool = False,
+    ) -> jax.Array:
+        """One leaf onto a sharding that spans several processes.
+
+        `local_rows`: a host value holds only this process's rows of the leading sharded
+        axis (batches); otherwise it is the whole value, the same in every process.
+        """
+        if _is_key(x):
+            data = self._put_global(
+                jax.random.key_data(x), sharding, local_rows=local_rows, copy=copy
+            )
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            # Already global: keep it, or reshard it with a compiled identity that every
+            # process runs (a collective; `device_put` cannot cross processes).
+            if not copy and x.sharding.is_equivalent_to(sharding, x.ndim):
+                return x
+            return jax.jit(_identity, out_shardings=sharding)(x)
         host = np.asarray(jax.device_get(x))
-        return jax.make_array_from_process_local_data(self.replicated, host, host.shape)
+        if local_rows:
+            return jax.make_array_from_process_local_data(sharding, host)
+        return jax.make_array_from_process_local_data(sharding, host, host.shape)
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x.copy()

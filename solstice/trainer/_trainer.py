@@ -1,8 +1,10 @@
 """`Trainer`: runs fit / validate / test / predict on an Experiment and a DataModule."""
 
 import contextlib
+import logging
+import signal
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Iterator, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -12,17 +14,22 @@ import numpy as np
 from .._experiment import Experiment
 from ..callbacks._callback import Callback
 from ..callbacks._logging import LoggingCallback
+from ..callbacks._model_checkpoint import ModelCheckpoint
 from ..callbacks._progress_bar import ProgressBar
+from ..callbacks._terminate_on_nan import TerminateOnNaN
 from ..datamodules._datamodule import DataModule
 from ..loggers import History, Logger
+from ..loggers._convert import check_scalars
 from ._compilation_cache import enable_compilation_cache
 from ._compile import CompiledSteps, TraceLog
 from ._hooks import Hooks
 from ._loop import TrainAccumulators, num_batches, run_evaluation, run_predict, run_train_epoch
 from ._placement import Placement
 from ._progress import Progress
+from ._signals import SignalWatch
 
 PyTree = Any
+log = logging.getLogger("solstice")
 
 
 def _check_count(name: str, value: Any, *, allow_none: bool = True, minimum: int = 0) -> None:
@@ -59,7 +66,8 @@ class Trainer:
       without loggers or checkpoints, to smoke-test a setup.
     - `log_every_n_steps`: how often training metrics are published (the only time the
       training loop reads values back from the device).
-    - `callbacks`: `solstice.callbacks.Callback` objects.
+    - `callbacks`: `solstice.callbacks.Callback` objects. `ModelCheckpoint`s run after the
+      others (as in Lightning), so a checkpoint holds every other callback's latest state.
     - `loggers`: `solstice.Logger` objects. Default: none; metrics are always recorded in
       memory in `trainer.history`, and nothing is written to disk unless a logger is given.
     - `seed`: seed of the Trainer's own randomness (on-device batch transforms).
@@ -72,6 +80,11 @@ class Trainer:
     - `compilation_cache`: keep compiled steps in JAX's persistent cache (`True`: the
       per-user `~/.cache/solstice/jax`; a path; `False` to opt out). A cache directory the
       user configured in JAX already is left as it is.
+
+    SIGINT (Ctrl-C) and SIGTERM (preemption) during `fit` stop the run at the next step
+    boundary: each `ModelCheckpoint` saves a checkpoint, the loggers are flushed, and the run
+    ends as the signal would have (`KeyboardInterrupt`; `SystemExit(143)` for SIGTERM). A
+    second signal acts at once. Only in the main thread.
 
     **Example:**
 
@@ -165,7 +178,9 @@ class Trainer:
         self._logging = LoggingCallback([*self.loggers, self.history])
         if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())
-        self.callbacks: list[Callback] = [*callbacks, self._logging]
+        checkpoints = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+        others = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        self.callbacks: list[Callback] = [*others, *checkpoints, self._logging]
         self.hparams = {
             "max_epochs": max_epochs,
             "max_steps": max_steps,
@@ -184,12 +199,18 @@ class Trainer:
         self.callback_metrics: dict[str, float] = {}
         self.logged_metrics: dict[str, Any] = {}
         self.num_training_batches: int | None = None
+        self.train_batch_size: int | None = None  # global, known after the first batch
         self.datamodule: DataModule | None = None
         self._steps: CompiledSteps | None = None
         self._dyn: PyTree = None
         self._experiment_cache: tuple[PyTree, Experiment] | None = None
         self._hooks: Hooks | None = None
         self._train_state = TrainAccumulators(self._true, self._false)
+        self._guard: PyTree = None  # on-device (steps, first non-finite step), with TerminateOnNaN
+        self.nonfinite_step: int | None = None
+        self._signals: SignalWatch | None = None
+        self._epoch_complete = False  # inside `on_train_epoch_end`: the epoch is done
+        self._step_savers: list[ModelCheckpoint] = []
 
     # ------------------------------------------------------------------ properties
     @property
@@ -218,6 +239,11 @@ class Trainer:
     def mesh(self) -> jax.sharding.Mesh:
         return self._placement.mesh
 
+    @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        """The `ModelCheckpoint` callbacks (`ckpt_path="last"`/`"best"` use the first)."""
+        return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+
     # ------------------------------------------------------------------ set-up
     def _attach(self, experiment: Experiment) -> None:
         if not isinstance(experiment, Experiment):
@@ -226,17 +252,22 @@ class Trainer:
                 "Subclass `solstice.Experiment` (or use `solstice.ClassificationExperiment`)."
             )
         self._hooks = Hooks(self.callbacks, experiment)
-        keep = any(
-            self._hooks.active(f"on_{s}_batch_end") for s in ("train", "validation", "test")
-        )
+        keep = any(self._hooks.active(f"on_{s}_batch_end") for s in ("train", "validation", "test"))
+        track = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
+        self._step_savers = [cb for cb in self.checkpoint_callbacks if cb.saves_on_steps]
         dyn, static = eqx.partition(experiment, eqx.is_array)
         if (
             self._steps is None
             or self._steps.keep_step_metrics != keep
+            or self._steps.track_nonfinite != track
             or not eqx.tree_equal(static, self._steps.static)
         ):
             self._steps = CompiledSteps(
-                experiment, self._placement.replicated, self.trace_log, keep_step_metrics=keep
+                experiment,
+                self._placement.replicated,
+                self.trace_log,
+                keep_step_metrics=keep,
+                track_nonfinite=track,
             )
         self._dyn = self._placement.replicate(dyn)
         self._experiment_cache = None
@@ -254,6 +285,7 @@ class Trainer:
                 self._placement.replicated,
                 self.trace_log,
                 keep_step_metrics=self._steps.keep_step_metrics,
+                track_nonfinite=self._steps.track_nonfinite,
             )
         self._hooks.refresh(new)
         self._dyn = jax.device_put(dyn, self._placement.replicated)
@@ -276,7 +308,9 @@ class Trainer:
             yield
         except BaseException as exc:
             for cb_exc in self._call_exception_hooks(exc):
-                warnings.warn(f"An `on_exception` hook raised {cb_exc!r}.", RuntimeWarning)
+                warnings.warn(
+                    f"An `on_exception` hook raised {cb_exc!r}.", RuntimeWarning, stacklevel=3
+                )
             raise
         finally:
             self.progress.stage = None
@@ -293,6 +327,27 @@ class Trainer:
         return errors
 
     # ------------------------------------------------------------------ publishing
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Publish extra scalars (numbers or 0-d device arrays) like the Trainer's own.
+
+        They reach every callback's `on_log`, the loggers and `trainer.history`, with the
+        current `"epoch"` added. Device values are converted on the logging thread, so this
+        never syncs. `step` defaults to `trainer.global_step`.
+
+        **Example:**
+
+        ```python
+        class LogWeightNorm(Callback):
+            def on_train_epoch_end(self, trainer, experiment):
+                norm = optax.tree.norm(eqx.filter(experiment.model, eqx.is_array))
+                trainer.log_metrics({"weights/norm": norm})
+        ```
+        """
+        check_scalars(metrics)
+        if self._hooks is None:
+            raise RuntimeError("`log_metrics` can only be called during fit/validate/test/predict.")
+        self._publish(dict(metrics), self.global_step if step is None else int(step))
+
     def _publish(self, metrics: dict[str, Any], step: int) -> None:
         metrics = {**metrics, "epoch": self.progress.epoch}
         self.logged_metrics.update(metrics)
@@ -305,7 +360,47 @@ class Trainer:
         )
         state.fresh_interval = True
         state.steps_in_interval = 0
+        self._read_nonfinite()
         self._publish({f"train/{k}": v for k, v in computed.items()}, self.progress.global_step)
+
+    def _read_nonfinite(self) -> None:
+        """Read the on-device non-finite guard (log intervals and epoch ends only)."""
+        if self._guard is not None and self.nonfinite_step is None:
+            first_bad = int(self._guard[1])
+            if first_bad >= 0:
+                self.nonfinite_step = first_bad
+
+    def _start_guard(self) -> None:
+        if not self._steps.track_nonfinite:
+            self._guard = None
+            return
+        first_bad = -1 if self.nonfinite_step is None else self.nonfinite_step
+        self._guard = jax.device_put(
+            (np.int32(self.progress.global_step), np.int32(first_bad)), self._placement.replicated
+        )
+
+    # ------------------------------------------------------------------ step boundaries
+    def _step_boundary(self) -> None:
+        """After every (fused) training call: step-triggered checkpoints, then signals."""
+        for cb in self._step_savers:
+            cb.save_if_due(self)
+        if self._signals is not None and self._signals.received is not None:
+            self._stop_for_signal()
+
+    def _stop_for_signal(self) -> None:
+        name = signal.Signals(self._signals.received).name
+        log.warning(
+            "%s received: stopping at global step %d (epoch %d, batch %d).",
+            name,
+            self.progress.global_step,
+            self.progress.epoch,
+            self.progress.batch_idx,
+        )
+        for cb in self.checkpoint_callbacks:
+            cb.save_on_interrupt(self)
+        self._logging.flush()
+        self._signals.finish()  # raises, unless a previous Python handler chose otherwise
+        self.should_stop = True
 
     def _update_callback_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -322,24 +417,41 @@ class Trainer:
 
         - `experiment`: the initial experiment (left untouched: the Trainer works on a copy).
         - `datamodule`: provides `train_dataloader()` and optionally `val_dataloader()`.
-        - `ckpt_path`: resume from a checkpoint (`"last"`, `"best"` or a path); needs a
-          `ModelCheckpoint` callback for `"last"`/`"best"`.
+        - `ckpt_path`: resume exactly where a checkpoint was taken: `"last"` (the newest
+          valid checkpoint in the first `ModelCheckpoint`'s `dirpath`; none yet starts
+          from scratch, so preemptible jobs can always pass it), `"best"` (the best one
+          by that callback's `monitor`) or the path of a checkpoint. Parameters, optimizer
+          and PRNG state, the position in the epoch, metric accumulators, data order,
+          callback states and history continue as if the run had never stopped. A
+          corrupted newest checkpoint is reported and skipped for the previous one.
+          `experiment` is the template: its non-array parts are used as they are.
 
         **Returns:** the trained experiment.
         """
         self._attach(experiment)
         self._prepare_data(datamodule, "fit")
         self.should_stop = False
+        self._epoch_complete = False
+        self.nonfinite_step = None
         if ckpt_path is not None:
             self._resume(ckpt_path)
-        with self._run("train"):
-            hooks = self._hooks
-            hooks.call(self, "on_fit_start")
-            hooks.call(self, "on_train_start")
-            while not self._fit_done():
-                self._train_epoch(datamodule)
-            hooks.call(self, "on_train_end")
-            hooks.call(self, "on_fit_end")
+        self._start_guard()
+        try:
+            with self._run("train"), SignalWatch() as self._signals:
+                hooks = self._hooks
+                hooks.call(self, "on_fit_start")
+                hooks.call(self, "on_train_start")
+                while not self._fit_done():
+                    if self._signals.received is not None:
+                        self._stop_for_signal()
+                        continue
+                    self._train_epoch(datamodule)
+                if self._signals.received is not None:
+                    self._stop_for_signal()
+                hooks.call(self, "on_train_end")
+                hooks.call(self, "on_fit_end")
+        finally:
+            self._signals = None
         return self.experiment
 
     def _fit_done(self) -> bool:
@@ -373,13 +485,18 @@ class Trainer:
                 f"in epoch {progress.epoch}; an empty training split cannot be fitted."
             )
         epoch_metrics = self._steps.compute("train", self._train_state.total)
-        self._publish({f"train/{k}_epoch": v for k, v in epoch_metrics.items()}, progress.global_step)
+        self._read_nonfinite()
+        self._publish(
+            {f"train/{k}_epoch": v for k, v in epoch_metrics.items()}, progress.global_step
+        )
         self._update_callback_metrics({f"train/{k}_epoch": v for k, v in epoch_metrics.items()})
         if (progress.epoch + 1) % self.check_val_every_n_epoch == 0:
             self._validate_during_fit(datamodule)
+        self._epoch_complete = True  # a checkpoint taken now resumes at the next epoch
         self._hooks.call(self, "on_train_epoch_end")
         progress.epoch += 1
         progress.batch_idx = 0
+        self._epoch_complete = False
         self._train_state.new_epoch()
 
     def _validate_during_fit(self, datamodule: DataModule) -> None:
@@ -408,7 +525,7 @@ class Trainer:
         return host
 
     def _resume(self, ckpt_path: str) -> None:
-        from ..callbacks._checkpoint_resume import resume_from
+        from ._resume import resume_from
 
         resume_from(self, ckpt_path)
 
@@ -426,7 +543,9 @@ class Trainer:
     ) -> dict[str, float]:
         self._attach(experiment)
         self._prepare_data(datamodule, "validate" if stage == "validation" else stage)
-        loader = datamodule.val_dataloader() if stage == "validation" else datamodule.test_dataloader()
+        loader = (
+            datamodule.val_dataloader() if stage == "validation" else datamodule.test_dataloader()
+        )
         if loader is None:
             raise ValueError(
                 f"`{type(datamodule).__name__}.{'val' if stage == 'validation' else 'test'}"

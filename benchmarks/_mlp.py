@@ -1,0 +1,253 @@
+"""The MLP training benchmark shared by `compute_bound.py` and `overhead_bound.py`.
+
+Contestants (each trains the same MLP with Adam on the same MNIST-shaped data):
+
+- `limit`: Solstice's own compiled train step (`CompiledSteps.train`, the function `fit`
+  calls), in a bare Python loop on one batch already on the device. Nothing else runs.
+- `limit K=k`: the same with Solstice's fused step (`train_many`, k steps per call).
+- `solstice fit`: `Trainer.fit`, host data (`ArrayDataModule`), no progress bar, no
+  loggers, `log_every_n_steps` = a whole epoch: raw speed.
+- `solstice fit (on_device)`: the same, the data uploaded once (`on_device=True`).
+- `solstice fit K=k`: `steps_per_execution=k`.
+- `solstice fit (defaults)`: `Trainer(max_epochs=...)` with its defaults (progress bar,
+  `log_every_n_steps=50`), to show what they cost.
+- `naive eqx loop`: what a researcher writes by hand: `eqx.filter_jit` step, a numpy batch
+  per step, `float(loss)` per step.
+- `keras fit (jax)`, `lightning (cpu torch)`: the peers, each in its own process.
+"""
+
+import argparse
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _common import (
+    Contestant,
+    Peer,
+    best_ratio,
+    check,
+    cpu_ratio,
+    interleave,
+    machine,
+    mnist_like,
+    ratio,
+    report,
+    spread,
+    timed,
+)
+
+import solstice
+from solstice.datamodules import ArrayDataModule
+from solstice.trainer._compile import CompiledSteps
+from solstice.trainer._placement import Placement
+
+LR = 1e-3
+
+
+def make_model(hidden: list[int], key: jax.Array) -> eqx.Module:
+    mlp = eqx.nn.MLP(28 * 28, 10, hidden[0], len(hidden), activation=jax.nn.relu, key=key)
+    if len(set(hidden)) != 1:
+        raise ValueError(f"eqx.nn.MLP takes one width, got {hidden}")
+    return eqx.nn.Sequential([eqx.nn.Lambda(jnp.ravel), mlp])
+
+
+def make_experiment(hidden: list[int]) -> solstice.ClassificationExperiment:
+    model = make_model(hidden, jax.random.key(0))
+    return solstice.ClassificationExperiment(
+        model, solstice.OptaxOptimizer(optax.adam(LR), model), num_classes=10
+    )
+
+
+# ---------------------------------------------------------------- Solstice
+def limit(hidden, x, y, batch_size, k=1) -> Contestant:
+    """Solstice's compiled step on one device-resident batch, in a bare loop."""
+    placement = Placement(1)
+    exp = make_experiment(hidden)
+    steps = CompiledSteps(exp, placement.replicated)
+    dyn = placement.replicate(eqx.partition(exp, eqx.is_array)[0])
+    one = {"image": x[:batch_size], "label": y[:batch_size]}
+    batch = placement.put_batch(one)
+    stacked = placement.put_stacked_batches(jax.tree.map(lambda a: np.stack([a] * k), one))
+    acc = steps.empty_accumulator("train", dyn, batch)
+    true = jax.device_put(np.bool_(True), placement.replicated)
+    false = jax.device_put(np.bool_(False), placement.replicated)
+    n_steps = len(x) // batch_size
+    state = {"dyn": dyn, "acc": acc}
+
+    def epoch() -> int:
+        dyn, acc = state["dyn"], state["acc"]
+        flag = true
+        done = 0
+        while done < n_steps:
+            # `[:2]`: the compiled steps return (dyn, acc, ...) and may grow more outputs
+            if k > 1 and n_steps - done >= k:
+                dyn, acc = steps.train_many(dyn, acc, stacked, flag)[:2]
+                done += k
+            else:
+                dyn, acc = steps.train(dyn, acc, batch, flag)[:2]
+                done += 1
+            flag = false
+        jax.block_until_ready((dyn, acc))
+        state["dyn"], state["acc"] = dyn, acc
+        return n_steps * batch_size
+
+    epoch()  # warm-up: compile
+    name = "limit" if k == 1 else f"limit K={k}"
+    return Contestant(name, timed(epoch))
+
+
+def solstice_fit(hidden, x, y, batch_size, *, k=1, on_device=False, defaults=False) -> Contestant:
+    dm = ArrayDataModule(train={"image": x, "label": y}, batch_size=batch_size, on_device=on_device)
+    n_steps = len(x) // batch_size
+    if defaults:
+        trainer = solstice.Trainer(max_epochs=1)
+    else:
+        log_every = n_steps - n_steps % k  # at most one log per epoch, a multiple of k
+        trainer = solstice.Trainer(
+            max_epochs=1,
+            enable_progress_bar=False,
+            loggers=[],
+            log_every_n_steps=log_every,
+            steps_per_execution=k,
+        )
+    state = {"exp": trainer.fit(make_experiment(hidden), dm)}  # warm-up: compile
+
+    def epoch() -> int:
+        trainer.max_epochs += 1
+        exp = trainer.fit(state["exp"], dm)
+        jax.block_until_ready(eqx.filter(exp, eqx.is_array))
+        state["exp"] = exp
+        return n_steps * batch_size
+
+    name = "solstice fit"
+    if on_device:
+        name += " (on_device)"
+    if k > 1:
+        name += f" K={k}"
+    if defaults:
+        name += " (defaults)"
+    return Contestant(name, timed(epoch))
+
+
+# ---------------------------------------------------------------- hand-written loop
+def naive_loop(hidden, x, y, batch_size) -> Contestant:
+    """The loop a researcher writes first: filter_jit, numpy batches, float(loss) per step."""
+    model = make_model(hidden, jax.random.key(0))
+    optimizer = optax.adam(LR)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, images, labels):
+        def loss_fn(model):
+            logits = jax.vmap(model)(images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    rng = np.random.default_rng(0)
+    n_steps = len(x) // batch_size
+    state = {"model": model, "opt_state": opt_state}
+
+    def epoch() -> int:
+        model, opt_state = state["model"], state["opt_state"]
+        order = rng.permutation(len(x))
+        losses = []
+        for i in range(n_steps):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            model, opt_state, loss = step(model, opt_state, x[idx], y[idx])
+            losses.append(float(loss))
+        state["model"], state["opt_state"] = model, opt_state
+        return n_steps * batch_size
+
+    epoch()  # warm-up
+    return Contestant("naive eqx loop", timed(epoch))
+
+
+# ---------------------------------------------------------------- peers
+def peer(name: str, script: str, hidden, batch_size, samples, env=None) -> Contestant | str:
+    args = [
+        "--hidden",
+        *map(str, hidden),
+        "--batch-size",
+        str(batch_size),
+        "--samples",
+        str(samples),
+    ]
+    p = Peer(script, args, env=env)
+    if p.error:
+        return f"{name}: not run ({p.error})"
+    c = Contestant(name, p.epoch)
+    c.close = p.close  # type: ignore[attr-defined]
+    return c
+
+
+# ---------------------------------------------------------------- main
+def parse(description: str, hidden: list[int], batch_size: int, rounds: int):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--hidden", type=int, nargs="+", default=hidden)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--samples", type=int, default=60_000)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--no-peers", action="store_true", help="skip Keras and Lightning")
+    return parser.parse_args()
+
+
+def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Contestant], list[str]]:
+    x, y = mnist_like(args.samples)
+    hidden, b = args.hidden, args.batch_size
+    notes: list[str] = []
+    print(f"warming up (compiling) on {machine()}", flush=True)
+    cs = [limit(hidden, x, y, b), solstice_fit(hidden, x, y, b)]
+    cs.append(solstice_fit(hidden, x, y, b, on_device=True))
+    if fused:
+        cs += [limit(hidden, x, y, b, k=fused), solstice_fit(hidden, x, y, b, k=fused)]
+    if include_defaults:
+        cs.append(solstice_fit(hidden, x, y, b, defaults=True))
+    cs.append(naive_loop(hidden, x, y, b))
+    if not args.no_peers:
+        for name, script, env in (
+            ("keras fit (jax)", "peer_keras.py", {"KERAS_BACKEND": "jax"}),
+            ("lightning (cpu torch)", "peer_lightning.py", None),
+        ):
+            got = peer(name, script, hidden, b, args.samples, env)
+            if isinstance(got, str):
+                notes.append(got)
+                print(got, flush=True)
+            else:
+                cs.append(got)
+    return cs, notes
+
+
+def run(cs: list[Contestant], rounds: int) -> dict[str, Contestant]:
+    print(f"timing {rounds} rounds, contestants interleaved", flush=True)
+    try:
+        interleave(cs, rounds)
+    finally:
+        for c in cs:
+            close = getattr(c, "close", None)
+            if close is not None:
+                close()
+    report(cs)
+    return {c.name: c for c in cs}
+
+
+def ratio_line(by: dict[str, Contestant], a: str, b: str, target: float | None = None) -> str:
+    """`a / b` speed: median of per-round ratios (the headline), then the ratio of the best
+    rounds and the median ratio of samples per CPU second, which load from other processes
+    disturbs less."""
+    if a not in by or b not in by:
+        return f"{a} / {b}: not measured"
+    value = ratio(by[a], by[b])
+    lo, hi = spread(by[a], by[b])
+    label = f"{a} / {b}"
+    extra = (
+        f"   (rounds {lo:.2f}-{hi:.2f}; best/best {best_ratio(by[a], by[b]):.3f}x; "
+        f"per CPU-s {cpu_ratio(by[a], by[b]):.3f}x)"
+    )
+    if target is None:
+        return f"{label:<44} {value:6.3f}x" + extra
+    return check(label, value, target) + extra

@@ -1,0 +1,438 @@
+"""`ModelCheckpoint`: asynchronous, atomic, verified checkpoints with Lightning's retention."""
+
+import dataclasses
+import datetime
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from ..checkpointing._format import DELETING_SUFFIX, METADATA_FILE, ORBAX_TMP_SUFFIX
+from ..checkpointing._orbax import CheckpointWriter
+from ..checkpointing._tree import all_finite
+from ._callback import Callback
+from ._monitor import Monitor, better, check_mode, worst
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+log = logging.getLogger("solstice")
+
+
+@dataclasses.dataclass
+class _Pending:
+    path: Path
+    snapshot: dict[str, Any]
+    evicted: list[str]
+
+
+def _check_every(name: str, value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"`ModelCheckpoint({name}=...)` must be None or an int >= 0, got {value!r}."
+        )
+    return value
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(
+            "`ModelCheckpoint(train_time_interval=...)` must be a `datetime.timedelta` or a "
+            f"positive number of seconds, got {value!r}."
+        )
+    return float(value)
+
+
+class ModelCheckpoint(Callback):
+    """Saves the whole training state, asynchronously and atomically, and keeps the best.
+
+    A checkpoint is a directory `dirpath/epoch=E-step=S` (`-v1`, `-v2`, ... if that name is
+    taken) holding the experiment's arrays (parameters, optimizer and PRNG state), written by
+    Orbax, and `solstice.json`: the Trainer's position (epoch, global step, batch within the
+    epoch, validation runs), the on-device metric accumulators of the current epoch, the
+    datamodule's `state_dict`, every callback's `state_dict`, the logger run ids, the metric
+    history, a format version and a SHA-256 of every file. No pickle. `Trainer.fit(...,
+    ckpt_path="last" | "best" | path)` resumes from it exactly.
+
+    - **Asynchronous:** the training thread waits only for the device-to-host copy; writing
+      happens on a background thread (the next save, the end of `fit`, or an exception waits
+      for it).
+    - **Atomic:** Orbax writes into `<name>.orbax-checkpoint-tmp` and renames it when
+      complete, so a crash mid-save leaves every earlier checkpoint intact and the partial one
+      ignored. A damaged checkpoint (failed checksum, truncated file) is reported and skipped
+      when resuming, never loaded, deleted or overwritten.
+    - **Failures:** a save that fails (full disk, permissions) is reported with a
+      `RuntimeWarning`; training continues and older checkpoints stay.
+    - **Never non-finite:** a state with NaN/inf in its floating-point arrays is not saved.
+
+    When to save (triggers combine; each fires on its own): every `every_n_epochs` epochs at
+    the end of the epoch (after validation, so `val/*` metrics can be monitored), every
+    `every_n_train_steps` training steps, and every `train_time_interval`. Pass
+    `every_n_epochs=None` to save only on steps or time.
+
+    What to keep (Lightning's semantics): the best `save_top_k` checkpoints by `monitor`
+    (`-1`: all; `0`: none), plus the most recent one if `save_last`. Without `monitor`,
+    `save_top_k=1` keeps the most recent checkpoint only. A checkpoint falls out of the kept
+    set only once a newer one is committed.
+
+    `ModelCheckpoint`s run after every other callback, so the state they save includes
+    everything the other callbacks did in the same hook. Nothing is saved with
+    `Trainer(fast_dev_run=...)`.
+
+    **Arguments:**
+
+    - `dirpath`: the directory of the checkpoints (created when first needed).
+    - `monitor`: the metric ranking checkpoints, from `trainer.callback_metrics` (e.g.
+      `"val/loss"`, `"train/loss_epoch"`); `None` ranks by recency.
+    - `mode`: `"min"` or `"max"`: which direction of `monitor` is better.
+    - `save_top_k`: how many of the best to keep (`-1` all, `0` none).
+    - `save_last`: also keep the most recent checkpoint.
+    - `every_n_train_steps`: save every n training steps (`None`/`0`: never).
+    - `every_n_epochs`: save at the end of every n-th epoch (`None`/`0`: never).
+    - `train_time_interval`: save when this much time (a `datetime.timedelta` or seconds)
+      has passed since the last save.
+
+    **Attributes:** `best_model_path`, `best_model_score`, `last_model_path`,
+    `best_k_models` (path -> score), `kth_best_model_path`, `kth_value`.
+
+    **Example:**
+
+    ```python
+    checkpoint = ModelCheckpoint("ckpts", monitor="val/accuracy", mode="max", save_top_k=2)
+    trainer = solstice.Trainer(max_epochs=10, callbacks=[checkpoint])
+    trainer.fit(experiment, datamodule)
+    # after a crash or preemption, in a new process:
+    trainer.fit(experiment, datamodule, ckpt_path="last")
+    best = solstice.load(checkpoint.best_model_path, like=experiment)
+    ```
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
+        save_last: bool = True,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        train_time_interval: "datetime.timedelta | float | None" = None,
+    ):
+        if not isinstance(dirpath, (str, os.PathLike)):
+            raise TypeError(f"`ModelCheckpoint(dirpath=...)` must be a path, got {dirpath!r}.")
+        self.dirpath = Path(dirpath).absolute()
+        if self.dirpath.exists() and not self.dirpath.is_dir():
+            raise ValueError(
+                f"`ModelCheckpoint(dirpath={str(dirpath)!r})` is a file, not a directory."
+            )
+        check_mode(mode, "ModelCheckpoint")
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ValueError(
+                f"`ModelCheckpoint(save_top_k={save_top_k!r})` must be an int >= -1 (-1 keeps "
+                "all checkpoints, 0 none)."
+            )
+        if monitor is None and save_top_k not in (-1, 0, 1):
+            raise ValueError(
+                f"`ModelCheckpoint(save_top_k={save_top_k}, monitor=None)`: without a metric "
+                "there is nothing to rank the top k by. Pass `monitor=` (e.g. 'val/loss'), "
+                "or `save_top_k` in (-1, 0, 1)."
+            )
+        self.monitor = monitor
+        self.mode = mode
+        self.save_top_k = save_top_k
+        self.save_last = bool(save_last)
+        self.every_n_train_steps = _check_every("every_n_train_steps", every_n_train_steps)
+        self.every_n_epochs = _check_every("every_n_epochs", every_n_epochs)
+        self.train_time_interval = _seconds(train_time_interval)
+        self._monitor = Monitor(monitor, "ModelCheckpoint") if monitor is not None else None
+
+        self.best_k_models: dict[str, float | None] = {}
+        self.best_model_path = ""
+        self.best_model_score: float | None = None
+        self.kth_best_model_path = ""
+        self.kth_value: float | None = None
+        self.last_model_path = ""
+        self._last_global_step_saved = -1
+        self._clock: Callable[[], float] = time.monotonic
+        self._last_time_saved: float | None = None
+        self._writer: Any = None
+        self._pending: _Pending | None = None
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        """The name of this callback's state in a checkpoint."""
+        return (
+            f"ModelCheckpoint{{monitor={self.monitor!r}, mode={self.mode!r}, "
+            f"every_n_train_steps={self.every_n_train_steps}, "
+            f"every_n_epochs={self.every_n_epochs}, "
+            f"train_time_interval={self.train_time_interval}}}"
+        )
+
+    @property
+    def saves_on_steps(self) -> bool:
+        """Whether the Trainer must call `save_if_due` after every training step."""
+        return bool(self.every_n_train_steps) or self.train_time_interval is not None
+
+    def _bookkeeping(self) -> dict[str, Any]:
+        return {
+            "best_k_models": dict(self.best_k_models),
+            "best_model_path": self.best_model_path,
+            "best_model_score": self.best_model_score,
+            "kth_best_model_path": self.kth_best_model_path,
+            "kth_value": self.kth_value,
+            "last_model_path": self.last_model_path,
+            "last_global_step_saved": self._last_global_step_saved,
+        }
+
+    def _set_bookkeeping(self, state: dict[str, Any]) -> None:
+        self.best_k_models = dict(state["best_k_models"])
+        self.best_model_path = state["best_model_path"]
+        self.best_model_score = state["best_model_score"]
+        self.kth_best_model_path = state["kth_best_model_path"]
+        self.kth_value = state["kth_value"]
+        self.last_model_path = state["last_model_path"]
+        self._last_global_step_saved = state["last_global_step_saved"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": str(self.dirpath), **self._bookkeeping()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("dirpath") == str(self.dirpath):
+            self._set_bookkeeping(state)
+            return
+        log.info(
+            "ModelCheckpoint: the checkpoint was written to %s, this callback writes to %s; "
+            "only `best_model_path` is restored, retention starts afresh here.",
+            state.get("dirpath"),
+            self.dirpath,
+        )
+        self.best_model_path = state.get("best_model_path", "")
+        self._last_global_step_saved = state.get("last_global_step_saved", -1)
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer, experiment) -> None:
+        self._last_time_saved = self._clock()
+        if self._monitor is not None:
+            self._monitor.start()
+        if self.dirpath.is_dir() and jax.process_index() == 0:
+            # checkpoints this callback was deleting when the process died
+            for trash in self.dirpath.glob(f"*{DELETING_SUFFIX}"):
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def on_validation_end(self, trainer, experiment) -> None:
+        if self._monitor is not None:
+            self._monitor.note_validation(trainer)
+
+    def on_train_epoch_end(self, trainer, experiment) -> None:
+        score = None
+        if self._monitor is not None:
+            score = self._monitor.read(trainer)
+            if score is None:  # e.g. a val metric in an epoch without validation
+                score = self._monitor.current(trainer)
+        if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if self.monitor is None and trainer.global_step == self._last_global_step_saved:
+            return  # a step-triggered save of this very state exists (nothing to rank)
+        self._save(trainer, "epoch", score)
+
+    def on_train_end(self, trainer, experiment) -> None:
+        if self._monitor is not None:
+            self._monitor.check_seen(trainer)
+
+    def on_fit_end(self, trainer, experiment) -> None:
+        self.wait()
+
+    def on_exception(self, trainer, experiment, exception) -> None:
+        self.wait()
+
+    # ------------------------------------------------------------------ called by the Trainer
+    def save_if_due(self, trainer: "Trainer") -> None:
+        """Called by the Trainer after every training step (or fused group of steps): save if
+        `every_n_train_steps` steps or `train_time_interval` have passed."""
+        step = trainer.global_step
+        if step == self._last_global_step_saved:
+            return
+        n = self.every_n_train_steps
+        if n and step // n > max(self._last_global_step_saved, 0) // n:
+            reason = "step"
+        elif (
+            self.train_time_interval is not None
+            and self._last_time_saved is not None
+            and self._clock() - self._last_time_saved >= self.train_time_interval
+        ):
+            reason = "time"
+        else:
+            return
+        score = self._monitor.current(trainer) if self._monitor is not None else None
+        self._save(trainer, reason, score)
+
+    def save_on_interrupt(self, trainer: "Trainer") -> None:
+        """Called by the Trainer on SIGINT/SIGTERM: save the current state (kept as the most
+        recent checkpoint) and wait until it is committed."""
+        if trainer.global_step != self._last_global_step_saved:
+            self._save(trainer, "interrupt", None)
+        self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in progress (if any) is committed, then apply retention."""
+        self._finish_pending()
+
+    # ------------------------------------------------------------------ saving
+    def _is_top_k(self, score: float | None, reason: str) -> bool:
+        k = self.save_top_k
+        if reason == "interrupt" or k == 0:
+            return False
+        if self.monitor is None:
+            return True
+        if score is None:
+            return False
+        if k == -1 or len(self.best_k_models) < k:
+            return True
+        return better(score, self.best_k_models[self.kth_best_model_path], self.mode)
+
+    def _record(self, path: str, score: float | None, top_k: bool) -> list[str]:
+        """Update the bookkeeping for a new checkpoint; return the paths it makes obsolete."""
+        evicted = []
+        previous_last = self.last_model_path
+        if top_k:
+            if self.monitor is None:
+                if self.save_top_k == 1:
+                    evicted.extend(self.best_k_models)
+                    self.best_k_models = {}
+                self.best_k_models[path] = None
+                self.best_model_path = path
+            else:
+                self.best_k_models[path] = score
+                if self.save_top_k != -1 and len(self.best_k_models) > self.save_top_k:
+                    drop = self._kth()
+                    evicted.append(drop)
+                    del self.best_k_models[drop]
+                best = max(
+                    self.best_k_models,
+                    key=lambda p: self.best_k_models[p] * (1 if self.mode == "max" else -1),
+                )
+                self.best_model_path = best
+                self.best_model_score = self.best_k_models[best]
+                self.kth_best_model_path = self._kth()
+                self.kth_value = self.best_k_models[self.kth_best_model_path]
+        self.last_model_path = path
+        if previous_last and previous_last != path:
+            evicted.append(previous_last)
+        return [p for p in dict.fromkeys(evicted) if p not in self.best_k_models and p != path]
+
+    def _kth(self) -> str:
+        """The worst of the kept best (the first to go)."""
+        sign = -1 if self.mode == "max" else 1
+        return max(self.best_k_models, key=lambda p: sign * self.best_k_models[p])
+
+    def _new_path(self, trainer: "Trainer") -> Path:
+        name = f"epoch={trainer.current_epoch}-step={trainer.global_step}"
+        candidate, version = name, 0
+        while any(
+            (self.dirpath / (candidate + suffix)).exists()
+            for suffix in ("", ORBAX_TMP_SUFFIX, DELETING_SUFFIX)
+        ):
+            version += 1
+            candidate = f"{name}-v{version}"
+        return self.dirpath / candidate
+
+    def _save(self, trainer: "Trainer", reason: str, score: float | None) -> None:
+        if trainer.fast_dev_run:
+            return
+        from ..trainer._resume import capture
+
+        self._finish_pending()
+        if not all_finite(trainer._dyn):
+            message = (
+                f"ModelCheckpoint: not saving at global step {trainer.global_step}: the "
+                "experiment holds NaN or inf values. The last finite checkpoint "
+                f"(`{self.last_model_path or 'none yet'}`) is kept."
+            )
+            if trainer.nonfinite_step is None:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            else:  # TerminateOnNaN has said so already
+                log.info(message)
+            return
+        if score is not None and math.isnan(score):
+            score = worst(self.mode)
+        top_k = self._is_top_k(score, reason)
+        if not (top_k or self.save_last or reason == "interrupt"):
+            self._last_global_step_saved = trainer.global_step
+            return
+        path = self._new_path(trainer)
+        snapshot = self._bookkeeping()
+        evicted = self._record(str(path), score, top_k)
+        self._last_global_step_saved = trainer.global_step
+        self._last_time_saved = self._clock()
+        info = {
+            "name": path.name,
+            "reason": reason,
+            "monitor": self.monitor,
+            "score": score if top_k else None,
+        }
+        items, metadata = capture(trainer, {"checkpoint": info})
+        if self._writer is None:
+            self._writer = CheckpointWriter()
+        try:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            self._writer.save(path, items, metadata)
+        except Exception as error:  # noqa: BLE001 - reported, training continues
+            self._failed(path, snapshot, error)
+            return
+        self._pending = _Pending(path, snapshot, evicted)
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error = self._writer.wait()
+        if error is not None:
+            self._failed(pending.path, pending.snapshot, error)
+            return
+        for path in pending.evicted:
+            self._delete(Path(path))
+
+    def _failed(self, path: Path, snapshot: dict[str, Any], error: BaseException) -> None:
+        self._set_bookkeeping(snapshot)
+        if jax.process_index() == 0:  # an unfinished save of ours, it can never be valid
+            shutil.rmtree(path.parent / (path.name + ORBAX_TMP_SUFFIX), ignore_errors=True)
+        warnings.warn(
+            f"ModelCheckpoint: could not write `{path}`: {type(error).__name__}: {error}. "
+            "Training continues; earlier checkpoints are intact (most recent: "
+            f"`{self.last_model_path or 'none'}`).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _delete(self, path: Path) -> None:
+        """Remove a checkpoint this callback wrote and no longer keeps: renamed first
+        (atomically), so a crash mid-delete never leaves a half checkpoint behind."""
+        if jax.process_index() != 0:
+            return
+        if path.parent != self.dirpath or not (path / METADATA_FILE).is_file():
+            return
+        trash = path.parent / (path.name + DELETING_SUFFIX)
+        try:
+            os.replace(path, trash)
+        except OSError as error:
+            warnings.warn(
+                f"ModelCheckpoint: could not remove `{path}`: {error}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""`TerminateOnNaN`: stop training when the training metrics stop being finite."""
+
+import warnings
+
+from ._callback import Callback
+
+
+class TerminateOnNaN(Callback):
+    """Stops `fit` when a training step's metrics (e.g. its loss) hold NaN or inf.
+
+    The check runs inside the compiled training step: with this callback present the Trainer
+    carries a small on-device counter that records the first step whose metrics were not
+    finite. It is read only when metrics are published (every `log_every_n_steps` steps and
+    at epoch ends), never per step, so it costs no synchronisation. When it is set, the run
+    stops (after the current epoch's end-of-epoch work) with a `RuntimeWarning` naming the
+    step; `trainer.nonfinite_step` holds it. `ModelCheckpoint` never saves a state with
+    non-finite arrays, so the last checkpoint is the last finite state.
+
+    **Example:**
+
+    ```python
+    trainer = solstice.Trainer(max_epochs=10, callbacks=[TerminateOnNaN(), ModelCheckpoint("ckpts")])
+    ```
+    """
+
+    def __init__(self) -> None:
+        self._reported = False
+
+    def on_train_start(self, trainer, experiment) -> None:
+        self._reported = False
+
+    def on_log(self, trainer, experiment, metrics, step) -> None:
+        bad = trainer.nonfinite_step
+        if bad is None or self._reported:
+            return
+        self._reported = True
+        trainer.should_stop = True
+        last = next(
+            (cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), ""
+        )
+        saved = (
+            f"The last checkpoint, `{last}`, holds the last finite state."
+            if last
+            else "No checkpoint was saved; add a `ModelCheckpoint` to keep the last finite state."
+        )
+        warnings.warn(
+            f"TerminateOnNaN: the training metrics stopped being finite at training step {bad} "
+            f"(counting from 1; noticed at step {trainer.global_step}, epoch "
+            f"{trainer.current_epoch}). Stopping. {saved}",
+            RuntimeWarning,
+            stacklevel=2,
+        )

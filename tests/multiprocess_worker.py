@@ -1,0 +1,106 @@
+"""One process of the multi-process test (run by `test_multiprocess.py`, not by pytest).
+
+    python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS OUT_DIR
+
+Joins the other processes with `jax.distributed.initialize` on 127.0.0.1 (gloo CPU
+collectives), then runs the same script as every other process: fit, test and predict with
+the Trainer's defaults (`devices="auto"`: every device of every process), each process feeding
+its share of every global batch. Writes `OUT_DIR/<process_id>.npz` (parameters, predictions)
+and `OUT_DIR/<process_id>.json` (metrics, and the error of any stage that failed).
+"""
+
+import json
+import os
+import sys
+import traceback
+
+import equinox as eqx
+import jax
+import numpy as np
+from helpers import blobs_datamodule, make_mlp_experiment
+
+import solstice
+
+# Shared with the single-process reference in test_multiprocess.py. Nothing here touches a
+# device: the backend starts only after `jax.distributed.initialize`.
+TRAINER_KW = dict(
+    max_epochs=2,
+    steps_per_execution=2,
+    log_every_n_steps=2,
+    enable_progress_bar=False,
+    compilation_cache=False,
+)
+
+
+def experiment():
+    return make_mlp_experiment(in_size=8, num_classes=4)
+
+
+def datamodule():
+    # 112 training samples in global batches of 16: 7 steps per epoch (fused 2 + a single
+    # step); 70 evaluation samples in batches of 16: the last one padded and masked.
+    return blobs_datamodule(n_train=112, n_val=70, batch_size=16)
+
+
+class Replacing(solstice.ClassificationExperiment):
+    """Replaces itself at every epoch start (new key): the Trainer must re-place it."""
+
+    def on_train_epoch_start(self, trainer):
+        return eqx.tree_at(lambda e: e.key, self, jax.random.key(trainer.current_epoch))
+
+
+def replacing_experiment():
+    base = experiment()
+    return Replacing(base.model, base.optimizer, 4, key=base.key)
+
+
+def main(process_id: int, num_processes: int, port: int, num_devices: int, out_dir: str) -> None:
+    jax.config.update("jax_num_cpu_devices", num_devices)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
+    result: dict = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "num_devices": len(jax.devices()),
+        "errors": {},
+    }
+    arrays: dict[str, np.ndarray] = {}
+    log_dir = os.path.join(out_dir, f"logs{process_id}")
+    trainer = solstice.Trainer(**TRAINER_KW, loggers=[solstice.CSVLogger(log_dir)])
+    exp = trainer.fit(experiment(), datamodule())
+    params = jax.tree.leaves(eqx.filter(exp.model, eqx.is_array))
+    for i, p in enumerate(params):
+        arrays[f"param{i}"] = np.asarray(p.addressable_data(0))  # replicated: a local copy
+    result["callback_metrics"] = dict(trainer.callback_metrics)
+    result["test"] = trainer.test(exp, datamodule())
+    trainer.close()
+
+    def stage(name, fn):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - recorded for the test to report
+            result["errors"][name] = traceback.format_exc(limit=-4)
+
+    def predict():
+        arrays["predict"] = np.asarray(trainer.predict(exp, datamodule()))
+
+    def replace():
+        other = solstice.Trainer(**TRAINER_KW)
+        other.fit(replacing_experiment(), datamodule())
+
+    stage("predict", predict)
+    stage("replace", replace)
+    np.savez(os.path.join(out_dir, f"{process_id}.npz"), **arrays)
+    with open(os.path.join(out_dir, f"{process_id}.json"), "w") as f:
+        json.dump(result, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    pid, nproc, port, ndev = (int(a) for a in sys.argv[1:5])
+    main(pid, nproc, port, ndev, sys.argv[5])
