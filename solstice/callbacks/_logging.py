@@ -5,7 +5,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._config import hyperparameters
-from ..loggers import AsyncLogger, FanoutLogger, Logger
+import jax
+
+from ..loggers import AsyncLogger, FanoutLogger, History, Logger
 from ._callback import Callback
 
 
@@ -16,7 +18,8 @@ class LoggingCallback(Callback):
     `AsyncLogger(FanoutLogger(loggers))`: values stay on the device until the logging thread
     converts them; a failing logger is reported with a warning and disabled, never fatal.
     At fit start the experiment's static configuration and the Trainer's settings are logged as
-    hyperparameters.
+    hyperparameters. With several processes only process 0 writes to the loggers; every
+    process keeps its in-memory `History`.
     """
 
     def __init__(self, loggers: Sequence[Logger]):
@@ -26,7 +29,10 @@ class LoggingCallback(Callback):
     @property
     def sink(self) -> Logger:
         if self._sink is None:
-            self._sink = AsyncLogger(FanoutLogger(self.loggers))
+            loggers = self.loggers
+            if jax.process_index() != 0:  # one writer per run: process 0
+                loggers = [lg for lg in loggers if isinstance(lg, History)]
+            self._sink = AsyncLogger(FanoutLogger(loggers))
         return self._sink
 
     def on_fit_start(self, trainer, experiment) -> None:

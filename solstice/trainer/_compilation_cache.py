@@ -29,7 +29,12 @@ def enable_compilation_cache(setting: "bool | str | os.PathLike[str]") -> Path |
         return Path(current)  # the user's own choice wins
     path = default_cache_dir() if setting is True else Path(setting)
     path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    if current != str(path):
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        # JAX opens its cache once per process; make it reopen at the new directory.
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
     # Cache every step function, however quick to compile: small models recompile often.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

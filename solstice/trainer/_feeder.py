@@ -86,7 +86,8 @@ class Feeder:
     """Iterates device batches prepared on a background thread, `depth` ahead of the step.
 
     With `group > 1`, consecutive batches are stacked `(group, batch, ...)` for fused steps;
-    a final remainder is yielded batch by batch. Items are `(num_steps, device_batch)`.
+    the first `lead` batches and a final remainder are yielded batch by batch, so that fused
+    chunks always end on a global step that is a multiple of `group`. Items are `(num_steps, device_batch)`.
     Errors raised while reading or checking data re-raise on the consuming thread.
 
     **Example:**
@@ -106,11 +107,13 @@ class Feeder:
         *,
         depth: int = 2,
         group: int = 1,
+        lead: int = 0,
     ):
         self._batches = batches
         self._prepare = prepare
         self._placement = placement
         self._group = group
+        self._lead = lead
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="solstice-feeder", daemon=True)
@@ -128,9 +131,15 @@ class Feeder:
     def _produce(self) -> None:
         try:
             pending: list[PyTree] = []
+            lead = self._lead
             for batch in self._batches:
                 if self._stop.is_set():
                     return
+                if lead > 0:  # single steps until the chunks line up with the step count
+                    lead -= 1
+                    if not self._put((1, self._placement.put_batch(self._prepare(batch)))):
+                        return
+                    continue
                 pending.append(self._prepare(batch))
                 if len(pending) == self._group:
                     if self._group == 1:

@@ -77,6 +77,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
         trainer._placement,
         depth=trainer.prefetch,
         group=fused,
+        lead=(-progress.global_step) % fused,
     )
     state = trainer._train_state
     with feeder:
@@ -259,7 +260,7 @@ def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTr
                 hooks.call(trainer, "on_predict_batch_end", out, batch, batch_idx)
     if not outputs:
         return None
-    outputs, masks = jax.device_get((outputs, masks))
+    outputs, masks = trainer._placement.to_host((outputs, masks))
     kept = [
         jax.tree.map(lambda x, m=m: np.asarray(x) if m is None else np.asarray(x)[m], out)
         for out, m in zip(outputs, masks)

@@ -288,7 +288,7 @@ class Trainer:
                 track_nonfinite=self._steps.track_nonfinite,
             )
         self._hooks.refresh(new)
-        self._dyn = jax.device_put(dyn, self._placement.replicated)
+        self._dyn = self._placement.replicate(dyn, copy=False)
         self._experiment_cache = None
 
     def _prepare_data(self, datamodule: DataModule, stage: str) -> None:
