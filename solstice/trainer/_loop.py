@@ -83,7 +83,9 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
     with feeder:
         for n, batch in feeder:
             if trainer.train_batch_size is None:  # global size: device arrays' shapes
-                trainer.train_batch_size = batch_size_of(batch) if n == 1 else jax.tree.leaves(batch)[0].shape[1]
+                trainer.train_batch_size = (
+                    batch_size_of(batch) if n == 1 else jax.tree.leaves(batch)[0].shape[1]
+                )
             if state.acc is None:
                 spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
                 state.init(steps, trainer._dyn, spec)

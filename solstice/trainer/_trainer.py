@@ -4,7 +4,7 @@ import contextlib
 import logging
 import signal
 import warnings
-from collections.abc import Mapping, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -20,6 +20,7 @@ from ..callbacks._terminate_on_nan import TerminateOnNaN
 from ..datamodules._datamodule import DataModule
 from ..loggers import History, Logger
 from ..loggers._convert import check_scalars
+from ._arguments import check_arguments, check_objects
 from ._compilation_cache import enable_compilation_cache
 from ._compile import CompiledSteps, TraceLog
 from ._hooks import Hooks
@@ -30,26 +31,6 @@ from ._signals import SignalWatch
 
 PyTree = Any
 log = logging.getLogger("solstice")
-
-
-def _check_count(name: str, value: Any, *, allow_none: bool = True, minimum: int = 0) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
-def _check_limit(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(
-                f"`{name}={value}`: a float limit is a fraction of the batches and must be in "
-                "(0, 1]; pass an int for a number of batches."
-            )
-        return
-    _check_count(name, value)
 
 
 class Trainer:
@@ -116,50 +97,23 @@ class Trainer:
         prefetch: int = 2,
         compilation_cache: "bool | str" = True,
     ):
-        _check_count("max_epochs", max_epochs)
-        _check_count("max_steps", max_steps)
-        if fast_dev_run is not False:
-            _check_count("fast_dev_run", int(fast_dev_run), minimum=1)
-            n = int(fast_dev_run)
-            max_epochs, max_steps = 1, None
-            limit_train_batches = limit_val_batches = limit_test_batches = n
-            limit_predict_batches = n
-        if max_epochs is None and max_steps is None:
-            raise ValueError(
-                "Neither `max_epochs` nor `max_steps` was given, so training would never "
-                "stop. Pass `max_epochs=...` and/or `max_steps=...` to `Trainer(...)`."
-            )
-        _check_count("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
-        _check_count("log_every_n_steps", log_every_n_steps, minimum=1)
-        _check_count("steps_per_execution", steps_per_execution, minimum=1)
-        _check_count("prefetch", prefetch, minimum=1)
-        for name, value in (
-            ("limit_train_batches", limit_train_batches),
-            ("limit_val_batches", limit_val_batches),
-            ("limit_test_batches", limit_test_batches),
-            ("limit_predict_batches", limit_predict_batches),
-        ):
-            _check_limit(name, value)
-        if log_every_n_steps % steps_per_execution:
-            raise ValueError(
-                f"`log_every_n_steps={log_every_n_steps}` is not a multiple of "
-                f"`steps_per_execution={steps_per_execution}`: metrics can only be published "
-                "between fused calls. Use a multiple, e.g. "
-                f"`log_every_n_steps={steps_per_execution * max(1, log_every_n_steps // steps_per_execution)}`."
-            )
-        callbacks = list(callbacks or [])
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(
-                    f"`callbacks` must hold `solstice.callbacks.Callback` objects, got "
-                    f"`{type(cb).__name__}`. Subclass `Callback` and override its hooks."
-                )
-        loggers = list(loggers or [])
-        for lg in loggers:
-            if not isinstance(lg, Logger):
-                raise TypeError(
-                    f"`loggers` must hold `solstice.Logger` objects, got `{type(lg).__name__}`."
-                )
+        max_epochs, max_steps, limits = check_arguments(
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            fast_dev_run=fast_dev_run,
+            check_val_every_n_epoch=check_val_every_n_epoch,
+            log_every_n_steps=log_every_n_steps,
+            steps_per_execution=steps_per_execution,
+            prefetch=prefetch,
+            limits=(
+                limit_train_batches,
+                limit_val_batches,
+                limit_test_batches,
+                limit_predict_batches,
+            ),
+        )
+        limit_train_batches, limit_val_batches, limit_test_batches, limit_predict_batches = limits
+        callbacks, loggers = check_objects(callbacks, loggers)
 
         self.max_epochs = max_epochs
         self.max_steps = max_steps
