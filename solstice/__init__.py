@@ -1,6 +1,8 @@
 """Solstice: a Lightning-style trainer for JAX, built on Equinox."""
 
-from . import callbacks as callbacks, datamodules as datamodules, loggers as loggers
+from . import callbacks as callbacks
+from . import datamodules as datamodules
+from . import loggers as loggers
 from ._classification import ClassificationExperiment as ClassificationExperiment
 from ._classification_metrics import ClassificationMetrics as ClassificationMetrics
 from ._experiment import Experiment as Experiment
@@ -10,15 +12,29 @@ from ._optimizer import Optimizer as Optimizer
 from ._sgd import SGDOptimizer as SGDOptimizer
 from .checkpointing import (
     ResumeReport as ResumeReport,
+)
+from .checkpointing import (
     check_resume as check_resume,
+)
+from .checkpointing import (
     load as load,
+)
+from .checkpointing import (
     save as save,
 )
 from .loggers import (
     CSVLogger as CSVLogger,
+)
+from .loggers import (
     Logger as Logger,
+)
+from .loggers import (
     PythonLogger as PythonLogger,
+)
+from .loggers import (
     TensorBoardLogger as TensorBoardLogger,
+)
+from .loggers import (
     WandBLogger as WandBLogger,
 )
 from .trainer import Trainer as Trainer

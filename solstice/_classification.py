@@ -149,7 +149,9 @@ class ClassificationExperiment(Experiment):
                 return model(xi, st) if k is None else model(xi, st, key=k)
 
             logits, new_state = jax.vmap(
-                one, axis_name="batch", in_axes=(0, None, 0 if keys is not None else None),
+                one,
+                axis_name="batch",
+                in_axes=(0, None, 0 if keys is not None else None),
                 out_axes=(0, None),
             )(x, state, keys)
         if logits.ndim != 2 or logits.shape[-1] != self.num_classes:

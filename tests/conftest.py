@@ -15,7 +15,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-
 @pytest.fixture
 def getkey():
     """Return a function producing fresh, deterministic PRNG keys."""

@@ -10,8 +10,9 @@ import solstice
 from solstice.datamodules import ArrayDataModule
 
 
-def make_mlp_experiment(seed: int = 0, in_size: int = 64, num_classes: int = 10, lr: float = 3e-3,
-                        width: int = 32):
+def make_mlp_experiment(
+    seed: int = 0, in_size: int = 64, num_classes: int = 10, lr: float = 3e-3, width: int = 32
+):
     key_model, key_exp = jax.random.split(jax.random.key(seed))
     mlp = eqx.nn.MLP(in_size, num_classes, width, 1, key=key_model)
     model = eqx.nn.Sequential([eqx.nn.Lambda(jnp.ravel), mlp])

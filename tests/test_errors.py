@@ -63,7 +63,9 @@ def test_train_step_must_return_experiment_and_metrics(returns, match):
 
 
 def test_batch_leaves_disagree_on_batch_size():
-    with pytest.raises(ValueError, match=r"disagree on the batch size.*'image'.*: 10.*'label'.*: 9"):
+    with pytest.raises(
+        ValueError, match=r"disagree on the batch size.*'image'.*: 10.*'label'.*: 9"
+    ):
         ArrayDataModule(train={"image": np.zeros((10, 8)), "label": np.zeros(9)}, batch_size=2)
 
     class Ragged(DataModule):
@@ -75,7 +77,9 @@ def test_batch_leaves_disagree_on_batch_size():
 
 
 def test_batch_not_divisible_by_devices():
-    with pytest.raises(ValueError, match=r"batch size 30 is not divisible by the number of devices 4"):
+    with pytest.raises(
+        ValueError, match=r"batch size 30 is not divisible by the number of devices 4"
+    ):
         _trainer(devices=4).fit(_exp(), blobs_datamodule(batch_size=30))
 
 
@@ -137,9 +141,14 @@ def test_other_bad_arguments():
         _trainer().fit(_exp(), {"image": np.zeros(3)})
     with pytest.raises(ValueError, match="has keys.*looks for"):
         _trainer().fit(
-            _exp(), ArrayDataModule(train={"x": np.zeros((8, 8), np.float32), "y": np.zeros(8, np.int32)}, batch_size=8)
+            _exp(),
+            ArrayDataModule(
+                train={"x": np.zeros((8, 8), np.float32), "y": np.zeros(8, np.int32)}, batch_size=8
+            ),
         )
     with pytest.raises(ValueError, match="nothing to test"):
         _trainer().test(_exp(), ArrayDataModule(train=blobs(8), batch_size=8))
     with pytest.raises(TypeError, match="must be a `solstice.Optimizer`"):
-        solstice.ClassificationExperiment(eqx.nn.Linear(2, 2, key=jax.random.key(0)), optax.sgd(0.1), 2)
+        solstice.ClassificationExperiment(
+            eqx.nn.Linear(2, 2, key=jax.random.key(0)), optax.sgd(0.1), 2
+        )

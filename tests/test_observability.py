@@ -32,7 +32,9 @@ def _with_optimizer(optimizer_fn):
 def test_lr_monitor_reads_injected_hyperparams():
     schedule = optax.linear_schedule(1e-2, 1e-3, transition_steps=16)
     exp = _with_optimizer(
-        lambda m: solstice.OptaxOptimizer(optax.inject_hyperparams(optax.adam)(learning_rate=schedule), m)
+        lambda m: solstice.OptaxOptimizer(
+            optax.inject_hyperparams(optax.adam)(learning_rate=schedule), m
+        )
     )
     trainer = _trainer(log_every_n_steps=4, callbacks=[LearningRateMonitor()])
     trainer.fit(exp, blobs_datamodule())
@@ -45,12 +47,16 @@ def test_lr_monitor_reads_injected_hyperparams():
 
 def test_lr_monitor_sgd_schedule_and_epoch_interval():
     schedule = optax.exponential_decay(0.1, transition_steps=8, decay_rate=0.5)
-    exp = _with_optimizer(lambda m: solstice.SGDOptimizer(eqx.filter(m, eqx.is_array), schedule, momentum=0.9))
+    exp = _with_optimizer(
+        lambda m: solstice.SGDOptimizer(eqx.filter(m, eqx.is_array), schedule, momentum=0.9)
+    )
     trainer = _trainer(callbacks=[LearningRateMonitor(logging_interval="epoch")])
     trainer.fit(exp, blobs_datamodule())
     trainer._logging.flush()
     assert trainer.history.steps["lr"] == [8, 16]
-    np.testing.assert_allclose(trainer.history.metrics["lr"], [float(schedule(7)), float(schedule(15))], rtol=1e-6)
+    np.testing.assert_allclose(
+        trainer.history.metrics["lr"], [float(schedule(7)), float(schedule(15))], rtol=1e-6
+    )
 
 
 def test_lr_monitor_without_a_rate_explains_the_fix():
@@ -58,7 +64,9 @@ def test_lr_monitor_without_a_rate_explains_the_fix():
     with pytest.raises(ValueError, match="inject_hyperparams"):
         _trainer(callbacks=[LearningRateMonitor()]).fit(exp, blobs_datamodule())
     # ... unless the schedule is given
-    trainer = _trainer(log_every_n_steps=8, callbacks=[LearningRateMonitor(schedule=lambda s: 1e-3)])
+    trainer = _trainer(
+        log_every_n_steps=8, callbacks=[LearningRateMonitor(schedule=lambda s: 1e-3)]
+    )
     trainer.fit(exp, blobs_datamodule())
     trainer._logging.flush()
     assert trainer.history.metrics["lr"] == pytest.approx([1e-3, 1e-3])
@@ -77,7 +85,9 @@ def test_model_summary_counts_parameters(caplog):
 
 def test_timer_reports_throughput_and_compile_time_apart():
     timer = Timer()
-    trainer = _trainer(max_epochs=3, log_every_n_steps=4, callbacks=[timer], compilation_cache=False)
+    trainer = _trainer(
+        max_epochs=3, log_every_n_steps=4, callbacks=[timer], compilation_cache=False
+    )
     trainer.fit(make_mlp_experiment(in_size=8, num_classes=4, seed=123), blobs_datamodule())
     trainer._logging.flush()
     history = trainer.history.metrics
@@ -86,8 +96,12 @@ def test_timer_reports_throughput_and_compile_time_apart():
     np.testing.assert_allclose(ratio, 32)
     assert timer.compile_stats.compilations >= 2  # train step and eval step at least
     assert timer.compile_stats.total_secs > 0
-    assert history["compile/total_secs"][-1] == pytest.approx(timer.compile_stats.total_secs, rel=0.5)
-    assert timer.steady_steps_per_sec > 0 and timer.steady_samples_per_sec == pytest.approx(32 * timer.steady_steps_per_sec)
+    assert history["compile/total_secs"][-1] == pytest.approx(
+        timer.compile_stats.total_secs, rel=0.5
+    )
+    assert timer.steady_steps_per_sec > 0 and timer.steady_samples_per_sec == pytest.approx(
+        32 * timer.steady_steps_per_sec
+    )
     assert len(history["time/epoch_secs"]) == 3
 
 
@@ -97,10 +111,15 @@ def test_recompilation_warning_names_the_changed_argument():
             rng = np.random.default_rng(self.epoch)
             size = 32 if self.epoch == 0 else 16  # a new shape in epoch 1
             for _ in range(2):
-                yield {"image": rng.normal(size=(size, 8)).astype(np.float32),
-                       "label": rng.integers(0, 4, size).astype(np.int32)}
+                yield {
+                    "image": rng.normal(size=(size, 8)).astype(np.float32),
+                    "label": rng.integers(0, 4, size).astype(np.int32),
+                }
 
-    with pytest.warns(RuntimeWarning, match=r"train step was traced again.*\['image'\].*float32\[32, 8\] -> float32\[16, 8\]"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"train step was traced again.*\['image'\].*float32\[32, 8\] -> float32\[16, 8\]",
+    ):
         _trainer(max_epochs=3).fit(make_mlp_experiment(in_size=8, num_classes=4), Shrinking())
 
 
@@ -114,7 +133,9 @@ def test_log_metrics_and_hyperparameters_reach_loggers(tmp_path):
     exp = trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), blobs_datamodule())
     trainer.close()
     norms = trainer.history.metrics["weights/norm"]
-    assert trainer.history.steps["weights/norm"] == [8, 16] and trainer.history.epochs["weights/norm"] == [0, 1]
+    assert trainer.history.steps["weights/norm"] == [8, 16] and trainer.history.epochs[
+        "weights/norm"
+    ] == [0, 1]
     expected = float(optax.tree.norm(jax.tree.leaves(eqx.filter(exp.model, eqx.is_array))))
     assert norms[-1] == pytest.approx(expected, rel=1e-5)
     assert trainer.history.hparams["num_classes"] == 4

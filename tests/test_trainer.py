@@ -8,7 +8,6 @@ import pytest
 from helpers import blobs, blobs_datamodule, make_mlp_experiment, params_of
 
 import solstice
-from solstice.datamodules import ArrayDataModule
 
 
 def _trainer(**kw):

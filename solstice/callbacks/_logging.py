@@ -4,9 +4,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .._config import hyperparameters
 import jax
 
+from .._config import hyperparameters
 from ..loggers import AsyncLogger, FanoutLogger, History, Logger
 from ._callback import Callback
 
