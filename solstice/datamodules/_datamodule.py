@@ -32,6 +32,10 @@ class DataModule:
     """
 
     epoch: int = 0
+    #: Optional `transform(batch, step) -> batch` the Trainer applies to every training
+    #: batch inside the compiled step (`step`: the global step, an int32 array), e.g.
+    #: on-device augmentation keyed by `fold_in(key(seed), step)`.
+    device_transform: Any = None
 
     def prepare_data(self) -> None:
         """Download or prepare data on disk. Called once, before `setup`."""

@@ -16,7 +16,19 @@ from ._splits import check_fraction, split_off
 class IDXImageDataModule(ArrayDataModule):
     """Shared code of `MNIST` and `FashionMNIST`: 28x28 grayscale images in IDX files.
 
-    Subclasses name the folder, the mirrors and the four files with their MD5 hashes.
+    Subclasses name the `folder` under `data_dir` (torchvision's layout,
+    `data_dir/<folder>/raw/`), the download `mirrors` and the four `resources` (file name ->
+    MD5 of the gzipped file). The arguments are `MNIST`'s.
+
+    **Example:**
+
+    ```python
+    class KMNIST(IDXImageDataModule):
+        folder = "KMNIST"
+        mirrors = ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",)
+        resources = {...}   # the four .gz files and their MD5s
+        classes = tuple("o ki su tsu na ha ma ya re wo".split())
+    ```
     """
 
     folder: ClassVar[str]

@@ -28,5 +28,8 @@ def split_off(arrays: PyTree, fraction: float, seed: int) -> tuple[PyTree, PyTre
         return arrays, None
     order = np.random.default_rng(seed).permutation(n)
     held, rest = np.sort(order[:n_out]), np.sort(order[n_out:])
-    take = lambda idx: jax.tree.map(lambda a: np.take(a, idx, axis=0), arrays)  # noqa: E731
+
+    def take(idx: np.ndarray) -> PyTree:
+        return jax.tree.map(lambda a: np.take(a, idx, axis=0), arrays)
+
     return take(rest), take(held)

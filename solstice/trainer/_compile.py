@@ -151,6 +151,15 @@ class CompiledSteps:
         self.track_nonfinite = track_nonfinite
         self.metrics_static: dict[str, PyTree] = {}
         self._jitted: dict[str, Callable] = {}
+        self.batch_transform: Callable[[PyTree, jax.Array], PyTree] | None = None
+
+    def set_batch_transform(self, transform: Callable[[PyTree, jax.Array], PyTree] | None) -> None:
+        """Apply `transform(batch, global_step)` to every training batch inside the compiled
+        step (a DataModule's `device_transform`, e.g. on-device augmentation)."""
+        if transform != self.batch_transform:
+            self.batch_transform = transform
+            for name in ("train", "train_many"):
+                self._jitted.pop(name, None)
 
     # ---- experiment <-> arrays
     def combine(self, dyn: PyTree) -> Experiment:
@@ -208,54 +217,71 @@ class CompiledSteps:
             fn = self._jitted[name] = build()
         return fn
 
-    def train(self, dyn, acc, batch, reset, guard=None):
-        """One training step: `(dyn, acc, step_metrics_or_None, guard)`; donates `dyn`, `acc`
-        and `guard` (see `track_nonfinite`; `None` passes through)."""
+    def _transformed(self, batch, step):
+        return batch if self.batch_transform is None else self.batch_transform(batch, step)
 
-        def build():
-            def step(dyn, acc, batch, reset, guard):
-                self.trace_log.record("train", (acc, batch))
-                new_dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
-                guard = _advance_guard(guard, m_dyn)
-                return new_dyn, acc, (m_dyn if self.keep_step_metrics else None), guard
+    def train(self, dyn, acc, batch, reset, guard, step):
+        """One training step.
 
-            return jax.jit(step, donate_argnums=(0, 1, 4))
+        `step` is the global step as an int32 device scalar (not donated): it keys the
+        batch transform and comes back incremented; it becomes ready only when the whole
+        step has run, so the loop also uses it to bound how far dispatch runs ahead.
 
-        return self._get("train", build)(dyn, acc, batch, reset, guard)
-
-    def train_many(self, dyn, acc, batches, reset, guard=None):
-        """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
-
-        Returns `(dyn, acc, stacked_step_metrics_or_None, guard)`.
+        Returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`; donates `dyn`, `acc`
+        and `guard` (see `track_nonfinite`; `None` passes through).
         """
 
         def build():
-            def steps(dyn, acc, batches, reset, guard):
+            def fn(dyn, acc, batch, reset, guard, step):
+                self.trace_log.record("train", (acc, batch))
+                batch = self._transformed(batch, step)
+                new_dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
+                guard = _advance_guard(guard, m_dyn)
+                kept = m_dyn if self.keep_step_metrics else None
+                return new_dyn, acc, kept, guard, step + 1
+
+            return jax.jit(fn, donate_argnums=(0, 1, 4))
+
+        return self._get("train", build)(dyn, acc, batch, reset, guard, step)
+
+    def train_many(self, dyn, acc, batches, reset, guard, step):
+        """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
+
+        Returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`.
+        """
+
+        def build():
+            def fn(dyn, acc, batches, reset, guard, step):
                 self.trace_log.record("train_many", (acc, batches))
 
                 def body(carry, batch):
-                    dyn, acc, flag, guard = carry
+                    dyn, acc, flag, guard, step = carry
+                    batch = self._transformed(batch, step)
                     dyn, acc, m_dyn = self._train_body(dyn, acc, batch, flag)
                     guard = _advance_guard(guard, m_dyn)
-                    return (dyn, acc, jnp.zeros_like(flag), guard), (
+                    return (dyn, acc, jnp.zeros_like(flag), guard, step + 1), (
                         m_dyn if self.keep_step_metrics else None
                     )
 
-                (dyn, acc, _, guard), ms = jax.lax.scan(body, (dyn, acc, reset, guard), batches)
-                return dyn, acc, ms, guard
+                carry = (dyn, acc, reset, guard, step)
+                (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, batches)
+                return dyn, acc, ms, guard, step
 
-            return jax.jit(steps, donate_argnums=(0, 1, 4))
+            return jax.jit(fn, donate_argnums=(0, 1, 4))
 
-        return self._get("train_many", build)(dyn, acc, batches, reset, guard)
+        return self._get("train_many", build)(dyn, acc, batches, reset, guard, step)
 
     def evaluate(self, dyn, acc, batch, reset):
-        """One evaluation step: `(acc, step_metrics_or_None)`; donates `acc` only."""
+        """One evaluation step: `(acc, step_metrics_or_None, ticket)`; donates `acc` only.
+
+        `ticket` is a tiny output that is ready when the step has run (for the in-flight
+        bound)."""
 
         def build():
             def step(dyn, acc, batch, reset):
                 self.trace_log.record("eval", (acc, batch))
                 acc, m_dyn = self._eval_body(dyn, acc, batch, reset)
-                return acc, (m_dyn if self.keep_step_metrics else None)
+                return acc, (m_dyn if self.keep_step_metrics else None), jnp.logical_not(reset)
 
             return jax.jit(step, donate_argnums=(1,))
 
@@ -276,7 +302,9 @@ class CompiledSteps:
     def empty_accumulator(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
         """Zeros shaped like one step's metrics arrays (overwritten by the first step)."""
         if stage == "train":
-            shapes = jax.eval_shape(lambda d, b: self._train_core(d, b)[1], dyn, batch)
+            shapes = jax.eval_shape(
+                lambda d, b: self._train_core(d, self._transformed(b, jnp.int32(0)))[1], dyn, batch
+            )
         else:
             shapes = jax.eval_shape(self._eval_core, dyn, batch)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -3,6 +3,7 @@
 Nothing here reads a device value back except at log intervals and epoch ends.
 """
 
+import collections
 import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,27 @@ def batches_from(loader: Iterable, start: int, count: int | None) -> Iterable[Py
     return it
 
 
+class InflightLimit:
+    """Bounds how many compiled steps may be dispatched but not yet finished.
+
+    JAX dispatch is asynchronous; unbounded, the host can run far ahead of the devices, and
+    on multi-device CPU (jax 0.10) ~100 queued steps that contain collectives deadlock. Before
+    dispatching more, wait for the step `max_inflight` calls back to *finish*: this only
+    waits (never copies a value to the host) and, with several steps still queued, never
+    leaves the device idle.
+    """
+
+    def __init__(self, max_inflight: int = 8):
+        self.max_inflight = max_inflight
+        self._tickets: collections.deque = collections.deque()
+
+    def add(self, ticket: PyTree) -> None:
+        """Record a just-dispatched step's (non-donated) output."""
+        self._tickets.append(ticket)
+        if len(self._tickets) > self.max_inflight:
+            jax.block_until_ready(self._tickets.popleft())
+
+
 def _slice(tree: PyTree, i: int) -> PyTree:
     return jax.tree.map(lambda x: x[i], tree)
 
@@ -80,6 +102,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
         lead=(-progress.global_step) % fused,
     )
     state = trainer._train_state
+    inflight = InflightLimit()
     with feeder:
         for n, batch in feeder:
             if trainer.train_batch_size is None:  # global size: device arrays' shapes
@@ -97,14 +120,16 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                         batch if n == 1 else _slice(batch, i),
                         progress.batch_idx + i,
                     )
-            if n == 1:
-                trainer._dyn, state.acc, step_metrics, trainer._guard = steps.train(
-                    trainer._dyn, state.acc, batch, state.reset_flag(), trainer._guard
-                )
-            else:
-                trainer._dyn, state.acc, step_metrics, trainer._guard = steps.train_many(
-                    trainer._dyn, state.acc, batch, state.reset_flag(), trainer._guard
-                )
+            train = steps.train if n == 1 else steps.train_many
+            trainer._dyn, state.acc, step_metrics, trainer._guard, trainer._step_counter = train(
+                trainer._dyn,
+                state.acc,
+                batch,
+                state.reset_flag(),
+                trainer._guard,
+                trainer._step_counter,
+            )
+            inflight.add(trainer._step_counter)
             state.steps_in_interval += n
             for i in range(n):
                 progress.global_step += 1
@@ -218,6 +243,7 @@ def run_evaluation(
     )
     acc = None
     reset = trainer._true
+    inflight = InflightLimit()
     with Feeder(
         batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
     ) as feeder:
@@ -226,7 +252,8 @@ def run_evaluation(
                 acc = steps.empty_accumulator("eval", trainer._dyn, batch)
             if batch_start:
                 hooks.call(trainer, f"on_{stage}_batch_start", batch, batch_idx)
-            acc, step_metrics = steps.evaluate(trainer._dyn, acc, batch, reset)
+            acc, step_metrics, ticket = steps.evaluate(trainer._dyn, acc, batch, reset)
+            inflight.add(ticket)
             reset = trainer._false
             if batch_end:
                 hooks.call(
@@ -249,6 +276,7 @@ def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTr
     batch_end = hooks.active("on_predict_batch_end")
     prepare = BatchPreparer(trainer._placement, evaluation=True, validate=None)
     outputs, masks = [], []
+    inflight = InflightLimit()
     with Feeder(
         batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
     ) as feeder:
@@ -256,6 +284,7 @@ def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTr
             if batch_start:
                 hooks.call(trainer, "on_predict_batch_start", batch, batch_idx)
             out = steps.predict(trainer._dyn, batch)
+            inflight.add(out)
             outputs.append(out)
             masks.append(batch.get("mask") if isinstance(batch, dict) else None)
             if batch_end:

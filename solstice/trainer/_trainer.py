@@ -160,6 +160,7 @@ class Trainer:
         self._experiment_cache: tuple[PyTree, Experiment] | None = None
         self._hooks: Hooks | None = None
         self._train_state = TrainAccumulators(self._true, self._false)
+        self._step_counter: jax.Array | None = None  # global step on device (see _compile)
         self._guard: PyTree = None  # on-device (steps, first non-finite step), with TerminateOnNaN
         self.nonfinite_step: int | None = None
         self._signals: SignalWatch | None = None
@@ -390,6 +391,10 @@ class Trainer:
         if ckpt_path is not None:
             self._resume(ckpt_path)
         self._start_guard()
+        self._step_counter = jax.device_put(
+            np.int32(self.progress.global_step), self._placement.replicated
+        )
+        self._steps.set_batch_transform(getattr(datamodule, "device_transform", None))
         try:
             with self._run("train"), SignalWatch() as self._signals:
                 hooks = self._hooks
