@@ -2,9 +2,10 @@
 
 Contestants (each trains the same MLP with Adam on the same MNIST-shaped data):
 
-- `limit`: Solstice's own compiled train step (`CompiledSteps.train`, the function `fit`
-  calls), in a bare Python loop on one batch already on the device. Nothing else runs.
-- `limit K=k`: the same with Solstice's fused step (`train_many`, k steps per call).
+- `limit`: the experiment's `train_step` plus the merge of its metrics into an on-device
+  accumulator (the work Solstice's compiled step does), `jax.jit` with donation, in a bare
+  Python loop on one batch already on the device. Nothing else runs.
+- `limit K=k`: the same, `k` steps per call with `lax.scan` (what `steps_per_execution` fuses).
 - `solstice fit`: `Trainer.fit`, host data (`ArrayDataModule`), no progress bar, no
   loggers, `log_every_n_steps` = a whole epoch: raw speed.
 - `solstice fit (on_device)`: the same, the data uploaded once (`on_device=True`).
@@ -40,7 +41,6 @@ from _common import (
 
 import solstice
 from solstice.datamodules import ArrayDataModule
-from solstice.trainer._compile import CompiledSteps
 from solstice.trainer._placement import Placement
 
 LR = 1e-3
@@ -62,33 +62,44 @@ def make_experiment(hidden: list[int]) -> solstice.ClassificationExperiment:
 
 # ---------------------------------------------------------------- Solstice
 def limit(hidden, x, y, batch_size, k=1) -> Contestant:
-    """Solstice's compiled step on one device-resident batch, in a bare loop."""
+    """The experiment's own `train_step` (with its metrics merged into an accumulator, as
+    Solstice's compiled step does), jitted with donation, in a bare loop on one batch that is
+    already on the device. With `k > 1`, `k` steps per call with `lax.scan`."""
     placement = Placement(1)
     exp = make_experiment(hidden)
-    steps = CompiledSteps(exp, placement.replicated)
-    dyn = placement.replicate(eqx.partition(exp, eqx.is_array)[0])
+    dyn, static = eqx.partition(exp, eqx.is_array)
+    dyn = placement.replicate(dyn)
+
+    def body(dyn, acc, batch):
+        new, metrics = eqx.combine(dyn, static).train_step(batch)
+        return eqx.filter(new, eqx.is_array), acc.merge(metrics)
+
+    def many(dyn, acc, batches):
+        def scan_body(carry, batch):
+            return body(*carry, batch), None
+
+        return jax.lax.scan(scan_body, (dyn, acc), batches)[0]
+
     one = {"image": x[:batch_size], "label": y[:batch_size]}
     batch = placement.put_batch(one)
     stacked = placement.put_stacked_batches(jax.tree.map(lambda a: np.stack([a] * k), one))
-    acc = steps.empty_accumulator("train", dyn, batch)
-    true = jax.device_put(np.bool_(True), placement.replicated)
-    false = jax.device_put(np.bool_(False), placement.replicated)
+    shapes = jax.eval_shape(lambda d, b: eqx.combine(d, static).train_step(b)[1], dyn, batch)
+    acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    step = jax.jit(body, donate_argnums=(0, 1))
+    steps = jax.jit(many, donate_argnums=(0, 1))
     n_steps = len(x) // batch_size
     state = {"dyn": dyn, "acc": acc}
 
     def epoch() -> int:
         dyn, acc = state["dyn"], state["acc"]
-        flag = true
         done = 0
         while done < n_steps:
-            # `[:2]`: the compiled steps return (dyn, acc, ...) and may grow more outputs
             if k > 1 and n_steps - done >= k:
-                dyn, acc = steps.train_many(dyn, acc, stacked, flag)[:2]
+                dyn, acc = steps(dyn, acc, stacked)
                 done += k
             else:
-                dyn, acc = steps.train(dyn, acc, batch, flag)[:2]
+                dyn, acc = step(dyn, acc, batch)
                 done += 1
-            flag = false
         jax.block_until_ready((dyn, acc))
         state["dyn"], state["acc"] = dyn, acc
         return n_steps * batch_size
@@ -168,7 +179,9 @@ def naive_loop(hidden, x, y, batch_size) -> Contestant:
 
 
 # ---------------------------------------------------------------- peers
-def peer(name: str, script: str, hidden, batch_size, samples, env=None) -> Contestant | str:
+def peer(
+    name: str, script: str, hidden, batch_size, samples, env=None, extra=()
+) -> Contestant | str:
     args = [
         "--hidden",
         *map(str, hidden),
@@ -176,6 +189,7 @@ def peer(name: str, script: str, hidden, batch_size, samples, env=None) -> Conte
         str(batch_size),
         "--samples",
         str(samples),
+        *extra,
     ]
     p = Peer(script, args, env=env)
     if p.error:
@@ -193,6 +207,13 @@ def parse(description: str, hidden: list[int], batch_size: int, rounds: int):
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--no-peers", action="store_true", help="skip Keras and Lightning")
+    parser.add_argument("--no-lightning", action="store_true", help="skip Lightning")
+    parser.add_argument(
+        "--lightning-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for Lightning (default: torch's own choice)",
+    )
     return parser.parse_args()
 
 
@@ -209,11 +230,14 @@ def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Cont
         cs.append(solstice_fit(hidden, x, y, b, defaults=True))
     cs.append(naive_loop(hidden, x, y, b))
     if not args.no_peers:
-        for name, script, env in (
-            ("keras fit (jax)", "peer_keras.py", {"KERAS_BACKEND": "jax"}),
-            ("lightning (cpu torch)", "peer_lightning.py", None),
-        ):
-            got = peer(name, script, hidden, b, args.samples, env)
+        peers = [("keras fit (jax)", "peer_keras.py", {"KERAS_BACKEND": "jax"}, [])]
+        if not args.no_lightning:
+            threads = (
+                [] if args.lightning_threads is None else ["--threads", str(args.lightning_threads)]
+            )
+            peers.append(("lightning (cpu torch)", "peer_lightning.py", None, threads))
+        for name, script, env, extra in peers:
+            got = peer(name, script, hidden, b, args.samples, env, extra)
             if isinstance(got, str):
                 notes.append(got)
                 print(got, flush=True)

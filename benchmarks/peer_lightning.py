@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--samples", type=int, default=60_000)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -33,6 +34,8 @@ def main() -> None:
     from _common import mnist_like
 
     warnings.filterwarnings("ignore")  # Lightning's advice on num_workers etc.
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     x, y = mnist_like(args.samples)
     loader = DataLoader(
         TensorDataset(torch.from_numpy(x), torch.from_numpy(y).long()),

@@ -60,7 +60,9 @@ def prototype_images(
     """
     proto_rng = np.random.default_rng(12345)
     *lead, height, width = shape
-    coarse = proto_rng.uniform(30, 225, (num_classes, *lead, -(-height // block), -(-width // block)))
+    coarse = proto_rng.uniform(
+        30, 225, (num_classes, *lead, -(-height // block), -(-width // block))
+    )
     protos = coarse.repeat(block, axis=-2).repeat(block, axis=-1)[..., :height, :width]
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, num_examples)

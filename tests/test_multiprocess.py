@@ -112,11 +112,6 @@ def test_two_processes_match_one_process_with_two_devices(run, reference):
             assert info["test"][name] == pytest.approx(value, rel=1e-5), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Every process writes to its loggers. Fix in `LoggingCallback.sink`: on processes "
-    "other than 0, fan out only to in-memory `History` loggers.",
-)
 def test_only_process_zero_writes_logs(run):
     _, out = run
     header = "step,epoch"
@@ -129,11 +124,6 @@ def test_only_process_zero_writes_logs(run):
     assert not (out / "logs1" / "hparams.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`run_predict` reads predictions with `jax.device_get`, which cannot fetch rows "
-    "held by another process. Fix in _loop.run_predict: `trainer._placement.to_host(...)`.",
-)
 def test_predict_returns_every_prediction_in_every_process(run, reference):
     results, _ = run
     for info, arrays in results:
@@ -141,11 +131,6 @@ def test_predict_returns_every_prediction_in_every_process(run, reference):
         np.testing.assert_allclose(arrays["predict"], reference[3], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`Trainer._replace_experiment` uses `jax.device_put` onto the global mesh, which "
-    "cannot place process-local arrays. Fix: `self._placement.replicate(dyn, copy=False)`.",
-)
 def test_experiment_hook_can_replace_experiment(run):
     results, _ = run
     for info, _ in results:

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import blobs_datamodule, make_mlp_experiment, params_of
+from helpers import blobs, blobs_datamodule, make_mlp_experiment, params_of
 
 import solstice
 from solstice.callbacks import Callback
+from solstice.datamodules import ArrayDataModule
 from solstice.trainer._compile_timer import CompileTimer
 from solstice.trainer._feeder import Feeder
 from solstice.trainer._placement import Placement
@@ -76,12 +77,6 @@ def test_fused_ragged_epoch_compiles_one_extra_function():
         np.testing.assert_allclose(t1.history.metrics[name], t4.history.metrics[name], rtol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="After a ragged epoch the fused chunks no longer end on multiples of K, so "
-    "`global_step % log_every_n_steps == 0` is skipped (K=4: logs at 20 instead of 12, 16, "
-    "20). Fix: the Feeder yields single steps until `global_step` is a multiple of K.",
-)
 def test_fused_ragged_epoch_logs_like_single_steps():
     t1, _ = _fit(n_train=320, max_epochs=3, log_every_n_steps=4)
     t4, _ = _fit(n_train=320, max_epochs=3, log_every_n_steps=4, steps_per_execution=4)
@@ -233,6 +228,11 @@ def test_experiment_buffers_are_donated():
 # ---------------------------------------------------------------- compilation cache
 
 
+def _small_data():
+    """Two training batches, no evaluation splits: few functions to compile."""
+    return ArrayDataModule(train=blobs(64), batch_size=32)
+
+
 @pytest.fixture
 def fresh_compilation_cache():
     """Restore JAX's cache settings afterwards, and let the test start an uninitialised cache
@@ -260,7 +260,7 @@ def test_compilation_cache_writes_entries_and_is_reused(tmp_path, fresh_compilat
     assert jax.config.jax_compilation_cache_dir == str(cache)
     jax.clear_caches()  # compile everything now, not from earlier tests' in-memory caches
     with CompileTimer() as cold:
-        trainer.fit(_exp(), blobs_datamodule())
+        trainer.fit(_exp(), _small_data())
     entries = os.listdir(cache)
     assert entries, "no executable was written to the persistent cache"
     assert cold.stats.cache_misses >= 1 and cold.stats.compilations >= 1
@@ -268,7 +268,7 @@ def test_compilation_cache_writes_entries_and_is_reused(tmp_path, fresh_compilat
     # a new Trainer (same shapes) compiles nothing: every step comes from the cache
     jax.clear_caches()
     with CompileTimer() as warm:
-        _trainer(max_epochs=1, compilation_cache=str(cache)).fit(_exp(), blobs_datamodule())
+        _trainer(max_epochs=1, compilation_cache=str(cache)).fit(_exp(), _small_data())
     assert warm.stats.cache_hits >= 1
     assert warm.stats.cache_misses == 0
 
@@ -287,7 +287,6 @@ def test_compilation_cache_opt_out_leaves_jax_config_alone(fresh_compilation_cac
         jax.config.jax_persistent_cache_min_entry_size_bytes,
     )
     trainer = _trainer(max_epochs=1, compilation_cache=False)
-    trainer.fit(_exp(), blobs_datamodule())
     assert trainer.compilation_cache_dir is None
     after = (
         jax.config.jax_compilation_cache_dir,
@@ -297,17 +296,11 @@ def test_compilation_cache_opt_out_leaves_jax_config_alone(fresh_compilation_cac
     assert after == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JAX opens its persistent cache once per process; `enable_compilation_cache` must "
-    "call `jax.experimental.compilation_cache.compilation_cache.reset_cache()` when it "
-    "changes the directory, or a second Trainer keeps writing to the first one's.",
-)
 def test_compilation_cache_dir_can_change_within_a_process(tmp_path, fresh_compilation_cache):
     first, second = tmp_path / "first", tmp_path / "second"
-    _trainer(max_epochs=1, compilation_cache=str(first)).fit(_exp(), blobs_datamodule())
+    _trainer(max_epochs=1, compilation_cache=str(first)).fit(_exp(), _small_data())
     assert os.listdir(first)
-    _trainer(max_epochs=1, compilation_cache=str(second)).fit(_exp(seed=1), blobs_datamodule())
+    _trainer(max_epochs=1, compilation_cache=str(second)).fit(_exp(seed=1), _small_data())
     assert os.listdir(second)
 
 

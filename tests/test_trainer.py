@@ -144,3 +144,28 @@ def test_experiment_hook_can_replace_experiment():
     trainer = _trainer(max_epochs=3)
     trainer.fit(exp, blobs_datamodule())
     assert trainer.trace_log.count("train") == 1
+
+
+def test_input_experiment_survives_multi_device_fit():
+    exp = _exp()
+    trainer = _trainer(max_epochs=1, devices=4)
+    trainer.fit(exp, blobs_datamodule())
+    leaves = jax.tree.leaves(eqx.filter(exp, eqx.is_array))
+    assert not any(leaf.is_deleted() for leaf in leaves)
+    trainer.fit(exp, blobs_datamodule())  # the same initial experiment can be fitted again
+
+
+def test_new_experiment_structure_is_not_reported_as_a_retrace():
+    import optax
+
+    trainer = _trainer(max_epochs=1)
+    trainer.fit(_exp(), blobs_datamodule())
+    other = _exp()
+    other = eqx.tree_at(
+        lambda e: e.optimizer, other, solstice.OptaxOptimizer(optax.adam(1e-3), other.model)
+    )  # a new optax closure: unequal static part, a new compiled function
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.test(other, blobs_datamodule())

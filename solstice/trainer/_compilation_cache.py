@@ -35,7 +35,8 @@ def enable_compilation_cache(setting: "bool | str | os.PathLike[str]") -> Path |
         from jax.experimental.compilation_cache import compilation_cache
 
         compilation_cache.reset_cache()
-    # Cache every step function, however quick to compile: small models recompile often.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # Cache step functions even of small models (JAX's default skips compiles under 1 s),
+    # but not the many tiny eager ops of building a model, which only cost disk writes.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path

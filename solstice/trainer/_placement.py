@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -78,6 +79,11 @@ def _already_placed(tree: PyTree, sharding: NamedSharding) -> bool:
 
 def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _fresh_copy(x: Any) -> Any:
+    """A new buffer with `x`'s value (numpy arrays are copied by `device_put` anyway)."""
+    return jnp.copy(x) if isinstance(x, jax.Array) else x
 
 
 class Placement:
@@ -175,7 +181,11 @@ class Placement:
         - `copy`: as in `replicate`.
         """
         if not self.multi_process:
-            return jax.device_put(tree, shardings, may_alias=None if not copy else False)
+            if copy:
+                # `may_alias=False` is not enough: on several devices jax 0.10 reuses the
+                # source buffer as device 0's copy, which the Trainer would then donate.
+                tree = jax.tree.map(_fresh_copy, tree)
+            return jax.device_put(tree, shardings)
         if isinstance(shardings, jax.sharding.Sharding):
             return jax.tree.map(lambda x: self._put_global(x, shardings, copy=copy), tree)
         return jax.tree.map(lambda x, s: self._put_global(x, s, copy=copy), tree, shardings)

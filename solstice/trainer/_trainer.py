@@ -217,6 +217,9 @@ class Trainer:
             or self._steps.track_nonfinite != track
             or not eqx.tree_equal(static, self._steps.static)
         ):
+            # A different experiment structure: new functions, whose first traces are not
+            # recompilations (a fresh trace log, so no false warning).
+            self.trace_log = TraceLog()
             self._steps = CompiledSteps(
                 experiment,
                 self._placement.replicated,
