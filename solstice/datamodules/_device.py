@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._batching import MASK_KEY, batch_size_of
-from ._order import EpochOrder
+from ._order import EpochOrder, OrderedLoader
 
 PyTree = Any
 
@@ -66,7 +66,7 @@ def _gather(arrays, indices, mask, b, *, sharding, masked, transform):
     return jax.lax.with_sharding_constraint(batch, sharding), b + 1
 
 
-class DeviceBatchLoader:
+class DeviceBatchLoader(OrderedLoader):
     """Batches gathered on the devices from a split that already lives there.
 
     The split is uploaded once (replicated over `mesh`); each epoch uploads only its index
@@ -141,21 +141,6 @@ class DeviceBatchLoader:
         self.drop_last = drop_last
         self.transform = transform
         self.sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self) -> Iterator[PyTree]:
-        return self.iter_from(0)
-
-    def indices(self) -> np.ndarray:
-        """The order of examples this epoch."""
-        return self.order.indices()
-
-    def iter_from(self, start: int) -> Iterator[PyTree]:
-        """Yield this epoch's batches starting at batch index `start`."""
-        self.order.check_start(start)
-        return self._batches(start)
 
     def _batches(self, start: int) -> Iterator[PyTree]:
         if start >= len(self):

@@ -7,13 +7,13 @@ import jax
 import numpy as np
 
 from ._batching import batch_size_of, pad_batch
-from ._order import EpochOrder
+from ._order import EpochOrder, OrderedLoader
 from ._order import epoch_permutation as epoch_permutation
 
 PyTree = Any
 
 
-class BatchLoader:
+class BatchLoader(OrderedLoader):
     """Iterates over a pytree of host arrays in batches; resumable and multi-process aware.
 
     **Arguments:**
@@ -73,21 +73,6 @@ class BatchLoader:
         self.process_index = process_index
         self.process_count = process_count
         self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self) -> Iterator[PyTree]:
-        return self.iter_from(0)
-
-    def indices(self) -> np.ndarray:
-        """The order of examples this epoch."""
-        return self.order.indices()
-
-    def iter_from(self, start: int) -> Iterator[PyTree]:
-        """Yield this epoch's batches starting at batch index `start`."""
-        self.order.check_start(start)
-        return self._batches(start)
 
     def _batches(self, start: int) -> Iterator[PyTree]:
         local = self.order.local_batch_size

@@ -1,5 +1,8 @@
 """The order of one epoch: which examples form each global batch, and each process's share."""
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 
 
@@ -109,3 +112,31 @@ class EpochOrder:
         idx[: len(order)] = order
         mask[: len(order)] = True
         return idx.reshape(-1, self.batch_size), mask.reshape(-1, self.batch_size)
+
+
+class OrderedLoader:
+    """Base of the built-in loaders: batches in the order of an `EpochOrder`, resumable.
+
+    Subclasses set `self.order` and implement `_batches(start)`; this gives them `len()`,
+    iteration, `indices()` and `iter_from(start)` (the Trainer's exact-resume entry point).
+    """
+
+    order: EpochOrder
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iter_from(0)
+
+    def indices(self) -> np.ndarray:
+        """The order of examples this epoch."""
+        return self.order.indices()
+
+    def iter_from(self, start: int) -> Iterator[Any]:
+        """Yield this epoch's batches starting at batch index `start`."""
+        self.order.check_start(start)
+        return self._batches(start)
+
+    def _batches(self, start: int) -> Iterator[Any]:
+        raise NotImplementedError

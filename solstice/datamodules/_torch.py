@@ -12,7 +12,7 @@ import numpy as np
 
 from ._batching import pad_batch
 from ._datamodule import DataModule
-from ._order import EpochOrder
+from ._order import EpochOrder, OrderedLoader
 
 PyTree = Any
 
@@ -83,7 +83,7 @@ def convert_batch(batch: Any, keys: Sequence[str]) -> dict[str, np.ndarray]:
     return jax.tree.map(lambda x: _narrow(_to_numpy(x)), as_dict(batch, keys))
 
 
-class DatasetLoader:
+class DatasetLoader(OrderedLoader):
     """Batches of a torch map-style `Dataset`, in an order fixed by `(seed, epoch)`.
 
     Each process fetches only its share of every global batch (`dataset[i]` per example,
@@ -127,21 +127,6 @@ class DatasetLoader:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.keys = tuple(keys)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self) -> Iterator[PyTree]:
-        return self.iter_from(0)
-
-    def indices(self) -> np.ndarray:
-        """The order of examples this epoch."""
-        return self.order.indices()
-
-    def iter_from(self, start: int) -> Iterator[PyTree]:
-        """Yield this epoch's batches starting at batch index `start`."""
-        self.order.check_start(start)
-        return self._batches(start)
 
     def _empty(self) -> dict[str, np.ndarray]:
         template = collate([self.dataset[0]], self.keys)
