@@ -35,8 +35,8 @@ def enable_compilation_cache(setting: "bool | str | os.PathLike[str]") -> Path |
         from jax.experimental.compilation_cache import compilation_cache
 
         compilation_cache.reset_cache()
-    # Cache step functions even of small models (JAX's default skips compiles under 1 s),
-    # but not the many tiny eager ops of building a model, which only cost disk writes.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # Cache every compiled function, however quick (JAX's default skips those under 1 s):
+    # a second run of the same script then compiles nothing at all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
