@@ -226,6 +226,7 @@ def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Cont
     cs.append(solstice_fit(hidden, x, y, b, on_device=True))
     if fused:
         cs += [limit(hidden, x, y, b, k=fused), solstice_fit(hidden, x, y, b, k=fused)]
+        cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True))
     if include_defaults:
         cs.append(solstice_fit(hidden, x, y, b, defaults=True))
     cs.append(naive_loop(hidden, x, y, b))

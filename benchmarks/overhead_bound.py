@@ -23,7 +23,9 @@ def main() -> None:
     for line in (
         ratio_line(by, fit, "limit", 0.9),
         ratio_line(by, f"{fit} K={K}", "limit", 1.5),
+        ratio_line(by, f"{fit} (on_device) K={K}", "limit", 1.5),
         ratio_line(by, f"{fit} K={K}", f"limit K={K}"),
+        ratio_line(by, f"limit K={K}", "limit"),
         ratio_line(by, "solstice fit (on_device)", "limit"),
         ratio_line(by, "solstice fit (defaults)", fit),
         ratio_line(by, fit, "naive eqx loop"),

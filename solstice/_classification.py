@@ -109,7 +109,9 @@ class ClassificationExperiment(Experiment):
 
     def validate_batch(self, batch: PyTree) -> None:
         """Check labels on the host: integers in `[0, num_classes)`."""
-        _, labels, _ = self._unpack(batch)
+        # `type(self)._unpack`: reading a method off an eqx.Module instance builds a bound-
+        # method module (~150 us); this runs on the host for every batch.
+        _, labels, _ = type(self)._unpack(self, batch)
         labels = np.asarray(labels)
         if not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(

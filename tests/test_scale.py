@@ -36,12 +36,9 @@ def _fit(n_train=256, batch_size=32, **kw):
     return trainer, exp
 
 
-def _assert_same_params(a, b, exact=False):
+def _assert_same_params(a, b, rtol=1e-5, atol=1e-6):
     for x, y in zip(params_of(a), params_of(b), strict=True):
-        if exact:
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        else:
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def _assert_same_history(h1, h4):
@@ -58,7 +55,7 @@ def test_fused_steps_match_single_steps():
     # 8 batches per epoch, a multiple of K: every call is fused
     t1, e1 = _fit(max_epochs=3, log_every_n_steps=4)
     t4, e4 = _fit(max_epochs=3, log_every_n_steps=4, steps_per_execution=4)
-    _assert_same_params(e1, e4, exact=True)
+    _assert_same_params(e1, e4, rtol=1e-6, atol=1e-7)  # bit-identical on CPU today
     _assert_same_history(t1.history, t4.history)
     assert t4.global_step == t1.global_step == 24
     assert t4.trace_log.count("train_many") == 1
@@ -66,7 +63,8 @@ def test_fused_steps_match_single_steps():
 
 
 def test_fused_ragged_epoch_compiles_one_extra_function():
-    # 10 batches per epoch with K=4: 2 fused calls, then 2 single steps
+    # 10 batches per epoch with K=4: fused calls, and single steps where an epoch ends
+    # (and where the next one starts, until the step count is a multiple of K again)
     t1, e1 = _fit(n_train=320, max_epochs=3, log_every_n_steps=4)
     t4, e4 = _fit(n_train=320, max_epochs=3, log_every_n_steps=4, steps_per_execution=4)
     _assert_same_params(e1, e4)

@@ -217,6 +217,12 @@ class CompiledSteps:
             fn = self._jitted[name] = build()
         return fn
 
+    @staticmethod
+    def _named(fn: Callable, name: str) -> Callable:
+        """Name the function so compile-time reports say `jit(train_step)`, not `jit(fn)`."""
+        fn.__name__ = fn.__qualname__ = name
+        return fn
+
     def _transformed(self, batch, step):
         return batch if self.batch_transform is None else self.batch_transform(batch, step)
 
@@ -240,7 +246,7 @@ class CompiledSteps:
                 kept = m_dyn if self.keep_step_metrics else None
                 return new_dyn, acc, kept, guard, step + 1
 
-            return jax.jit(fn, donate_argnums=(0, 1, 4))
+            return jax.jit(self._named(fn, "train_step"), donate_argnums=(0, 1, 4))
 
         return self._get("train", build)(dyn, acc, batch, reset, guard, step)
 
@@ -267,7 +273,7 @@ class CompiledSteps:
                 (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, batches)
                 return dyn, acc, ms, guard, step
 
-            return jax.jit(fn, donate_argnums=(0, 1, 4))
+            return jax.jit(self._named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
 
         return self._get("train_many", build)(dyn, acc, batches, reset, guard, step)
 
@@ -283,7 +289,7 @@ class CompiledSteps:
                 acc, m_dyn = self._eval_body(dyn, acc, batch, reset)
                 return acc, (m_dyn if self.keep_step_metrics else None), jnp.logical_not(reset)
 
-            return jax.jit(step, donate_argnums=(1,))
+            return jax.jit(self._named(step, "eval_step"), donate_argnums=(1,))
 
         return self._get("eval", build)(dyn, acc, batch, reset)
 
@@ -295,7 +301,7 @@ class CompiledSteps:
                 self.trace_log.record("predict", batch)
                 return self.combine(dyn).predict_step(batch)
 
-            return jax.jit(step)
+            return jax.jit(self._named(step, "predict_step"))
 
         return self._get("predict", build)(dyn, batch)
 
@@ -323,7 +329,7 @@ class CompiledSteps:
                 new_total = _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
                 return interval.compute(), new_total
 
-            return jax.jit(fn, donate_argnums=(1,))
+            return jax.jit(self._named(fn, f"close_{stage}_interval"), donate_argnums=(1,))
 
         return self._get(f"close_{stage}", build)(acc, total, reset)
 

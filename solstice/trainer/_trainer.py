@@ -130,7 +130,11 @@ class Trainer:
         self.loggers = [] if self.fast_dev_run else loggers
         self.history = History()
         self._logging = LoggingCallback([*self.loggers, self.history])
-        if enable_progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        if (
+            enable_progress_bar
+            and jax.process_index() == 0  # one bar per run, not one per process
+            and not any(isinstance(cb, ProgressBar) for cb in callbacks)
+        ):
             callbacks.append(ProgressBar())
         checkpoints = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
         others = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
