@@ -158,7 +158,7 @@ class CompiledSteps:
         step (a DataModule's `device_transform`, e.g. on-device augmentation)."""
         if transform != self.batch_transform:
             self.batch_transform = transform
-            for name in ("train", "train_many"):
+            for name in ("train", "train_many", "train_close", "train_many_close"):
                 self._jitted.pop(name, None)
 
     # ---- experiment <-> arrays
@@ -226,39 +226,58 @@ class CompiledSteps:
     def _transformed(self, batch, step):
         return batch if self.batch_transform is None else self.batch_transform(batch, step)
 
-    def train(self, dyn, acc, batch, reset, guard, step):
+    def _close(self, stage, acc, total, reset):
+        """Traced: the interval's computed metrics, and the interval folded into `total`."""
+        interval = self.metrics(stage, acc)
+        merged = self.metrics(stage, total).merge(interval)
+        return interval.compute(), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
+
+    def train(self, dyn, acc, batch, reset, guard, step, total=None, epoch_reset=None):
         """One training step.
 
         `step` is the global step as an int32 device scalar (not donated): it keys the
         batch transform and comes back incremented; it becomes ready only when the whole
         step has run, so the loop also uses it to bound how far dispatch runs ahead.
 
-        Returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`; donates `dyn`, `acc`
-        and `guard` (see `track_nonfinite`; `None` passes through).
+        With `total` (and `epoch_reset`), the step also closes the log interval in the same
+        call (see `close_interval`), saving a dispatch per log.
+
+        Returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`, plus
+        `(computed, total)` when closing; donates `dyn`, `acc`, `guard` (see
+        `track_nonfinite`; `None` passes through) and `total`.
         """
+        closing = total is not None
 
         def build():
-            def fn(dyn, acc, batch, reset, guard, step):
-                self.trace_log.record("train", (acc, batch))
+            def fn(dyn, acc, batch, reset, guard, step, total, epoch_reset):
+                self.trace_log.record("train_and_log" if closing else "train", (acc, batch))
                 batch = self._transformed(batch, step)
                 new_dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
                 guard = _advance_guard(guard, m_dyn)
-                kept = m_dyn if self.keep_step_metrics else None
-                return new_dyn, acc, kept, guard, step + 1
+                out = (new_dyn, acc, m_dyn if self.keep_step_metrics else None, guard, step + 1)
+                if closing:
+                    out += self._close("train", acc, total, epoch_reset)
+                return out
 
-            return jax.jit(self._named(fn, "train_step"), donate_argnums=(0, 1, 4))
+            name = "train_step_and_log" if closing else "train_step"
+            return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
 
-        return self._get("train", build)(dyn, acc, batch, reset, guard, step)
+        fn = self._get("train_close" if closing else "train", build)
+        return fn(dyn, acc, batch, reset, guard, step, total, epoch_reset)
 
-    def train_many(self, dyn, acc, batches, reset, guard, step):
+    def train_many(self, dyn, acc, batches, reset, guard, step, total=None, epoch_reset=None):
         """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
 
-        Returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`.
+        Returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`, plus
+        `(computed, total)` when `total` is given (as in `train`).
         """
+        closing = total is not None
 
         def build():
-            def fn(dyn, acc, batches, reset, guard, step):
-                self.trace_log.record("train_many", (acc, batches))
+            def fn(dyn, acc, batches, reset, guard, step, total, epoch_reset):
+                self.trace_log.record(
+                    "train_many_and_log" if closing else "train_many", (acc, batches)
+                )
 
                 def body(carry, batch):
                     dyn, acc, flag, guard, step = carry
@@ -271,11 +290,16 @@ class CompiledSteps:
 
                 carry = (dyn, acc, reset, guard, step)
                 (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, batches)
-                return dyn, acc, ms, guard, step
+                out = (dyn, acc, ms, guard, step)
+                if closing:
+                    out += self._close("train", acc, total, epoch_reset)
+                return out
 
-            return jax.jit(self._named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
+            name = "train_steps_fused_and_log" if closing else "train_steps_fused"
+            return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
 
-        return self._get("train_many", build)(dyn, acc, batches, reset, guard, step)
+        fn = self._get("train_many_close" if closing else "train_many", build)
+        return fn(dyn, acc, batches, reset, guard, step, total, epoch_reset)
 
     def evaluate(self, dyn, acc, batch, reset):
         """One evaluation step: `(acc, step_metrics_or_None, ticket)`; donates `acc` only.
@@ -324,10 +348,7 @@ class CompiledSteps:
 
         def build():
             def fn(acc, total, reset):
-                interval = self.metrics(stage, acc)
-                merged = self.metrics(stage, total).merge(interval)
-                new_total = _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
-                return interval.compute(), new_total
+                return self._close(stage, acc, total, reset)
 
             return jax.jit(self._named(fn, f"close_{stage}_interval"), donate_argnums=(1,))
 

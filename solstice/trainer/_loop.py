@@ -121,14 +121,24 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                         progress.batch_idx + i,
                     )
             train = steps.train if n == 1 else steps.train_many
-            trainer._dyn, state.acc, step_metrics, trainer._guard, trainer._step_counter = train(
+            closes = (progress.global_step + n) % trainer.log_every_n_steps == 0
+            # Single steps close the log interval in the same call (one dispatch, not two);
+            # fused calls close it separately, which costs one call per K steps anyway and
+            # keeps a ragged epoch to at most one extra compiled function.
+            close_inside = closes and fused == 1
+            extra = (state.total, state.epoch_flag()) if close_inside else ()
+            out = train(
                 trainer._dyn,
                 state.acc,
                 batch,
                 state.reset_flag(),
                 trainer._guard,
                 trainer._step_counter,
+                *extra,
             )
+            trainer._dyn, state.acc, step_metrics, trainer._guard, trainer._step_counter = out[:5]
+            if close_inside:
+                computed, state.total = out[5:]
             inflight.add(trainer._step_counter)
             state.steps_in_interval += n
             for i in range(n):
@@ -143,7 +153,9 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                         batch if n == 1 else _slice(batch, i),
                         progress.batch_idx - 1,
                     )
-            if progress.global_step % trainer.log_every_n_steps == 0:
+            if close_inside:  # the step closed the log interval on the device as well
+                trainer._publish_train_interval(computed)
+            elif closes:
                 trainer._close_train_interval()
             trainer._step_boundary()  # step-triggered checkpoints, SIGINT/SIGTERM
             if trainer.should_stop:

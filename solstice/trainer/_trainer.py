@@ -316,10 +316,16 @@ class Trainer:
         self._hooks.call(self, "on_log", metrics, step)
 
     def _close_train_interval(self) -> None:
+        """Close a partial log interval (epoch end) with its own compiled call."""
         state = self._train_state
         computed, state.total = self._steps.close_interval(
             "train", state.acc, state.total, state.epoch_flag()
         )
+        self._publish_train_interval(computed)
+
+    def _publish_train_interval(self, computed: dict[str, Any]) -> None:
+        """A log interval was closed on the device: start a new one and publish it."""
+        state = self._train_state
         state.fresh_interval = True
         state.steps_in_interval = 0
         self._read_nonfinite()
