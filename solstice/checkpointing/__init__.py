@@ -1,5 +1,6 @@
-"""Checkpoint format, Orbax I/O, export and the resume check (private; see `solstice.save`,
-`solstice.load`, `solstice.check_resume` and `solstice.callbacks.ModelCheckpoint`)."""
+"""Checkpoints: the on-disk format, export (`save`/`load`, also at `solstice.save` and
+`solstice.load`), `verify` of a checkpoint directory, `CheckpointError` and the exact-resume
+check `check_resume`. Training checkpoints are written by `solstice.callbacks.ModelCheckpoint`."""
 
 from ._check_resume import ResumeReport as ResumeReport
 from ._check_resume import check_resume as check_resume
