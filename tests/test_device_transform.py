@@ -9,6 +9,7 @@ from helpers import blobs, make_mlp_experiment, params_of
 import solstice
 from solstice.datamodules import ArrayDataModule
 
+
 def _noise(batch, key):
     noise = 0.5 * jax.random.normal(key, batch["image"].shape, batch["image"].dtype)
     return {**batch, "image": batch["image"] + noise}
