@@ -1,7 +1,7 @@
 """`DeviceBatchLoader`: a whole split kept on the devices, batches gathered there."""
 
 import collections
-import functools
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,8 +45,7 @@ def put_replicated(arrays: PyTree, mesh: Mesh) -> PyTree:
     return jax.device_put(arrays, NamedSharding(mesh, PartitionSpec()))
 
 
-@functools.partial(jax.jit, static_argnames=("sharding", "masked", "transform"))
-def _gather(arrays, indices, mask, b, *, sharding, masked, transform):
+def _gather_body(arrays, indices, mask, b, *, sharding, masked, transform):
     """Batch `b` of the epoch, and `b + 1` (the counter stays on the device)."""
     idx = indices[b]
     # Every index is in range by construction (padding points at example 0); promising so
@@ -64,6 +63,37 @@ def _gather(arrays, indices, mask, b, *, sharding, masked, transform):
     if transform is not None:
         batch = transform(batch)
     return jax.lax.with_sharding_constraint(batch, sharding), b + 1
+
+
+_gather = jax.jit(_gather_body, static_argnames=("sharding", "masked", "transform"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceGather:
+    """`gather(data, step)`: the training batch of global step `step`, gathered on the device
+    from a device-resident epoch (`DeviceBatchLoader.device_epoch`).
+
+    Traceable, so the Trainer calls it *inside* its compiled step, keyed by its on-device step
+    counter: one dispatch per step, nothing uploaded per step. Hashable by value, so the same
+    loader configuration never recompiles from one epoch to the next.
+    """
+
+    sharding: NamedSharding
+    masked: bool
+    transform: Any
+
+    def __call__(self, data: dict[str, Any], step: jax.Array) -> PyTree:
+        b = step - data["first_step"]
+        batch, _ = _gather_body(
+            data["arrays"],
+            data["indices"],
+            data["mask"],
+            b,
+            sharding=self.sharding,
+            masked=self.masked,
+            transform=self.transform,
+        )
+        return batch
 
 
 class DeviceBatchLoader(OrderedLoader):
@@ -141,6 +171,25 @@ class DeviceBatchLoader(OrderedLoader):
         self.drop_last = drop_last
         self.transform = transform
         self.sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
+
+    def device_epoch(self, first_step: int) -> tuple[DeviceGather, dict[str, Any]]:
+        """This epoch as `(gather, data)` for gathering inside a compiled step.
+
+        `data` holds the split, the epoch's order and mask (uploaded now, once) and
+        `first_step`, the global step of the epoch's batch 0; `gather(data, step)` is the
+        batch of global step `step`, equal to the one `iter_from` yields for it.
+        """
+        indices, mask = self.order.padded_global()
+        by_batch = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
+        indices, mask = jax.device_put((indices, mask), by_batch)
+        first = jax.device_put(np.int32(first_step), NamedSharding(self.mesh, PartitionSpec()))
+        gather = DeviceGather(self.sharding, not self.drop_last, self.transform)
+        return gather, {
+            "arrays": self.arrays,
+            "indices": indices,
+            "mask": mask,
+            "first_step": first,
+        }
 
     def _batches(self, start: int) -> Iterator[PyTree]:
         if start >= len(self):

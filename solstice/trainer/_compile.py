@@ -158,8 +158,9 @@ class CompiledSteps:
         step (a DataModule's `device_transform`, e.g. on-device augmentation)."""
         if transform != self.batch_transform:
             self.batch_transform = transform
-            for name in ("train", "train_many", "train_close", "train_many_close"):
-                self._jitted.pop(name, None)
+            for key in list(self._jitted):
+                if isinstance(key, tuple) and key[0] in ("train", "train_many"):
+                    del self._jitted[key]
 
     # ---- experiment <-> arrays
     def combine(self, dyn: PyTree) -> Experiment:
@@ -211,7 +212,7 @@ class CompiledSteps:
         return self._accumulate("eval", acc, m_dyn, reset), m_dyn
 
     # ---- public compiled functions
-    def _get(self, name: str, build: Callable[[], Callable]) -> Callable:
+    def _get(self, name: Any, build: Callable[[], Callable]) -> Callable:
         fn = self._jitted.get(name)
         if fn is None:
             fn = self._jitted[name] = build()
@@ -232,7 +233,7 @@ class CompiledSteps:
         merged = self.metrics(stage, total).merge(interval)
         return interval.compute(), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
 
-    def train(self, dyn, acc, batch, reset, guard, step, total=None, epoch_reset=None):
+    def train(self, dyn, acc, batch, reset, guard, step, total=None, epoch_reset=None, gather=None):
         """One training step.
 
         `step` is the global step as an int32 device scalar (not donated): it keys the
@@ -240,7 +241,9 @@ class CompiledSteps:
         step has run, so the loop also uses it to bound how far dispatch runs ahead.
 
         With `total` (and `epoch_reset`), the step also closes the log interval in the same
-        call (see `close_interval`), saving a dispatch per log.
+        call (see `close_interval`), saving a dispatch per log. With `gather` (a hashable
+        `gather(data, step) -> batch`, e.g. a device-resident DataModule's), `batch` is that
+        data and the batch is gathered inside the step: one dispatch, no upload per step.
 
         Returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`, plus
         `(computed, total)` when closing; donates `dyn`, `acc`, `guard` (see
@@ -251,6 +254,8 @@ class CompiledSteps:
         def build():
             def fn(dyn, acc, batch, reset, guard, step, total, epoch_reset):
                 self.trace_log.record("train_and_log" if closing else "train", (acc, batch))
+                if gather is not None:
+                    batch = gather(batch, step)
                 batch = self._transformed(batch, step)
                 new_dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
                 guard = _advance_guard(guard, m_dyn)
@@ -262,11 +267,25 @@ class CompiledSteps:
             name = "train_step_and_log" if closing else "train_step"
             return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
 
-        fn = self._get("train_close" if closing else "train", build)
+        fn = self._get(("train", closing, gather), build)
         return fn(dyn, acc, batch, reset, guard, step, total, epoch_reset)
 
-    def train_many(self, dyn, acc, batches, reset, guard, step, total=None, epoch_reset=None):
+    def train_many(
+        self,
+        dyn,
+        acc,
+        batches,
+        reset,
+        guard,
+        step,
+        total=None,
+        epoch_reset=None,
+        gather=None,
+        length=None,
+    ):
         """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
+
+        With `gather` (see `train`), `batches` is the gather's data and `length` gives `K`.
 
         Returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`, plus
         `(computed, total)` when `total` is given (as in `train`).
@@ -281,6 +300,8 @@ class CompiledSteps:
 
                 def body(carry, batch):
                     dyn, acc, flag, guard, step = carry
+                    if gather is not None:
+                        batch = gather(batches, step)
                     batch = self._transformed(batch, step)
                     dyn, acc, m_dyn = self._train_body(dyn, acc, batch, flag)
                     guard = _advance_guard(guard, m_dyn)
@@ -289,7 +310,8 @@ class CompiledSteps:
                     )
 
                 carry = (dyn, acc, reset, guard, step)
-                (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, batches)
+                xs = None if gather is not None else batches
+                (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, xs, length=length)
                 out = (dyn, acc, ms, guard, step)
                 if closing:
                     out += self._close("train", acc, total, epoch_reset)
@@ -298,7 +320,7 @@ class CompiledSteps:
             name = "train_steps_fused_and_log" if closing else "train_steps_fused"
             return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
 
-        fn = self._get("train_many_close" if closing else "train_many", build)
+        fn = self._get(("train_many", closing, gather, length), build)
         return fn(dyn, acc, batches, reset, guard, step, total, epoch_reset)
 
     def evaluate(self, dyn, acc, batch, reset):

@@ -4,6 +4,8 @@ Nothing here reads a device value back except at log intervals and epoch ends.
 """
 
 import collections
+import contextlib
+import functools
 import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -12,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..datamodules._batching import batch_size_of
 from ._feeder import BatchPreparer, Feeder
 
 if TYPE_CHECKING:
@@ -54,6 +55,37 @@ def batches_from(loader: Iterable, start: int, count: int | None) -> Iterable[Py
     return it
 
 
+def _device_epoch(trainer: "Trainer", loader: Any, batch_hooks: bool) -> Any:
+    """`(gather, data)` if this epoch's batches can be gathered inside the compiled step.
+
+    That needs a device-resident loader (`device_epoch`) on exactly the Trainer's devices,
+    and no per-batch hook (those receive the batch itself).
+    """
+    if batch_hooks or not hasattr(loader, "device_epoch"):
+        return None
+    mesh = getattr(loader, "mesh", None)
+    if mesh is None or tuple(mesh.devices.flat) != tuple(trainer._placement.devices):
+        return None
+    progress = trainer.progress
+    return loader.device_epoch(first_step=progress.global_step - progress.batch_idx)
+
+
+def _device_schedule(data: Any, progress: Any, total_batches: int, fused: int):
+    """`(num_steps, data)` items for the rest of a device-resident epoch: single steps until
+    the global step is a multiple of `fused`, then fused chunks, then single steps."""
+    remaining = max(0, total_batches - progress.batch_idx)
+    lead = min(remaining, (-progress.global_step) % fused)
+    for _ in range(lead):
+        yield 1, data
+    remaining -= lead
+    if fused > 1:
+        for _ in range(remaining // fused):
+            yield fused, data
+        remaining %= fused
+    for _ in range(remaining):
+        yield 1, data
+
+
 class InflightLimit:
     """Bounds how many compiled steps may be dispatched but not yet finished.
 
@@ -93,25 +125,35 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
     prepare = BatchPreparer(
         trainer._placement, evaluation=False, validate=trainer.experiment.validate_batch
     )
-    feeder = Feeder(
-        batches_from(loader, progress.batch_idx, count),
-        prepare,
-        trainer._placement,
-        depth=trainer.prefetch,
-        group=fused,
-        lead=(-progress.global_step) % fused,
-    )
     state = trainer._train_state
     inflight = InflightLimit()
+    source = _device_epoch(trainer, loader, batch_start or batch_end)
+    if source is not None:  # gathered inside the compiled step: no feeder, no per-step upload
+        gather, data = source
+        total_batches = len(loader) if count is None else count
+        items = _device_schedule(data, progress, total_batches, fused)
+        feeder = contextlib.nullcontext()
+    else:
+        gather = None
+        feeder = items = Feeder(
+            batches_from(loader, progress.batch_idx, count),
+            prepare,
+            trainer._placement,
+            depth=trainer.prefetch,
+            group=fused,
+            lead=(-progress.global_step) % fused,
+        )
     with feeder:
-        for n, batch in feeder:
-            if trainer.train_batch_size is None:  # global size: device arrays' shapes
-                trainer.train_batch_size = (
-                    batch_size_of(batch) if n == 1 else jax.tree.leaves(batch)[0].shape[1]
-                )
-            if state.acc is None:
-                spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
-                state.init(steps, trainer._dyn, spec)
+        for n, batch in items:
+            if state.acc is None or trainer.train_batch_size is None:
+                if gather is not None:
+                    spec = jax.eval_shape(gather, batch, jnp.int32(0))
+                else:
+                    spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
+                if trainer.train_batch_size is None:  # global size, from shapes only
+                    trainer.train_batch_size = jax.tree.leaves(spec)[0].shape[0]
+                if state.acc is None:
+                    state.init(steps, trainer._dyn, spec)
             if batch_start:
                 for i in range(n):
                     hooks.call(
@@ -120,7 +162,11 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                         batch if n == 1 else _slice(batch, i),
                         progress.batch_idx + i,
                     )
-            train = steps.train if n == 1 else steps.train_many
+            if n == 1:
+                train = functools.partial(steps.train, gather=gather)
+            else:
+                length = n if gather is not None else None
+                train = functools.partial(steps.train_many, gather=gather, length=length)
             closes = (progress.global_step + n) % trainer.log_every_n_steps == 0
             # Single steps close the log interval in the same call (one dispatch, not two);
             # fused calls close it separately, which costs one call per K steps anyway and
