@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress-bar", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("solstice").setLevel(logging.INFO)  # Solstice's logs, not JAX's
 
     start = time.perf_counter()
     model_key, experiment_key = jax.random.split(jax.random.key(args.seed))
