@@ -45,3 +45,28 @@ def blobs_datamodule(n_train=256, n_val=70, batch_size=32, eval_batch_size=None,
 
 def params_of(experiment):
     return jax.tree.leaves(eqx.filter(experiment.model, eqx.is_array))
+
+
+def run_processes(commands, *, env, timeout, cwd=None):
+    """Run one subprocess per command together; wait for all, kill leftovers, and assert each
+    exited 0 (showing every process's output otherwise). Returns their outputs."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for cmd in commands
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n" + "\n".join(logs)
+    return logs

@@ -9,12 +9,12 @@ single-process global batches.
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_processes
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -99,27 +99,14 @@ def test_each_process_holds_its_share_in_host_and_device_mode(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__)), str(i), str(port), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(NUM_PROCESSES)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n" + "\n".join(logs)
+    run_processes(
+        [
+            [sys.executable, str(Path(__file__)), str(i), str(port), str(tmp_path)]
+            for i in range(NUM_PROCESSES)
+        ],
+        env=env,
+        timeout=TIMEOUT_S,
+    )
 
     expected = collect(make_datamodule(False))  # one process: the global batches
     shares = {}

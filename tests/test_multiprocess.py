@@ -8,13 +8,12 @@ one of a single process driving two devices.
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import params_of
+from helpers import params_of, run_processes
 from multiprocess_worker import TRAINER_KW, datamodule, experiment
 
 import solstice
@@ -38,8 +37,8 @@ def run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no fake devices
     env["JAX_PLATFORMS"] = "cpu"
     port = _free_port()
-    procs = [
-        subprocess.Popen(
+    run_processes(
+        [
             [
                 sys.executable,
                 str(WORKER),
@@ -48,26 +47,13 @@ def run(tmp_path_factory):
                 str(port),
                 str(DEVICES_PER_PROCESS),
                 str(out),
-            ],
-            env=env,
-            cwd=WORKER.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(NUM_PROCESSES)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n" + "\n".join(logs)
+            ]
+            for i in range(NUM_PROCESSES)
+        ],
+        env=env,
+        timeout=TIMEOUT_S,
+        cwd=WORKER.parent,
+    )
     results = []
     for i in range(NUM_PROCESSES):
         with open(out / f"{i}.json") as f:
