@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 
-from ._format import METADATA_FILE, CheckpointError, candidates, verify
+from ._format import open_checkpoint
 from ._orbax import read, write
 from ._tree import (
     LeafSpec,
@@ -108,18 +108,7 @@ def load(path: str | os.PathLike, *, like: T) -> T:
     ```
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No checkpoint at `{path}`.")
-    try:
-        document = verify(path)
-    except CheckpointError as error:
-        found, _ = candidates(path)
-        if found and not (path / METADATA_FILE).exists():
-            raise CheckpointError(
-                f"`{path}` is a directory of checkpoints, not a checkpoint; pass one of them "
-                f"(e.g. `{found[-1]}`)."
-            ) from None
-        raise error
+    document = open_checkpoint(path, hint="")
     saved = [LeafSpec.from_json(d) for d in document["trees"]["experiment"]]
     dyn, static = eqx.partition(like, is_array_like)
     check_structure(saved, specs(dyn), source=str(path), template_name=type(like).__name__)

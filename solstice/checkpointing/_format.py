@@ -173,3 +173,25 @@ def candidates(dirpath: str | os.PathLike) -> tuple[list[Path], list[Path]]:
         elif (child / METADATA_FILE).exists() or (child / ORBAX_STEP_FILE).exists():
             found.append(child)
     return found, partial
+
+
+def open_checkpoint(path: str | os.PathLike, *, hint: str) -> dict[str, Any]:
+    """Verify the single checkpoint at `path` and return its metadata document.
+
+    Raises `FileNotFoundError` if nothing is there, and `CheckpointError` if it does not
+    verify; when `path` is a *directory of* checkpoints, the error names one of them and
+    adds `hint` (what the caller can pass instead).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint at `{path}`.")
+    try:
+        return verify(path)
+    except CheckpointError:
+        found, _ = candidates(path)
+        if found and not (path / METADATA_FILE).exists():
+            raise CheckpointError(
+                f"`{path}` is a directory of checkpoints, not a checkpoint; pass one of them "
+                f"(e.g. `{found[-1]}`){hint}."
+            ) from None
+        raise

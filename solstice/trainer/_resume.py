@@ -18,9 +18,9 @@ import jax
 
 from ..callbacks._callback import Callback
 from ..checkpointing._format import (
-    METADATA_FILE,
     CheckpointError,
     candidates,
+    open_checkpoint,
     read_metadata,
     verify,
 )
@@ -210,17 +210,9 @@ def resolve(trainer: "Trainer", ckpt_path: str | os.PathLike) -> tuple[Path, dic
             )
         return result
     path = Path(ckpt_path)
-    if not path.exists():
-        raise FileNotFoundError(f"`ckpt_path`: no checkpoint at `{path}`.")
     try:
-        document = verify(path)
+        document = open_checkpoint(path, hint=" or `ckpt_path='last'`")
     except CheckpointError as error:
-        found, _ = candidates(path)
-        if found and not (path / METADATA_FILE).exists():
-            raise CheckpointError(
-                f"`ckpt_path={str(path)!r}` is a directory of checkpoints; pass one of them "
-                "or `ckpt_path='last'`."
-            ) from None
         raise CheckpointError(f"Cannot resume from `{path}`: {error}") from None
     return path, document
 
