@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,7 +47,7 @@ def put_replicated(arrays: PyTree, mesh: Mesh) -> PyTree:
 
 
 def _gather_body(arrays, indices, mask, b, *, sharding, masked, transform):
-    """Batch `b` of the epoch, and `b + 1` (the counter stays on the device)."""
+    """Batch `b` of the epoch (traceable; `b` may be a traced device scalar)."""
     idx = indices[b]
     # Every index is in range by construction (padding points at example 0); promising so
     # spares XLA the clamping, which makes CPU gathers several times faster.
@@ -62,10 +63,7 @@ def _gather_body(arrays, indices, mask, b, *, sharding, masked, transform):
         batch[MASK_KEY] = valid
     if transform is not None:
         batch = transform(batch)
-    return jax.lax.with_sharding_constraint(batch, sharding), b + 1
-
-
-_gather = jax.jit(_gather_body, static_argnames=("sharding", "masked", "transform"))
+    return jax.lax.with_sharding_constraint(batch, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +82,7 @@ class DeviceGather:
 
     def __call__(self, data: dict[str, Any], step: jax.Array) -> PyTree:
         b = step - data["first_step"]
-        batch, _ = _gather_body(
+        return _gather_body(
             data["arrays"],
             data["indices"],
             data["mask"],
@@ -93,7 +91,12 @@ class DeviceGather:
             masked=self.masked,
             transform=self.transform,
         )
-        return batch
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gather_next(gather: DeviceGather, data: dict[str, Any], step: jax.Array):
+    """Batch `step` and `step + 1`, in one dispatch (the counter stays on the device)."""
+    return gather(data, step), step + 1
 
 
 class DeviceBatchLoader(OrderedLoader):
@@ -194,22 +197,12 @@ class DeviceBatchLoader(OrderedLoader):
     def _batches(self, start: int) -> Iterator[PyTree]:
         if start >= len(self):
             return
-        indices, mask = self.order.padded_global()
-        by_batch = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
-        # The only uploads of the epoch: its order, and the batch counter (kept on device).
-        indices, mask = jax.device_put((indices, mask), by_batch)
+        # The only uploads of the epoch: its order, and the step counter (kept on device).
+        gather, data = self.device_epoch(first_step=0)
         b = jax.device_put(np.int32(start), NamedSharding(self.mesh, PartitionSpec()))
         pending: collections.deque = collections.deque()
         for _ in range(start, len(self)):
-            batch, b = _gather(
-                self.arrays,
-                indices,
-                mask,
-                b,
-                sharding=self.sharding,
-                masked=not self.drop_last,
-                transform=self.transform,
-            )
+            batch, b = _gather_next(gather, data, b)
             # Backpressure: gathers are dispatched asynchronously, so without this the
             # loader (and the steps fed by it) could run arbitrarily far ahead of the device.
             pending.append(batch)
