@@ -143,6 +143,9 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
             group=fused,
             lead=(-progress.global_step) % fused,
         )
+    train_one = functools.partial(steps.train, gather=gather)
+    length = fused if gather is not None else None  # gathered chunks are always K long
+    train_fused = functools.partial(steps.train_many, gather=gather, length=length)
     with feeder:
         for n, batch in items:
             if state.acc is None or trainer.train_batch_size is None:
@@ -162,11 +165,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                         batch if n == 1 else _slice(batch, i),
                         progress.batch_idx + i,
                     )
-            if n == 1:
-                train = functools.partial(steps.train, gather=gather)
-            else:
-                length = n if gather is not None else None
-                train = functools.partial(steps.train_many, gather=gather, length=length)
+            train = train_one if n == 1 else train_fused
             closes = (progress.global_step + n) % trainer.log_every_n_steps == 0
             # Single steps close the log interval in the same call (one dispatch, not two);
             # fused calls close it separately, which costs one call per K steps anyway and
