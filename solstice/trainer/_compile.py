@@ -233,6 +233,15 @@ class CompiledSteps:
         merged = self.metrics(stage, total).merge(interval)
         return interval.compute(), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
 
+    def _step(self, dyn, acc, batch, reset, guard, step, gather):
+        """Traced: one training step on `batch` (or on `gather(batch, step)`)."""
+        if gather is not None:
+            batch = gather(batch, step)
+        batch = self._transformed(batch, step)
+        dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
+        guard = _advance_guard(guard, m_dyn)
+        return dyn, acc, (m_dyn if self.keep_step_metrics else None), guard, step + 1
+
     def train(self, dyn, acc, batch, reset, guard, step, total=None, epoch_reset=None, gather=None):
         """One training step.
 
@@ -254,14 +263,9 @@ class CompiledSteps:
         def build():
             def fn(dyn, acc, batch, reset, guard, step, total, epoch_reset):
                 self.trace_log.record("train_and_log" if closing else "train", (acc, batch))
-                if gather is not None:
-                    batch = gather(batch, step)
-                batch = self._transformed(batch, step)
-                new_dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
-                guard = _advance_guard(guard, m_dyn)
-                out = (new_dyn, acc, m_dyn if self.keep_step_metrics else None, guard, step + 1)
+                out = self._step(dyn, acc, batch, reset, guard, step, gather)
                 if closing:
-                    out += self._close("train", acc, total, epoch_reset)
+                    out += self._close("train", out[1], total, epoch_reset)
                 return out
 
             name = "train_step_and_log" if closing else "train_step"
@@ -270,58 +274,36 @@ class CompiledSteps:
         fn = self._get(("train", closing, gather), build)
         return fn(dyn, acc, batch, reset, guard, step, total, epoch_reset)
 
-    def train_many(
-        self,
-        dyn,
-        acc,
-        batches,
-        reset,
-        guard,
-        step,
-        total=None,
-        epoch_reset=None,
-        gather=None,
-        length=None,
-    ):
+    def train_many(self, dyn, acc, batches, reset, guard, step, gather=None, length=None):
         """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
 
         With `gather` (see `train`), `batches` is the gather's data and `length` gives `K`.
+        The log interval is closed by a separate `close_interval` call (once per K steps).
 
-        Returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`, plus
-        `(computed, total)` when `total` is given (as in `train`).
+        Returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`.
         """
-        closing = total is not None
 
         def build():
-            def fn(dyn, acc, batches, reset, guard, step, total, epoch_reset):
-                self.trace_log.record(
-                    "train_many_and_log" if closing else "train_many", (acc, batches)
-                )
+            def fn(dyn, acc, batches, reset, guard, step):
+                self.trace_log.record("train_many", (acc, batches))
 
                 def body(carry, batch):
                     dyn, acc, flag, guard, step = carry
-                    if gather is not None:
-                        batch = gather(batches, step)
-                    batch = self._transformed(batch, step)
-                    dyn, acc, m_dyn = self._train_body(dyn, acc, batch, flag)
-                    guard = _advance_guard(guard, m_dyn)
-                    return (dyn, acc, jnp.zeros_like(flag), guard, step + 1), (
-                        m_dyn if self.keep_step_metrics else None
+                    source = batches if gather is not None else batch
+                    dyn, acc, ms, guard, step = self._step(
+                        dyn, acc, source, flag, guard, step, gather
                     )
+                    return (dyn, acc, jnp.zeros_like(flag), guard, step), ms
 
                 carry = (dyn, acc, reset, guard, step)
                 xs = None if gather is not None else batches
                 (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, xs, length=length)
-                out = (dyn, acc, ms, guard, step)
-                if closing:
-                    out += self._close("train", acc, total, epoch_reset)
-                return out
+                return dyn, acc, ms, guard, step
 
-            name = "train_steps_fused_and_log" if closing else "train_steps_fused"
-            return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
+            return jax.jit(self._named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
 
-        fn = self._get(("train_many", closing, gather, length), build)
-        return fn(dyn, acc, batches, reset, guard, step, total, epoch_reset)
+        fn = self._get(("train_many", gather, length), build)
+        return fn(dyn, acc, batches, reset, guard, step)
 
     def evaluate(self, dyn, acc, batch, reset):
         """One evaluation step: `(acc, step_metrics_or_None, ticket)`; donates `acc` only.
