@@ -4,6 +4,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ._array import ArrayDataModule
+from ._splits import check_fraction
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -55,9 +56,8 @@ class Digits(ArrayDataModule):
         on_device: bool = False,
         mesh: Mesh | None = None,
     ):
-        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= frac < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {frac!r}.")
+        check_fraction("val_fraction", val_fraction)
+        check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
             raise ValueError(
                 f"`val_fraction + test_fraction` = {val_fraction + test_fraction} leaves no "
