@@ -23,25 +23,24 @@ def _select(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
-def _advance_guard(guard: PyTree, m_dyn: PyTree) -> PyTree:
-    """Count one step and remember the first whose metrics hold a non-finite value.
+def _advance_guard(first_bad: PyTree, m_dyn: PyTree, step: jax.Array) -> PyTree:
+    """Remember the first step whose metrics hold a non-finite value.
 
-    `guard` is `(steps, first_bad)`: int32 scalars, `steps` the global step count and
-    `first_bad` the (1-based) global step whose metrics first were not finite, or -1.
+    `first_bad` is an int32 scalar: the (1-based) global step whose metrics first were not
+    finite, or -1; `step` is the (1-based) number of the step just taken. `None` (no
+    `TerminateOnNaN`) passes through and costs nothing.
     """
-    if guard is None:
+    if first_bad is None:
         return None
-    steps, first_bad = guard
-    steps = steps + 1
     checks = [
         jnp.all(jnp.isfinite(x))
         for x in jax.tree.leaves(m_dyn)
         if jnp.issubdtype(x.dtype, jnp.inexact)
     ]
     if not checks:
-        return steps, first_bad
+        return first_bad
     finite = jnp.all(jnp.stack(checks))
-    return steps, jnp.where((first_bad < 0) & ~finite, steps, first_bad)
+    return jnp.where((first_bad < 0) & ~finite, step, first_bad)
 
 
 def _signature(tree: PyTree) -> dict[str, str]:
@@ -239,7 +238,7 @@ class CompiledSteps:
             batch = gather(batch, step)
         batch = self._transformed(batch, step)
         dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
-        guard = _advance_guard(guard, m_dyn)
+        guard = _advance_guard(guard, m_dyn, step + 1)
         return dyn, acc, (m_dyn if self.keep_step_metrics else None), guard, step + 1
 
     def train(self, dyn, acc, batch, reset, guard, step, total=None, epoch_reset=None, gather=None):

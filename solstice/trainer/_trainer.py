@@ -165,7 +165,7 @@ class Trainer:
         self._hooks: Hooks | None = None
         self._train_state = TrainAccumulators(self._true, self._false)
         self._step_counter: jax.Array | None = None  # global step on device (see _compile)
-        self._guard: PyTree = None  # on-device (steps, first non-finite step), with TerminateOnNaN
+        self._guard: jax.Array | None = None  # on-device first non-finite step (TerminateOnNaN)
         self.nonfinite_step: int | None = None
         self._signals: SignalWatch | None = None
         self._epoch_complete = False  # inside `on_train_epoch_end`: the epoch is done
@@ -334,7 +334,7 @@ class Trainer:
     def _read_nonfinite(self) -> None:
         """Read the on-device non-finite guard (log intervals and epoch ends only)."""
         if self._guard is not None and self.nonfinite_step is None:
-            first_bad = int(self._guard[1])
+            first_bad = int(self._guard)
             if first_bad >= 0:
                 self.nonfinite_step = first_bad
 
@@ -343,9 +343,7 @@ class Trainer:
             self._guard = None
             return
         first_bad = -1 if self.nonfinite_step is None else self.nonfinite_step
-        self._guard = jax.device_put(
-            (np.int32(self.progress.global_step), np.int32(first_bad)), self._placement.replicated
-        )
+        self._guard = jax.device_put(np.int32(first_bad), self._placement.replicated)
 
     # ------------------------------------------------------------------ step boundaries
     def _step_boundary(self) -> None:
