@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from .._experiment import Experiment
 from .._metrics import Metrics
+from ..loggers._packed import PackedMetrics, pack_scalars
 
 PyTree = Any
 
@@ -149,6 +150,7 @@ class CompiledSteps:
         self.keep_step_metrics = keep_step_metrics
         self.track_nonfinite = track_nonfinite
         self.metrics_static: dict[str, PyTree] = {}
+        self.packed_names: dict[str, tuple[str, ...]] = {}
         self._jitted: dict[str, Callable] = {}
         self.batch_transform: Callable[[PyTree, jax.Array], PyTree] | None = None
 
@@ -227,10 +229,18 @@ class CompiledSteps:
         return batch if self.batch_transform is None else self.batch_transform(batch, step)
 
     def _close(self, stage, acc, total, reset):
-        """Traced: the interval's computed metrics, and the interval folded into `total`."""
+        """Traced: the interval's computed metrics, packed (see `PackedMetrics`), and the
+        interval folded into `total`."""
         interval = self.metrics(stage, acc)
         merged = self.metrics(stage, total).merge(interval)
-        return interval.compute(), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
+        names, vector, rest = pack_scalars(interval.compute())
+        self.packed_names[stage] = names
+        return (vector, rest), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
+
+    def unpack(self, stage: str, packed: tuple[Any, Any], prefix: str = "") -> PackedMetrics:
+        """The `PackedMetrics` of a closed interval (`packed` from `train`/`close_interval`)."""
+        vector, rest = packed
+        return PackedMetrics(self.packed_names[stage], vector, rest, prefix=prefix)
 
     def _step(self, dyn, acc, batch, reset, guard, step, gather):
         """Traced: one training step on `batch` (or on `gather(batch, step)`)."""
@@ -241,49 +251,60 @@ class CompiledSteps:
         guard = _advance_guard(guard, m_dyn, step + 1)
         return dyn, acc, (m_dyn if self.keep_step_metrics else None), guard, step + 1
 
-    def train(self, dyn, acc, batch, reset, guard, step, total=None, epoch_reset=None, gather=None):
-        """One training step.
+    def train(self, dyn_def, acc_def, *, closing: bool = False, gather=None) -> Callable:
+        """The compiled single training step, on flat leaves (see `FlatTree`):
+
+        `fn(dyn, acc, batch, reset, guard, step, total, epoch_reset)`, where `dyn`, `acc` and
+        `total` are the leaf lists of trees with structures `dyn_def` and `acc_def`.
 
         `step` is the global step as an int32 device scalar (not donated): it keys the
         batch transform and comes back incremented; it becomes ready only when the whole
         step has run, so the loop also uses it to bound how far dispatch runs ahead.
 
-        With `total` (and `epoch_reset`), the step also closes the log interval in the same
-        call (see `close_interval`), saving a dispatch per log. With `gather` (a hashable
-        `gather(data, step) -> batch`, e.g. a device-resident DataModule's), `batch` is that
-        data and the batch is gathered inside the step: one dispatch, no upload per step.
+        With `closing`, the step also closes the log interval in the same call (see
+        `close_interval`; `total` and `epoch_reset` are used, otherwise pass `None`), saving
+        a dispatch per log. With `gather` (a hashable `gather(data, step) -> batch`, e.g. a
+        device-resident DataModule's), `batch` is that data and the batch is gathered inside
+        the step: one dispatch, no upload per step.
 
-        Returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`, plus
-        `(computed, total)` when closing; donates `dyn`, `acc`, `guard` (see
+        The function returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`, plus
+        `(packed, total)` when closing; it donates `dyn`, `acc`, `guard` (see
         `track_nonfinite`; `None` passes through) and `total`.
         """
-        closing = total is not None
 
         def build():
             def fn(dyn, acc, batch, reset, guard, step, total, epoch_reset):
+                dyn = jax.tree.unflatten(dyn_def, dyn)
+                acc = jax.tree.unflatten(acc_def, acc)
                 self.trace_log.record("train_and_log" if closing else "train", (acc, batch))
-                out = self._step(dyn, acc, batch, reset, guard, step, gather)
+                dyn, acc, ms, guard, step = self._step(dyn, acc, batch, reset, guard, step, gather)
+                out = (jax.tree.leaves(dyn), jax.tree.leaves(acc), ms, guard, step)
                 if closing:
-                    out += self._close("train", out[1], total, epoch_reset)
+                    total = jax.tree.unflatten(acc_def, total)
+                    packed, total = self._close("train", acc, total, epoch_reset)
+                    out += (packed, jax.tree.leaves(total))
                 return out
 
             name = "train_step_and_log" if closing else "train_step"
             return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
 
-        fn = self._get(("train", closing, gather), build)
-        return fn(dyn, acc, batch, reset, guard, step, total, epoch_reset)
+        return self._get(("train", closing, gather, dyn_def, acc_def), build)
 
-    def train_many(self, dyn, acc, batches, reset, guard, step, gather=None, length=None):
-        """`K` fused training steps over stacked batches `(K, batch, ...)` with `lax.scan`.
+    def train_many(self, dyn_def, acc_def, *, gather=None, length=None) -> Callable:
+        """The compiled `K` fused training steps, on flat leaves (see `train`):
+        `fn(dyn, acc, batches, reset, guard, step)` over stacked batches `(K, batch, ...)`
+        with `lax.scan`.
 
         With `gather` (see `train`), `batches` is the gather's data and `length` gives `K`.
         The log interval is closed by a separate `close_interval` call (once per K steps).
 
-        Returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`.
+        The function returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`.
         """
 
         def build():
             def fn(dyn, acc, batches, reset, guard, step):
+                dyn = jax.tree.unflatten(dyn_def, dyn)
+                acc = jax.tree.unflatten(acc_def, acc)
                 self.trace_log.record("train_many", (acc, batches))
 
                 def body(carry, batch):
@@ -297,28 +318,30 @@ class CompiledSteps:
                 carry = (dyn, acc, reset, guard, step)
                 xs = None if gather is not None else batches
                 (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, xs, length=length)
-                return dyn, acc, ms, guard, step
+                return jax.tree.leaves(dyn), jax.tree.leaves(acc), ms, guard, step
 
             return jax.jit(self._named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
 
-        fn = self._get(("train_many", gather, length), build)
-        return fn(dyn, acc, batches, reset, guard, step)
+        return self._get(("train_many", gather, length, dyn_def, acc_def), build)
 
-    def evaluate(self, dyn, acc, batch, reset):
-        """One evaluation step: `(acc, step_metrics_or_None, ticket)`; donates `acc` only.
-
-        `ticket` is a tiny output that is ready when the step has run (for the in-flight
+    def evaluate(self, dyn_def, acc_def) -> Callable:
+        """The compiled evaluation step on flat leaves (see `train`):
+        `fn(dyn, acc, batch, reset) -> (acc, step_metrics_or_None, ticket)`; donates `acc`
+        only. `ticket` is a tiny output that is ready when the step has run (for the in-flight
         bound)."""
 
         def build():
             def step(dyn, acc, batch, reset):
+                dyn = jax.tree.unflatten(dyn_def, dyn)
+                acc = jax.tree.unflatten(acc_def, acc)
                 self.trace_log.record("eval", (acc, batch))
                 acc, m_dyn = self._eval_body(dyn, acc, batch, reset)
-                return acc, (m_dyn if self.keep_step_metrics else None), jnp.logical_not(reset)
+                ms = m_dyn if self.keep_step_metrics else None
+                return jax.tree.leaves(acc), ms, jnp.logical_not(reset)
 
             return jax.jit(self._named(step, "eval_step"), donate_argnums=(1,))
 
-        return self._get("eval", build)(dyn, acc, batch, reset)
+        return self._get(("eval", dyn_def, acc_def), build)
 
     def predict(self, dyn, batch):
         """One predict step: the experiment's `predict_step(batch)` outputs."""
@@ -346,7 +369,7 @@ class CompiledSteps:
     def close_interval(self, stage: str, acc, total, reset):
         """Compute the interval's metrics and fold the interval into the running total.
 
-        Returns `(computed: dict[str, Array], new_total)`.
+        Returns `(packed, new_total)`; `unpack(stage, packed)` makes the metrics mapping.
         """
 
         def build():

@@ -5,7 +5,6 @@ Nothing here reads a device value back except at log intervals and epoch ends.
 
 import collections
 import contextlib
-import functools
 import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._feeder import BatchPreparer, Feeder
+from ._flat import FlatTree
 
 if TYPE_CHECKING:
     from ._trainer import Trainer
@@ -143,19 +143,31 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
             group=fused,
             lead=(-progress.global_step) % fused,
         )
-    train_one = functools.partial(steps.train, gather=gather)
     length = fused if gather is not None else None  # gathered chunks are always K long
-    train_fused = functools.partial(steps.train_many, gather=gather, length=length)
+    dyn_state = trainer._dyn_state
+    train_fns: dict = {}  # built once per epoch: (fused?, closing?) -> compiled function
+
+    def train_fn(n: int, closing: bool):
+        fn = train_fns.get((n, closing))
+        if fn is None:
+            defs = (dyn_state.treedef, state.acc_flat.treedef)
+            if n == 1:
+                fn = steps.train(*defs, closing=closing, gather=gather)
+            else:
+                fn = steps.train_many(*defs, gather=gather, length=length)
+            train_fns[(n, closing)] = fn
+        return fn
+
     with feeder:
         for n, batch in items:
-            if state.acc is None or trainer.train_batch_size is None:
+            if state.acc_flat.treedef is None or trainer.train_batch_size is None:
                 if gather is not None:
                     spec = jax.eval_shape(gather, batch, jnp.int32(0))
                 else:
                     spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
                 if trainer.train_batch_size is None:  # global size, from shapes only
                     trainer.train_batch_size = jax.tree.leaves(spec)[0].shape[0]
-                if state.acc is None:
+                if state.acc_flat.treedef is None:
                     state.init(steps, trainer._dyn, spec)
             if batch_start:
                 for i in range(n):
@@ -165,25 +177,28 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                         batch if n == 1 else _slice(batch, i),
                         progress.batch_idx + i,
                     )
-            train = train_one if n == 1 else train_fused
             closes = (progress.global_step + n) % trainer.log_every_n_steps == 0
             # Single steps close the log interval in the same call (one dispatch, not two);
             # fused calls close it separately, which costs one call per K steps anyway and
             # keeps a ragged epoch to at most one extra compiled function.
             close_inside = closes and fused == 1
-            extra = (state.total, state.epoch_flag()) if close_inside else ()
-            out = train(
-                trainer._dyn,
-                state.acc,
+            args = [
+                dyn_state.leaves,
+                state.acc_flat.leaves,
                 batch,
                 state.reset_flag(),
                 trainer._guard,
                 trainer._step_counter,
-                *extra,
-            )
-            trainer._dyn, state.acc, step_metrics, trainer._guard, trainer._step_counter = out[:5]
+            ]
+            if n == 1:
+                args += (
+                    (state.total_flat.leaves, state.epoch_flag()) if close_inside else (None, None)
+                )
+            out = train_fn(n, close_inside)(*args)
+            dyn_state.leaves, state.acc_flat.leaves = out[0], out[1]
+            step_metrics, trainer._guard, trainer._step_counter = out[2:5]
             if close_inside:
-                computed, state.total = out[5:]
+                packed, state.total_flat.leaves = out[5:]
             inflight.add(trainer._step_counter)
             state.steps_in_interval += n
             for i in range(n):
@@ -199,7 +214,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                         progress.batch_idx - 1,
                     )
             if close_inside:  # the step closed the log interval on the device as well
-                trainer._publish_train_interval(computed)
+                trainer._publish_train_interval(packed)
             elif closes:
                 trainer._close_train_interval()
             trainer._step_boundary()  # step-triggered checkpoints, SIGINT/SIGTERM
@@ -223,8 +238,8 @@ class TrainAccumulators:
 
     def __init__(self, true: jax.Array, false: jax.Array):
         self._true, self._false = true, false
-        self.acc: PyTree = None  # current log interval
-        self.total: PyTree = None  # whole epoch so far
+        self.acc_flat = FlatTree()  # current log interval
+        self.total_flat = FlatTree()  # whole epoch so far
         self.fresh_interval = True
         self.fresh_epoch = True
         self.steps_in_interval = 0
@@ -249,6 +264,22 @@ class TrainAccumulators:
         )
         restored = from_storage(template, saved, stored)
         self.acc, self.total = restored["acc"], restored["total"]
+
+    @property
+    def acc(self) -> PyTree:
+        return self.acc_flat.tree
+
+    @acc.setter
+    def acc(self, tree: PyTree) -> None:
+        self.acc_flat.tree = tree
+
+    @property
+    def total(self) -> PyTree:
+        return self.total_flat.tree
+
+    @total.setter
+    def total(self, tree: PyTree) -> None:
+        self.total_flat.tree = tree
 
     @property
     def restoring(self) -> bool:
@@ -298,18 +329,21 @@ def run_evaluation(
     prepare = BatchPreparer(
         trainer._placement, evaluation=True, validate=trainer.experiment.validate_batch
     )
-    acc = None
+    acc = FlatTree()
+    dyn = trainer._dyn_state
+    evaluate = None
     reset = trainer._true
     inflight = InflightLimit()
     with Feeder(
         batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
     ) as feeder:
         for batch_idx, (_, batch) in enumerate(feeder):
-            if acc is None:
-                acc = steps.empty_accumulator("eval", trainer._dyn, batch)
+            if evaluate is None:
+                acc.tree = steps.empty_accumulator("eval", trainer._dyn, batch)
+                evaluate = steps.evaluate(dyn.treedef, acc.treedef)
             if batch_start:
                 hooks.call(trainer, f"on_{stage}_batch_start", batch, batch_idx)
-            acc, step_metrics, ticket = steps.evaluate(trainer._dyn, acc, batch, reset)
+            acc.leaves, step_metrics, ticket = evaluate(dyn.leaves, acc.leaves, batch, reset)
             inflight.add(ticket)
             reset = trainer._false
             if batch_end:
@@ -320,9 +354,9 @@ def run_evaluation(
                     batch,
                     batch_idx,
                 )
-    if acc is None:
+    if evaluate is None:
         return {}
-    return steps.compute("eval", acc)
+    return steps.compute("eval", acc.tree)
 
 
 def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTree:

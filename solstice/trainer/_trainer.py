@@ -20,9 +20,11 @@ from ..callbacks._terminate_on_nan import TerminateOnNaN
 from ..datamodules._datamodule import DataModule
 from ..loggers import History, Logger
 from ..loggers._convert import check_scalars
+from ..loggers._packed import PackedMetrics
 from ._arguments import check_arguments, check_objects
 from ._compilation_cache import enable_compilation_cache
 from ._compile import CompiledSteps, TraceLog
+from ._flat import FlatTree
 from ._hooks import Hooks
 from ._loop import TrainAccumulators, num_batches, run_evaluation, run_predict, run_train_epoch
 from ._placement import Placement
@@ -155,12 +157,12 @@ class Trainer:
         self.progress = Progress()
         self.should_stop = False
         self.callback_metrics: dict[str, float] = {}
-        self.logged_metrics: dict[str, Any] = {}
+        self._logged: dict[tuple[str, ...], Mapping[str, Any]] = {}  # see logged_metrics
         self.num_training_batches: int | None = None
         self.train_batch_size: int | None = None  # global, known after the first batch
         self.datamodule: DataModule | None = None
         self._steps: CompiledSteps | None = None
-        self._dyn: PyTree = None
+        self._dyn_state = FlatTree()  # the experiment's arrays; `_dyn` is the tree view
         self._experiment_cache: tuple[PyTree, Experiment] | None = None
         self._hooks: Hooks | None = None
         self._train_state = TrainAccumulators(self._true, self._false)
@@ -172,6 +174,15 @@ class Trainer:
         self._step_savers: list[ModelCheckpoint] = []
 
     # ------------------------------------------------------------------ properties
+    @property
+    def _dyn(self) -> PyTree:
+        """The experiment's arrays as a tree (kept flat between steps, see `FlatTree`)."""
+        return self._dyn_state.tree
+
+    @_dyn.setter
+    def _dyn(self, tree: PyTree) -> None:
+        self._dyn_state.tree = tree
+
     @property
     def experiment(self) -> Experiment:
         """The current experiment (its arrays live on the Trainer's devices)."""
@@ -310,26 +321,39 @@ class Trainer:
             raise RuntimeError("`log_metrics` can only be called during fit/validate/test/predict.")
         self._publish(dict(metrics), self.global_step if step is None else int(step))
 
-    def _publish(self, metrics: dict[str, Any], step: int) -> None:
-        metrics = {**metrics, "epoch": self.progress.epoch}
-        self.logged_metrics.update(metrics)
+    def _publish(self, metrics: Mapping[str, Any], step: int) -> None:
+        if isinstance(metrics, PackedMetrics):  # never touch its values here (a dispatch each)
+            metrics = metrics.with_items(epoch=self.progress.epoch)
+            self._logged[metrics.names] = metrics
+        else:
+            metrics = {**metrics, "epoch": self.progress.epoch}
+            self._logged[tuple(metrics)] = metrics
         self._hooks.call(self, "on_log", metrics, step)
+
+    @property
+    def logged_metrics(self) -> dict[str, Any]:
+        """The latest value of every metric logged so far (device arrays or numbers)."""
+        out: dict[str, Any] = {}
+        for metrics in self._logged.values():
+            out.update(metrics)
+        return out
 
     def _close_train_interval(self) -> None:
         """Close a partial log interval (epoch end) with its own compiled call."""
         state = self._train_state
-        computed, state.total = self._steps.close_interval(
+        packed, state.total = self._steps.close_interval(
             "train", state.acc, state.total, state.epoch_flag()
         )
-        self._publish_train_interval(computed)
+        self._publish_train_interval(packed)
 
-    def _publish_train_interval(self, computed: dict[str, Any]) -> None:
-        """A log interval was closed on the device: start a new one and publish it."""
+    def _publish_train_interval(self, packed: Any) -> None:
+        """A log interval was closed on the device (`packed`, see `CompiledSteps.unpack`):
+        start a new one and publish it."""
         state = self._train_state
         state.fresh_interval = True
         state.steps_in_interval = 0
         self._read_nonfinite()
-        self._publish({f"train/{k}": v for k, v in computed.items()}, self.progress.global_step)
+        self._publish(self._steps.unpack("train", packed, "train/"), self.progress.global_step)
 
     def _read_nonfinite(self) -> None:
         """Read the on-device non-finite guard (log intervals and epoch ends only)."""

@@ -1,0 +1,107 @@
+"""`PackedMetrics`: scalar metrics held in one device vector, read back in one transfer."""
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def pack_scalars(metrics: Mapping[str, Any]) -> tuple[tuple[str, ...], jax.Array | None, dict]:
+    """Traced: split `metrics` into `(names, vector, rest)`.
+
+    Every 0-d floating value (up to 32 bits, so packing to float32 is exact) goes into one
+    float32 `vector` in key order; everything else (integers, float64, arrays) is kept in
+    `rest` as it is. Use inside a compiled function, so the packing costs no dispatch.
+    """
+    names, values, rest = [], [], {}
+    for key, value in metrics.items():
+        dtype = getattr(value, "dtype", None)
+        if (
+            getattr(value, "shape", None) == ()
+            and jnp.issubdtype(dtype, jnp.floating)
+            and jnp.dtype(dtype).itemsize <= 4
+        ):
+            names.append(key)
+            values.append(jnp.asarray(value, jnp.float32))
+        else:
+            rest[key] = value
+    vector = jnp.stack(values) if values else None
+    return tuple(names), vector, rest
+
+
+class PackedMetrics(Mapping[str, Any]):
+    """A read-only mapping of metric name -> 0-d value whose floating scalars live in one
+    float32 device vector.
+
+    Loggers convert it with one device-to-host copy (`host_floats()`), instead of one per
+    metric. Indexing returns a 0-d device array (a slice of the vector); that costs a
+    dispatch, so code that reads every value should call `host_floats()` once instead.
+
+    **Arguments:**
+
+    - `names`: the names of the vector's entries, in order.
+    - `vector`: float32 array of shape `(len(names),)`, or `None` when empty.
+    - `rest`: other values (integers, Python numbers), kept as they are.
+    - `prefix`: prepended to every name (e.g. `"train/"`).
+
+    **Example:**
+
+    ```python
+    names, vector, rest = jax.jit(pack_scalars)(metrics)   # inside a compiled step
+    packed = PackedMetrics(names, vector, rest, prefix="train/")
+    packed.host_floats()   # {"train/loss": 0.25, ...}: one transfer
+    ```
+    """
+
+    __slots__ = ("_index", "_rest", "names", "vector")
+
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        vector: jax.Array | None,
+        rest: Mapping[str, Any] | None = None,
+        prefix: str = "",
+    ):
+        self.names = tuple(prefix + name for name in names)
+        self.vector = vector
+        self._rest = {prefix + k: v for k, v in (rest or {}).items()}
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def with_items(self, **extra: Any) -> "PackedMetrics":
+        """A copy with `extra` host values added (e.g. `epoch=3`)."""
+        new = PackedMetrics.__new__(PackedMetrics)
+        new.names, new.vector, new._index = self.names, self.vector, self._index
+        new._rest = {**self._rest, **extra}
+        return new
+
+    def __getitem__(self, key: str) -> Any:
+        i = self._index.get(key)
+        if i is not None:
+            return self.vector[i]
+        return self._rest[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.names
+        yield from self._rest
+
+    def __len__(self) -> int:
+        return len(self.names) + len(self._rest)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index or key in self._rest
+
+    def host_floats(self) -> dict[str, float]:
+        """Every value as a Python float, with one copy of the vector to the host (this waits
+        for the device: call it off the training thread)."""
+        out: dict[str, float] = {}
+        if self.names:
+            out.update(zip(self.names, np.asarray(self.vector).tolist()))
+        if self._rest:
+            rest = jax.device_get(list(self._rest.values()))
+            out.update((k, float(v)) for k, v in zip(self._rest, rest))
+        return out
+
+    def __repr__(self) -> str:
+        return f"PackedMetrics({list(self)})"
