@@ -32,6 +32,25 @@ def _stack(batches: list[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
+# Chunked uploads (see `Feeder(chunked=True)`): a transfer costs ~40 us of host time however
+# small the batch, so small batches travel together, up to this many bytes or batches.
+CHUNK_BYTES = 4 << 20
+MAX_CHUNK = 16
+
+
+def chunk_size(batch: PyTree) -> int:
+    """How many batches like `batch` one upload carries: 1 for batches of 4 MiB or more."""
+    nbytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(batch))
+    return max(1, min(MAX_CHUNK, CHUNK_BYTES // max(1, nbytes)))
+
+
+def take_from_chunk(chunk: tuple[PyTree, jax.Array], step: jax.Array) -> PyTree:
+    """Traced: batch `index` of an uploaded chunk `(stacked, index)` (a `gather` for the
+    compiled step; `step` is unused)."""
+    stacked, index = chunk
+    return jax.tree.map(lambda x: x[index], stacked)
+
+
 class BatchPreparer:
     """Checks a host batch and, for evaluation, pads it and adds a `"mask"`.
 
@@ -85,6 +104,10 @@ class BatchPreparer:
 class Feeder:
     """Iterates device batches prepared on a background thread, `depth` ahead of the step.
 
+    With `chunked=True` (single steps on small host batches), items are `(n, stacked)`:
+    `n` consecutive batches uploaded together in one transfer (see `chunk_size`), padded to
+    a fixed chunk size; the step takes its batch out of the chunk (`take_from_chunk`).
+
     With `group > 1`, consecutive batches are stacked `(group, batch, ...)` for fused steps;
     the first `lead` batches and a final remainder are yielded batch by batch, so that fused
     chunks always end on a global step that is a multiple of `group`. Items are `(num_steps, device_batch)`.
@@ -108,12 +131,14 @@ class Feeder:
         depth: int = 2,
         group: int = 1,
         lead: int = 0,
+        chunked: bool = False,
     ):
         self._batches = batches
         self._prepare = prepare
         self._placement = placement
         self._group = group
         self._lead = lead
+        self._chunked = chunked
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="solstice-feeder", daemon=True)
@@ -129,6 +154,8 @@ class Feeder:
         return False
 
     def _produce(self) -> None:
+        if self._chunked:
+            return self._produce_chunks()
         try:
             pending: list[PyTree] = []
             lead = self._lead
@@ -155,6 +182,34 @@ class Feeder:
             self._put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
             self._put(_Failure(exc))
+
+    def _produce_chunks(self) -> None:
+        """Items `(n, stacked)`: `n` batches stacked along a new leading axis, padded to the
+        chunk size (a repeated last batch) so every upload has the same shape."""
+        try:
+            size, pending = 0, []
+            for batch in self._batches:
+                if self._stop.is_set():
+                    return
+                pending.append(self._prepare(batch))
+                size = size or chunk_size(pending[0])
+                if len(pending) == size:
+                    if not self._put(self._chunk(pending, size)):
+                        return
+                    pending = []
+            if pending and not self._put(self._chunk(pending, size)):
+                return
+            self._put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
+            self._put(_Failure(exc))
+
+    def _chunk(self, batches: list[PyTree], size: int) -> tuple[int, PyTree]:
+        n = len(batches)
+        if size == 1 and not _is_device_batch(batches[0]):
+            stacked = jax.tree.map(lambda x: np.asarray(x)[None], batches[0])  # a view
+        else:
+            stacked = _stack(batches + [batches[-1]] * (size - n))
+        return n, self._placement.put_stacked_batches(stacked)
 
     def __iter__(self) -> Iterator[tuple[int, PyTree]]:
         while True:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._feeder import BatchPreparer, Feeder
+from ._feeder import BatchPreparer, Feeder, take_from_chunk
 from ._flat import FlatTree
 
 if TYPE_CHECKING:
@@ -86,6 +86,16 @@ def _device_schedule(data: Any, progress: Any, total_batches: int, fused: int):
         yield 1, data
 
 
+def _chunk_steps(feeder: Feeder, placement: Any):
+    """`(1, (chunk, index))` for every batch of every uploaded chunk (see `take_from_chunk`)."""
+    indices = None
+    for n, chunk in feeder:
+        if indices is None:
+            indices = placement.index_scalars(jax.tree.leaves(chunk)[0].shape[0])
+        for i in range(n):
+            yield 1, (chunk, indices[i])
+
+
 class InflightLimit:
     """Bounds how many compiled steps may be dispatched but not yet finished.
 
@@ -134,16 +144,26 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
         items = _device_schedule(data, progress, total_batches, fused)
         feeder = contextlib.nullcontext()
     else:
-        gather = None
-        feeder = items = Feeder(
+        # Single steps on host data upload small batches in chunks (one transfer for
+        # several steps); each step takes its batch from the chunk on the device.
+        chunked = (
+            fused == 1
+            and not (batch_start or batch_end)
+            and not trainer._placement.multi_process
+            and not hasattr(loader, "device_epoch")
+        )
+        gather = take_from_chunk if chunked else None
+        feeder = Feeder(
             batches_from(loader, progress.batch_idx, count),
             prepare,
             trainer._placement,
             depth=trainer.prefetch,
             group=fused,
             lead=(-progress.global_step) % fused,
+            chunked=chunked,
         )
-    length = fused if gather is not None else None  # gathered chunks are always K long
+        items = _chunk_steps(feeder, trainer._placement) if chunked else feeder
+    length = fused if source is not None else None  # gathered chunks are always K long
     dyn_state = trainer._dyn_state
     train_fns: dict = {}  # built once per epoch: (fused?, closing?) -> compiled function
 

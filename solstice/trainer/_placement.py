@@ -146,6 +146,15 @@ class Placement:
         """Place a stack of batches `(K, batch, ...)`, sharded along axis 1."""
         return self._put_sharded(batches, self.stacked_batch_sharding)
 
+    def index_scalars(self, n: int) -> list[jax.Array]:
+        """Replicated int32 device scalars `0 .. n-1`, made once (indices into uploaded
+        chunks of batches: passing a cached scalar costs no transfer)."""
+        cached = getattr(self, "_index_scalars", [])
+        if len(cached) < n:
+            cached = [jax.device_put(np.int32(i), self.replicated) for i in range(n)]
+            self._index_scalars = cached
+        return cached[:n]
+
     def _put_sharded(self, tree: PyTree, sharding: NamedSharding) -> PyTree:
         if _already_placed(tree, sharding):
             return tree  # an on-device DataModule's batch: `device_put` would cost ~30 us
