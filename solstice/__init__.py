@@ -37,6 +37,8 @@ from .loggers import (
 from .loggers import (
     WandBLogger as WandBLogger,
 )
+from .trainer import ByPath as ByPath
+from .trainer import FullySharded as FullySharded
 from .trainer import Trainer as Trainer
 
 __version__ = "0.1.0"

@@ -448,3 +448,39 @@ def test_sharding_rule_errors_teach():
         experiment_shardings(tree, placement.mesh, [ByPath([("w", P(None, "model"))])])
     with pytest.raises(ValueError, match="more entries"):
         experiment_shardings(tree, placement.mesh, [ByPath([("w", P(None, None, "batch"))])])
+
+
+def test_trainer_sharding_rules_keep_arrays_split_and_train_like_replicated(tmp_path):
+    rules = [solstice.FullySharded(min_size=64)]
+    weight = lambda e: e.model.layers[1].layers[0].weight  # noqa: E731 - (32, 8)
+
+    replicated_trainer, replicated = _fit(max_epochs=2, devices=4)
+    trainer, sharded = _fit(max_epochs=2, devices=4, sharding_rules=rules)
+    _assert_same_params(sharded, replicated)
+    _assert_same_history(replicated_trainer.history, trainer.history)
+    # the returned experiment's arrays are still split: each device holds a quarter
+    assert weight(sharded).sharding.spec == jax.sharding.PartitionSpec("batch", None)
+    assert weight(sharded).addressable_shards[0].data.shape == (8, 8)
+    assert "(8, 8)" not in trainer.describe_shardings()  # it lists global shapes
+    assert "P('batch', None)" in trainer.describe_shardings()
+
+    # a checkpoint of the split experiment resumes into split arrays, exactly
+    def with_checkpoints(**kw):
+        ckpt = solstice.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=5)
+        return _trainer(devices=4, sharding_rules=rules, callbacks=[ckpt], max_epochs=2, **kw)
+
+    with_checkpoints(max_steps=5).fit(_exp(), blobs_datamodule(batch_size=32))
+    resumed_trainer = with_checkpoints()
+    resumed = resumed_trainer.fit(_exp(), blobs_datamodule(batch_size=32), ckpt_path="last")
+    assert resumed_trainer.global_step == trainer.global_step
+    assert weight(resumed).sharding.is_equivalent_to(weight(sharded).sharding, 2)
+    assert weight(resumed).addressable_shards[0].data.shape == (8, 8)
+    for a, b in zip(params_of(resumed), params_of(sharded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_trainer_sharding_rules_errors_teach():
+    with pytest.raises(TypeError, match="Wrap a single rule in a list"):
+        solstice.Trainer(max_epochs=1, sharding_rules=solstice.FullySharded())
+    with pytest.raises(TypeError, match="not a rule"):
+        solstice.Trainer(max_epochs=1, sharding_rules=["fsdp"])

@@ -131,6 +131,8 @@ class CompiledSteps:
     - `trace_log`: where traces are counted (for the recompilation warning).
     - `keep_step_metrics`: also return each step's own metrics (only when a per-batch hook
       needs them).
+    - `dyn_shardings`: a pytree of shardings for the experiment's arrays (see
+      `Trainer(sharding_rules=)`), or `None` to keep them `replicated`.
     - `track_nonfinite`: the training steps also carry a guard `(steps, first_bad)` that
       records, on the device, the first step whose metrics were not finite (only when a
       `TerminateOnNaN` callback asks for it). Otherwise the guard argument is `None`.
@@ -143,9 +145,11 @@ class CompiledSteps:
         trace_log: TraceLog | None = None,
         keep_step_metrics: bool = False,
         track_nonfinite: bool = False,
+        dyn_shardings: PyTree = None,
     ):
         _, self.static = eqx.partition(experiment, eqx.is_array)
         self.replicated = replicated
+        self.dyn_shardings = dyn_shardings
         self.trace_log = trace_log or TraceLog()
         self.keep_step_metrics = keep_step_metrics
         self.track_nonfinite = track_nonfinite
@@ -178,7 +182,8 @@ class CompiledSteps:
                 "values; keep Python numbers that change as `jnp` arrays and keep the same "
                 "fields."
             )
-        return jax.lax.with_sharding_constraint(new_dyn, self.replicated)
+        shardings = self.replicated if self.dyn_shardings is None else self.dyn_shardings
+        return jax.lax.with_sharding_constraint(new_dyn, shardings)
 
     def _metrics_parts(self, stage: str, metrics: Metrics) -> PyTree:
         m_dyn, m_static = eqx.partition(metrics, eqx.is_array)

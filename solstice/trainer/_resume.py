@@ -247,7 +247,11 @@ def resume_from(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path | None
         }
     restored = read(path, abstract)
 
-    trainer._dyn = from_storage(template, saved, restored["experiment"])
+    # Re-placed on the Trainer's own shardings: Orbax may write an equivalent spec another
+    # way (`P("batch",)` for `P("batch", None)`), which would compile a different program.
+    trainer._dyn = trainer._place_experiment(
+        from_storage(template, saved, restored["experiment"]), copy=False
+    )
     trainer._experiment_cache = None
     trainer.progress.load_state_dict(document["progress"])
     trainer._train_state = type(trainer._train_state)(trainer._true, trainer._false)

@@ -14,16 +14,11 @@ sharded like the parameters.
 **Example:**
 
 ```python
-from solstice.trainer._placement import Placement
-from solstice.trainer._sharding_rules import ByPath, FullySharded, experiment_shardings
-
-placement = Placement("auto")
-rules = [ByPath([(r"\\.embedding\\.weight$", PartitionSpec(None, "batch"))]),
-         FullySharded(min_size=2**16)]
-dyn, static = eqx.partition(experiment, eqx.is_array)
-shardings = experiment_shardings(dyn, placement.mesh, rules)
-dyn = placement.shard(dyn, shardings)
-print(describe_shardings(dyn, shardings))
+rules = [solstice.ByPath([(r"\\.embedding\\.weight$", PartitionSpec(None, "batch"))]),
+         solstice.FullySharded(min_size=2**16)]
+trainer = solstice.Trainer(max_epochs=10, sharding_rules=rules)
+experiment = trainer.fit(experiment, datamodule)
+print(trainer.describe_shardings())   # path, shape, spec and bytes per device of each array
 ```
 """
 
@@ -150,6 +145,25 @@ def experiment_shardings(tree: PyTree, mesh: Mesh, rules: Sequence[ShardingRule]
         return NamedSharding(mesh, replicated if spec is None else spec)
 
     return jax.tree_util.tree_map_with_path(choose, tree)
+
+
+def check_sharding_rules(rules: Any) -> tuple[ShardingRule, ...]:
+    """`rules` as a tuple, or a `TypeError` naming what is not a rule."""
+    if rules is None:
+        return ()
+    if callable(rules) or isinstance(rules, str) or not isinstance(rules, Sequence):
+        raise TypeError(
+            f"`sharding_rules` must be a list of rules, got {rules!r}. Wrap a single rule in "
+            "a list: `sharding_rules=[solstice.FullySharded()]`."
+        )
+    for rule in rules:
+        if not callable(rule):
+            raise TypeError(
+                f"`sharding_rules` holds {rule!r} of type {type(rule).__name__}, which is not "
+                "a rule. A rule is a callable `rule(path, shape, dtype, mesh) -> "
+                "PartitionSpec | None`, e.g. `solstice.FullySharded()` or `solstice.ByPath(...)`."
+            )
+    return tuple(rules)
 
 
 def describe_shardings(tree: PyTree, shardings: PyTree) -> str:

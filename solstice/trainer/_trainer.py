@@ -29,6 +29,12 @@ from ._hooks import Hooks
 from ._loop import TrainAccumulators, num_batches, run_evaluation, run_predict, run_train_epoch
 from ._placement import Placement
 from ._progress import Progress
+from ._sharding_rules import (
+    ShardingRule,
+    check_sharding_rules,
+    describe_shardings,
+    experiment_shardings,
+)
 from ._signals import SignalWatch
 
 PyTree = Any
@@ -56,6 +62,10 @@ class Trainer:
     - `seed`: seed of the Trainer's own randomness (on-device batch transforms).
     - `devices`: `"auto"` (all devices), an int (the first n) or a list of devices; batches
       are split over them along the batch axis, the experiment is replicated.
+    - `sharding_rules`: split large arrays of the experiment over the devices instead of
+      replicating them (FSDP / ZeRO-3 style), e.g. `[solstice.FullySharded()]`. Each rule
+      is a callable `rule(path, shape, dtype, mesh) -> PartitionSpec | None` (see
+      `solstice.ByPath`); the first that answers wins, unclaimed arrays are replicated.
     - `enable_progress_bar`: add a `ProgressBar` unless one is in `callbacks`.
     - `steps_per_execution`: fuse this many training steps into one compiled call
       (`lax.scan`); `log_every_n_steps` must be a multiple of it.
@@ -101,6 +111,7 @@ class Trainer:
         steps_per_execution: int = 1,
         prefetch: int = 2,
         compilation_cache: "bool | str" = True,
+        sharding_rules: Sequence[ShardingRule] = (),
     ):
         max_epochs, max_steps, limits = check_arguments(
             max_epochs=max_epochs,
@@ -154,6 +165,7 @@ class Trainer:
 
         self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
         self._placement = Placement(devices)
+        self.sharding_rules = check_sharding_rules(sharding_rules)
         self._true = jax.device_put(np.bool_(True), self._placement.replicated)
         self._false = jax.device_put(np.bool_(False), self._placement.replicated)
         self.trace_log = TraceLog()
@@ -195,6 +207,15 @@ class Trainer:
         if cache is None or cache[0] is not self._dyn:
             cache = self._experiment_cache = (self._dyn, self._steps.combine(self._dyn))
         return cache[1]
+
+    def describe_shardings(self) -> str:
+        """A table of the experiment's arrays: path, shape, `PartitionSpec` and the bytes each
+        device holds (see `sharding_rules`)."""
+        if self._steps is None:
+            raise RuntimeError("The Trainer has no experiment yet; call `fit` (or test, ...).")
+        dyn = self._dyn
+        shardings = jax.tree.map(lambda x: x.sharding, dyn)
+        return describe_shardings(dyn, shardings)
 
     @property
     def current_epoch(self) -> int:
@@ -244,9 +265,22 @@ class Trainer:
                 self.trace_log,
                 keep_step_metrics=keep,
                 track_nonfinite=track,
+                dyn_shardings=self._dyn_shardings(dyn),
             )
-        self._dyn = self._placement.replicate(dyn)
+        self._dyn = self._place_experiment(dyn)
         self._experiment_cache = None
+
+    def _dyn_shardings(self, dyn: PyTree) -> PyTree:
+        """Where the experiment's arrays live: replicated, or split by `sharding_rules`."""
+        if not self.sharding_rules:
+            return None
+        return experiment_shardings(dyn, self._placement.mesh, self.sharding_rules)
+
+    def _place_experiment(self, dyn: PyTree, copy: bool = True) -> PyTree:
+        shardings = self._steps.dyn_shardings
+        if shardings is None:
+            return self._placement.replicate(dyn, copy=copy)
+        return self._placement.shard(dyn, shardings, copy=copy)
 
     def _replace_experiment(self, new: Any, where: str) -> None:
         if not isinstance(new, Experiment):
@@ -262,9 +296,10 @@ class Trainer:
                 self.trace_log,
                 keep_step_metrics=self._steps.keep_step_metrics,
                 track_nonfinite=self._steps.track_nonfinite,
+                dyn_shardings=self._dyn_shardings(dyn),
             )
         self._hooks.refresh(new)
-        self._dyn = self._placement.replicate(dyn, copy=False)
+        self._dyn = self._place_experiment(dyn, copy=False)
         self._experiment_cache = None
 
     def _prepare_data(self, datamodule: DataModule, stage: str) -> None:
