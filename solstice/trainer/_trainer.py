@@ -204,8 +204,10 @@ class Trainer:
         if self._steps is None:
             raise RuntimeError("The Trainer has no experiment yet; call `fit` (or test, ...).")
         cache = self._experiment_cache
-        if cache is None or cache[0] is not self._dyn:
-            cache = self._experiment_cache = (self._dyn, self._steps.combine(self._dyn))
+        leaves = self._dyn_state.leaves
+        if cache is None or cache[0] is not leaves:
+            built = self._steps.experiment_from_leaves(leaves)
+            cache = self._experiment_cache = (leaves, built)
         return cache[1]
 
     def describe_shardings(self) -> str:
