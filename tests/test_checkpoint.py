@@ -336,3 +336,17 @@ def test_terminate_on_nan_reads_the_device_only_at_log_intervals(monkeypatch):
     trainer.fit(_exp(), blobs_datamodule())
     # one read of the on-device flag after step 4 (a log interval); none in the other steps
     assert probe.per_step[1:] == [0, 0, 0, 1, 0, 0, 0], probe.per_step
+
+
+def test_leftovers_of_a_killed_run_are_removed_at_train_start(tmp_path):
+    # a save Orbax never finished (killed mid-write) and a checkpoint killed mid-delete
+    unfinished = tmp_path / "epoch=0-step=4.orbax-checkpoint-tmp-1700000000"
+    deleting = tmp_path / "epoch=0-step=2.solstice-deleting"
+    for leftover in (unfinished, deleting):
+        leftover.mkdir()
+        (leftover / "data").write_bytes(b"partial")
+    ckpt = ModelCheckpoint(tmp_path, save_top_k=0, save_last=True)
+    _trainer(max_epochs=1, callbacks=[ckpt]).fit(_exp(), blobs_datamodule())
+    assert not unfinished.exists() and not deleting.exists()
+    assert Path(ckpt.last_model_path).is_dir()
+    verify(ckpt.last_model_path)

@@ -229,9 +229,11 @@ class ModelCheckpoint(Callback):
         if self._monitor is not None:
             self._monitor.start()
         if self.dirpath.is_dir() and jax.process_index() == 0:
-            # checkpoints this callback was deleting when the process died
-            for trash in self.dirpath.glob(f"*{DELETING_SUFFIX}"):
-                shutil.rmtree(trash, ignore_errors=True)
+            # checkpoints this callback was deleting, or still writing (Orbax's tmp dirs:
+            # never renamed, so never valid), when the process died
+            for suffix in (DELETING_SUFFIX, ORBAX_TMP_SUFFIX):
+                for trash in self.dirpath.glob(f"*{suffix}*"):
+                    shutil.rmtree(trash, ignore_errors=True)
 
     def on_validation_end(self, trainer, experiment) -> None:
         if self._monitor is not None:
