@@ -292,7 +292,8 @@ class CompiledSteps:
             def fn(dyn, acc, batch, reset, guard, step, total, epoch_reset):
                 dyn = jax.tree.unflatten(dyn_def, dyn)
                 acc = jax.tree.unflatten(acc_def, acc)
-                self.trace_log.record("train_and_log" if closing else "train", (acc, batch))
+                seen = batch if gather is None else jax.eval_shape(gather, batch, step)
+                self.trace_log.record("train_and_log" if closing else "train", (acc, seen))
                 dyn, acc, ms, guard, step = self._step(dyn, acc, batch, reset, guard, step, gather)
                 out = (jax.tree.leaves(dyn), jax.tree.leaves(acc), ms, guard, step)
                 if closing:
@@ -321,7 +322,8 @@ class CompiledSteps:
             def fn(dyn, acc, batches, reset, guard, step):
                 dyn = jax.tree.unflatten(dyn_def, dyn)
                 acc = jax.tree.unflatten(acc_def, acc)
-                self.trace_log.record("train_many", (acc, batches))
+                seen = batches if gather is None else jax.eval_shape(gather, batches, step)
+                self.trace_log.record("train_many", (acc, seen))
 
                 def body(carry, batch):
                     dyn, acc, flag, guard, step = carry
