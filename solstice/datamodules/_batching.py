@@ -41,7 +41,14 @@ def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
     """Pad every leaf of a dict batch to `size` rows and add a boolean `"mask"` (True = real).
 
     If the batch already has a `"mask"`, it is padded with `False`. Used for the last, partial
-    evaluation batch so that every sample counts once and nothing recompiles.
+    evaluation batch so that every sample counts once and nothing recompiles. The entries
+    come out in `jax.tree.map`'s order (sorted keys), then `"mask"`.
+
+    **Example:**
+
+    ```python
+    pad_batch({"x": np.ones((3, 2))}, 4)   # {"x": (4, 2), last row 0; "mask": [T, T, T, F]}
+    ```
     """
     if not isinstance(batch, Mapping):
         raise TypeError(
@@ -49,7 +56,10 @@ def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
             "Yield batches as dicts (e.g. `{'image': x, 'label': y}`) or make the evaluation "
             "split a multiple of the batch size."
         )
-    n = batch_size_of(batch)
+    n = _flat_rows(batch)
+    flat = n is not None
+    if n is None:
+        n = batch_size_of(batch)
     if n > size:
         raise ValueError(f"Cannot pad a batch of {n} rows down to {size}.")
     out = dict(batch)
@@ -62,6 +72,26 @@ def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
         widths = [(0, size - n)] + [(0, 0)] * (x.ndim - 1)
         return np.pad(x, widths)
 
-    out = jax.tree.map(pad, out)
+    if flat and n == size:  # a full batch of a flat dict (every batch but the last)
+        out = {k: out[k] for k in sorted(out)}
+    else:
+        out = jax.tree.map(pad, out)
     out[MASK_KEY] = pad(mask)
     return out
+
+
+def _flat_rows(batch: Mapping[str, Any]) -> int | None:
+    """The shared leading size of a `dict` of numpy arrays with `str` keys (the batches of
+    the built-in loaders), without pytree overhead; `None` for anything else, which
+    `batch_size_of` then checks."""
+    if type(batch) is not dict:
+        return None
+    n = None
+    for k, v in batch.items():
+        if type(k) is not str or type(v) is not np.ndarray or v.ndim == 0:
+            return None
+        if n is None:
+            n = v.shape[0]
+        elif v.shape[0] != n:
+            return None
+    return n

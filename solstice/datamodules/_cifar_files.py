@@ -34,7 +34,8 @@ def read_cifar_binary(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         )
     records = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
     labels = records[:, 0].astype(np.int32)
-    images = records[:, 1:].reshape(-1, 3, 32, 32)
+    # A contiguous copy, not a strided view of `records`: loaders gather rows of it per batch.
+    images = np.ascontiguousarray(records[:, 1:]).reshape(-1, 3, 32, 32)
     return images, labels
 
 

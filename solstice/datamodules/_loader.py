@@ -1,5 +1,6 @@
 """`BatchLoader`: batches over in-memory host arrays, in an order fixed by (seed, epoch)."""
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -75,15 +76,49 @@ class BatchLoader(OrderedLoader):
         self.transform = transform
 
     def _batches(self, start: int) -> Iterator[PyTree]:
-        local = self.order.local_batch_size
-        for b in range(start, len(self)):
-            idx = self.order.local_indices(b)
-            if type(self.arrays) is dict:  # the common case, without pytree overhead
-                batch = {k: np.take(a, idx, axis=0) for k, a in self.arrays.items()}
-            else:
-                batch = jax.tree.map(lambda a, idx=idx: np.take(a, idx, axis=0), self.arrays)
-            if not self.drop_last:
+        # The hot loop of host-mode training, kept free of per-batch call chains: the epoch's
+        # order is computed once and sliced, and each leaf is gathered by one bound method
+        # (`_take_rows`). Process `p` of `P` reads positions `[b * batch_size + p * local,
+        # ... + local)` of the order, as `EpochOrder.local_indices(b)` does.
+        order = self.order
+        perm = order.indices()
+        size, local = order.batch_size, order.local_batch_size
+        first = start * size + order.process_index * local
+        end = len(self) * size
+        pad, transform = not self.drop_last, self.transform
+        if type(self.arrays) is dict and jax.tree_util.all_leaves(self.arrays.values()):
+            # The common case, a flat dict: no pytree overhead, and the keys keep their order.
+            takes = [(k, _take_rows(a)) for k, a in self.arrays.items()]
+            for lo in range(first, end, size):
+                idx = perm[lo : lo + local]
+                batch = {k: take(idx) for k, take in takes}
+                if pad:
+                    batch = pad_batch(batch, local)
+                if transform is not None:
+                    batch = transform(batch)
+                yield batch
+            return
+        leaves, treedef = jax.tree.flatten(self.arrays)
+        takes = [_take_rows(a) for a in leaves]
+        for lo in range(first, end, size):
+            idx = perm[lo : lo + local]
+            batch = treedef.unflatten([take(idx) for take in takes])
+            if pad:
                 batch = pad_batch(batch, local)
-            if self.transform is not None:
-                batch = self.transform(batch)
+            if transform is not None:
+                batch = transform(batch)
             yield batch
+
+
+def _take_rows(a: Any) -> Callable[[np.ndarray], Any]:
+    """`take(idx)`: the rows `idx` of one leaf, the values of `np.take(a, idx, axis=0)`.
+
+    Bound once per epoch, so no batch pays `np.take`'s dispatch. `ndarray.take` is the
+    fastest gather of contiguous rows, but copies a non-contiguous array whole on every call
+    (e.g. a view with a row stride); indexing is used for those and for 1-D arrays.
+    """
+    if type(a) is np.ndarray:
+        if a.ndim == 1 or not a.flags.c_contiguous:
+            return a.__getitem__
+        return functools.partial(a.take, axis=0)
+    return functools.partial(np.take, a, axis=0)
