@@ -46,6 +46,9 @@ class ArrayDataModule(DataModule):
       padding: to numpy arrays in host mode, to jax arrays inside the compiled gather in device
       mode. Write it with operations both support (arithmetic, indexing, `.astype`), or branch
       on `isinstance(x, np.ndarray)` like `PixelDecode`. It must not change the batch size.
+      The Trainer runs it inside its compiled steps on host batches too (they then travel to
+      the device before the transform, e.g. as `uint8` pixels), unless per-batch hooks need
+      the transformed batch on the host.
     - `augment`: optional random training augmentation `augment(batch, key) -> batch`, a pure
       jax function. It is not applied by the loaders: it is exposed as
       `self.device_transform(batch, step)`, which the Trainer applies to each training batch on
@@ -161,6 +164,7 @@ class ArrayDataModule(DataModule):
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             transform=self.transform,
+            traceable_transform=True,  # this class's contract: see `transform`
         )
 
     def train_dataloader(self) -> BatchLoader | DeviceBatchLoader:

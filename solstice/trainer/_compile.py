@@ -258,16 +258,21 @@ class CompiledSteps:
         vector, rest = packed
         return PackedMetrics(self.packed_names[stage], vector, rest, prefix=prefix)
 
-    def _step(self, dyn, acc, batch, reset, guard, step, gather):
-        """Traced: one training step on `batch` (or on `gather(batch, step)`)."""
+    def _step(self, dyn, acc, batch, reset, guard, step, gather, decode=None):
+        """Traced: one training step on `batch` (or on `gather(batch, step)`), decoded by
+        `decode(batch)` if given."""
         if gather is not None:
             batch = gather(batch, step)
+        if decode is not None:
+            batch = decode(batch)
         batch = self._transformed(batch, step)
         dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
         guard = _advance_guard(guard, m_dyn, step + 1)
         return dyn, acc, (m_dyn if self.keep_step_metrics else None), guard, step + 1
 
-    def train(self, dyn_def, acc_def, *, closing: bool = False, gather=None) -> Callable:
+    def train(
+        self, dyn_def, acc_def, *, closing: bool = False, gather=None, decode=None
+    ) -> Callable:
         """The compiled single training step, on flat leaves (see `FlatTree`):
 
         `fn(dyn, acc, batch, reset, guard, step, total, epoch_reset)`, where `dyn`, `acc` and
@@ -281,7 +286,8 @@ class CompiledSteps:
         `close_interval`; `total` and `epoch_reset` are used, otherwise pass `None`), saving
         a dispatch per log. With `gather` (a hashable `gather(data, step) -> batch`, e.g. a
         device-resident DataModule's), `batch` is that data and the batch is gathered inside
-        the step: one dispatch, no upload per step.
+        the step: one dispatch, no upload per step. With `decode` (a loader's deferred
+        transform, see `BatchLoader.split_transform`), the batch is decoded inside the step.
 
         The function returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`, plus
         `(packed, total)` when closing; it donates `dyn`, `acc`, `guard` (see
@@ -294,7 +300,9 @@ class CompiledSteps:
                 acc = jax.tree.unflatten(acc_def, acc)
                 seen = batch if gather is None else jax.eval_shape(gather, batch, step)
                 self.trace_log.record("train_and_log" if closing else "train", (acc, seen))
-                dyn, acc, ms, guard, step = self._step(dyn, acc, batch, reset, guard, step, gather)
+                dyn, acc, ms, guard, step = self._step(
+                    dyn, acc, batch, reset, guard, step, gather, decode
+                )
                 out = (jax.tree.leaves(dyn), jax.tree.leaves(acc), ms, guard, step)
                 if closing:
                     total = jax.tree.unflatten(acc_def, total)
@@ -305,9 +313,9 @@ class CompiledSteps:
             name = "train_step_and_log" if closing else "train_step"
             return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
 
-        return self._get(("train", closing, gather, dyn_def, acc_def), build)
+        return self._get(("train", closing, gather, decode, dyn_def, acc_def), build)
 
-    def train_many(self, dyn_def, acc_def, *, gather=None, length=None) -> Callable:
+    def train_many(self, dyn_def, acc_def, *, gather=None, length=None, decode=None) -> Callable:
         """The compiled `K` fused training steps, on flat leaves (see `train`):
         `fn(dyn, acc, batches, reset, guard, step)` over stacked batches `(K, batch, ...)`
         with `lax.scan`.
@@ -329,7 +337,7 @@ class CompiledSteps:
                     dyn, acc, flag, guard, step = carry
                     source = batches if gather is not None else batch
                     dyn, acc, ms, guard, step = self._step(
-                        dyn, acc, source, flag, guard, step, gather
+                        dyn, acc, source, flag, guard, step, gather, decode
                     )
                     return (dyn, acc, jnp.zeros_like(flag), guard, step), ms
 
@@ -340,38 +348,45 @@ class CompiledSteps:
 
             return jax.jit(self._named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
 
-        return self._get(("train_many", gather, length, dyn_def, acc_def), build)
+        return self._get(("train_many", gather, length, decode, dyn_def, acc_def), build)
 
-    def evaluate(self, dyn_def, acc_def) -> Callable:
+    def evaluate(self, dyn_def, acc_def, decode=None) -> Callable:
         """The compiled evaluation step on flat leaves (see `train`):
         `fn(dyn, acc, batch, reset) -> (acc, step_metrics_or_None, ticket)`; donates `acc`
         only. `ticket` is a tiny output that is ready when the step has run (for the in-flight
-        bound)."""
+        bound). `decode`: as in `train`."""
 
         def build():
             def step(dyn, acc, batch, reset):
                 dyn = jax.tree.unflatten(dyn_def, dyn)
                 acc = jax.tree.unflatten(acc_def, acc)
-                self.trace_log.record("eval", (acc, batch))
+                # A stage whose per-batch hooks keep the decode on the host has its own
+                # function (and name), not a retrace of this one.
+                self.trace_log.record("eval" if decode is None else "eval_decoded", (acc, batch))
+                if decode is not None:
+                    batch = decode(batch)
                 acc, m_dyn = self._eval_body(dyn, acc, batch, reset)
                 ms = m_dyn if self.keep_step_metrics else None
                 return jax.tree.leaves(acc), ms, jnp.logical_not(reset)
 
             return jax.jit(self._named(step, "eval_step"), donate_argnums=(1,))
 
-        return self._get(("eval", dyn_def, acc_def), build)
+        return self._get(("eval", decode, dyn_def, acc_def), build)
 
-    def predict(self, dyn, batch):
-        """One predict step: the experiment's `predict_step(batch)` outputs."""
+    def predict(self, dyn, batch, decode=None):
+        """One predict step: the experiment's `predict_step(batch)` outputs (`decode`: as in
+        `train`)."""
 
         def build():
             def step(dyn, batch):
-                self.trace_log.record("predict", batch)
+                self.trace_log.record("predict" if decode is None else "predict_decoded", batch)
+                if decode is not None:
+                    batch = decode(batch)
                 return self.combine(dyn).predict_step(batch)
 
             return jax.jit(self._named(step, "predict_step"))
 
-        return self._get("predict", build)(dyn, batch)
+        return self._get(("predict", decode), build)(dyn, batch)
 
     def empty_accumulator(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
         """Zeros shaped like one step's metrics arrays (overwritten by the first step)."""

@@ -86,6 +86,15 @@ def _device_schedule(data: Any, progress: Any, total_batches: int, fused: int):
         yield 1, data
 
 
+def _split_transform(loader: Any, hooks_need_batches: bool) -> tuple[Any, Any]:
+    """`(loader, decode)`: a host loader whose transform can run on the device yields its
+    batches before it (e.g. `uint8` pixels: 4x less to upload) and the compiled step applies
+    `decode`. Not when per-batch hooks must see the transformed batch."""
+    if hooks_need_batches or not hasattr(loader, "split_transform"):
+        return loader, None
+    return loader.split_transform()
+
+
 def _chunk_steps(feeder: Feeder, placement: Any):
     """`(1, (chunk, index))` for every batch of every uploaded chunk (see `take_from_chunk`)."""
     indices = None
@@ -138,12 +147,14 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
     state = trainer._train_state
     inflight = InflightLimit()
     source = _device_epoch(trainer, loader, batch_start or batch_end)
+    decode = None
     if source is not None:  # gathered inside the compiled step: no feeder, no per-step upload
         gather, data = source
         total_batches = len(loader) if count is None else count
         items = _device_schedule(data, progress, total_batches, fused)
         feeder = contextlib.nullcontext()
     else:
+        loader, decode = _split_transform(loader, batch_start or batch_end)
         # Single steps on host data upload small batches in chunks (one transfer for
         # several steps); each step takes its batch from the chunk on the device.
         chunked = (
@@ -172,9 +183,9 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
         if fn is None:
             defs = (dyn_state.treedef, state.acc_flat.treedef)
             if n == 1:
-                fn = steps.train(*defs, closing=closing, gather=gather)
+                fn = steps.train(*defs, closing=closing, gather=gather, decode=decode)
             else:
-                fn = steps.train_many(*defs, gather=gather, length=length)
+                fn = steps.train_many(*defs, gather=gather, length=length, decode=decode)
             train_fns[(n, closing)] = fn
         return fn
 
@@ -185,6 +196,8 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                     spec = jax.eval_shape(gather, batch, jnp.int32(0))
                 else:
                     spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
+                if decode is not None:
+                    spec = jax.eval_shape(decode, spec)
                 if trainer.train_batch_size is None:  # global size, from shapes only
                     trainer.train_batch_size = jax.tree.leaves(spec)[0].shape[0]
                 if state.acc_flat.treedef is None:
@@ -244,6 +257,8 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
         # Resumed at the very end of an epoch's batches: no step has shown the metrics'
         # structure yet, so take it from the epoch's first batch.
         first = next(iter(batches_from(loader, 0, 1)))
+        if decode is not None:
+            first = decode(first)
         state.init(steps, trainer._dyn, trainer._placement.put_batch(prepare(first)))
     if state.steps_in_interval:
         trainer._close_train_interval()
@@ -349,6 +364,7 @@ def run_evaluation(
     prepare = BatchPreparer(
         trainer._placement, evaluation=True, validate=trainer.experiment.validate_batch
     )
+    loader, decode = _split_transform(loader, batch_start or batch_end)
     acc = FlatTree()
     dyn = trainer._dyn_state
     evaluate = None
@@ -359,8 +375,9 @@ def run_evaluation(
     ) as feeder:
         for batch_idx, (_, batch) in enumerate(feeder):
             if evaluate is None:
-                acc.tree = steps.empty_accumulator("eval", trainer._dyn, batch)
-                evaluate = steps.evaluate(dyn.treedef, acc.treedef)
+                spec = batch if decode is None else jax.eval_shape(decode, batch)
+                acc.tree = steps.empty_accumulator("eval", trainer._dyn, spec)
+                evaluate = steps.evaluate(dyn.treedef, acc.treedef, decode)
             if batch_start:
                 hooks.call(trainer, f"on_{stage}_batch_start", batch, batch_idx)
             acc.leaves, step_metrics, ticket = evaluate(dyn.leaves, acc.leaves, batch, reset)
@@ -386,6 +403,7 @@ def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTr
     batch_start = hooks.active("on_predict_batch_start")
     batch_end = hooks.active("on_predict_batch_end")
     prepare = BatchPreparer(trainer._placement, evaluation=True, validate=None)
+    loader, decode = _split_transform(loader, batch_start or batch_end)
     outputs, masks = [], []
     inflight = InflightLimit()
     with Feeder(
@@ -394,7 +412,7 @@ def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTr
         for batch_idx, (_, batch) in enumerate(feeder):
             if batch_start:
                 hooks.call(trainer, "on_predict_batch_start", batch, batch_idx)
-            out = steps.predict(trainer._dyn, batch)
+            out = steps.predict(trainer._dyn, batch, decode)
             inflight.add(out)
             outputs.append(out)
             masks.append(batch.get("mask") if isinstance(batch, dict) else None)
