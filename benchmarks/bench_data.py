@@ -7,7 +7,9 @@ then measures, side by side in one run:
    fresh `{"image": float32 (B, 1, 28, 28) in [0, 1], "label": int32 (B,)}` decoded from the
    stored `uint8` pixels) and of `ArrayDataModule` on the same images as float32, against
    `torch.utils.data.DataLoader(TensorDataset(...), batch_size=128, shuffle=True)` on those
-   float32 arrays. Every contestant iterates whole epochs (torch's included, so that each
+   float32 arrays; and, as the Trainer reads MNIST (the batches before the decode, which
+   the Trainer runs inside its compiled step: `split_transform()`), `uint8` batches against
+   torch's `DataLoader` on the same `uint8` arrays. Every contestant iterates whole epochs (torch's included, so that each
    pays its per-epoch shuffle once per epoch). The rounds are interleaved; in each, every
    contestant runs an untimed epoch then a timed one (the 47 MB of uint8 pixels partly stay
    in the CPU's last-level cache between epochs, until torch's 188 MB of float32 flush
@@ -128,11 +130,19 @@ def main() -> None:
             shuffle=True,
             drop_last=True,
         )
+        torch_uint8 = DataLoader(
+            TensorDataset(torch.from_numpy(train["image"]), torch.from_numpy(labels).long()),
+            batch_size=bs,
+            shuffle=True,
+            drop_last=True,
+        )
         rates = interleaved_rates(
             {
                 "mnist": iterate(mnist.train_dataloader),
+                "mnist_trainer": iterate(lambda: mnist.train_dataloader().split_transform()[0]),
                 "arrays": iterate(arrays.train_dataloader),
                 "torch": iterate(lambda: torch_loader),
+                "torch_uint8": iterate(lambda: torch_uint8),
             },
             args.repeats,
             warm=True,
@@ -149,6 +159,18 @@ def main() -> None:
         )
         print(
             f"   torch DataLoader(TensorDataset, shuffle=True) {max(rates['torch']):10.0f}      1.0x"
+        )
+        print(
+            "   the same uint8 pixels as the Trainer takes them (MNIST's decode runs inside "
+            "the compiled step):"
+        )
+        print(
+            "   solstice MNIST (uint8 batches)                "
+            f"{summary(rates, 'mnist_trainer', 'torch_uint8')}"
+        )
+        print(
+            "   torch DataLoader(TensorDataset(uint8), ...)   "
+            f"{max(rates['torch_uint8']):10.0f}      1.0x"
         )
 
         # -- 2. host vs device mode, feeding a jitted training step ----------------------
