@@ -168,8 +168,10 @@ class MNIST(IDXImageDataModule):
     evaluation batches also carry a boolean `"mask"`. The validation split is a fixed random
     `val_fraction` of the 60,000 training images (drawn from `seed`); the test split (also
     used for predict) is the 10,000 test images. Pixels are kept as `uint8` and decoded per
-    batch (on the device with `on_device=True`): a `float32` copy would take 4x the memory
-    (188 MB) and, as shuffled rows are gathered from main memory, batches would be slower.
+    batch: a `float32` copy would take 4x the memory (188 MB) and, as shuffled rows are
+    gathered from main memory, batches would be slower. The Trainer uploads the `uint8`
+    batches and decodes them inside its compiled step (see `BatchLoader.split_transform`);
+    iterating a loader directly gives decoded `float32` batches.
 
     **Arguments:**
 
