@@ -49,8 +49,15 @@ class PackedMetrics(Mapping[str, Any]):
     **Example:**
 
     ```python
-    names, vector, rest = jax.jit(pack_scalars)(metrics)   # inside a compiled step
-    packed = PackedMetrics(names, vector, rest, prefix="train/")
+    layout = {}
+
+    @jax.jit
+    def close(metrics):                  # inside a compiled step: names are trace-time data
+        layout["names"], vector, rest = pack_scalars(metrics)
+        return vector, rest
+
+    vector, rest = close(metrics)
+    packed = PackedMetrics(layout["names"], vector, rest, prefix="train/")
     packed.host_floats()   # {"train/loss": 0.25, ...}: one transfer
     ```
     """
@@ -68,6 +75,14 @@ class PackedMetrics(Mapping[str, Any]):
         self.vector = vector
         self._rest = {prefix + k: v for k, v in (rest or {}).items()}
         self._index = {name: i for i, name in enumerate(self.names)}
+
+    def with_values(self, vector: jax.Array | None, rest: Mapping[str, Any]) -> "PackedMetrics":
+        """A mapping with the same (prefixed) names and new values, built without redoing
+        the names (`rest` keys are taken as already prefixed)."""
+        new = PackedMetrics.__new__(PackedMetrics)
+        new.names, new._index = self.names, self._index
+        new.vector, new._rest = vector, dict(rest)
+        return new
 
     def with_items(self, **extra: Any) -> "PackedMetrics":
         """A copy with `extra` host values added (e.g. `epoch=3`)."""

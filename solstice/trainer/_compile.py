@@ -158,6 +158,7 @@ class CompiledSteps:
         self.track_nonfinite = track_nonfinite
         self.metrics_static: dict[str, PyTree] = {}
         self.packed_names: dict[str, tuple[str, ...]] = {}
+        self._layouts: dict[tuple[str, str], tuple[tuple[str, ...], PackedMetrics]] = {}
         self._jitted: dict[str, Callable] = {}
         self.batch_transform: Callable[[PyTree, jax.Array], PyTree] | None = None
 
@@ -254,9 +255,18 @@ class CompiledSteps:
         return (vector, rest), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
 
     def unpack(self, stage: str, packed: tuple[Any, Any], prefix: str = "") -> PackedMetrics:
-        """The `PackedMetrics` of a closed interval (`packed` from `train`/`close_interval`)."""
+        """The `PackedMetrics` of a closed interval (`packed` from `train`/`close_interval`).
+
+        The prefixed names are built once per (stage, prefix), not per log."""
         vector, rest = packed
-        return PackedMetrics(self.packed_names[stage], vector, rest, prefix=prefix)
+        names = self.packed_names[stage]
+        layout = self._layouts.get((stage, prefix))
+        if layout is None or layout[0] is not names:
+            layout = (names, PackedMetrics(names, None, prefix=prefix))
+            self._layouts[(stage, prefix)] = layout
+        if rest:
+            rest = {prefix + k: v for k, v in rest.items()}
+        return layout[1].with_values(vector, rest)
 
     def _step(self, dyn, acc, batch, reset, guard, step, gather, decode=None):
         """Traced: one training step on `batch` (or on `gather(batch, step)`), decoded by
