@@ -1,22 +1,36 @@
 """Cost of logging every step: TensorBoard + CSV + progress bar against no logging.
 
-    python benchmarks/bench_logging.py [--repeats 3] [--samples 30720]
+    python benchmarks/bench_logging.py [--repeats 10] [--samples 61440]
 
-Both runs train the same MLP (784-512-512-10, batch 128) on the same MNIST-shaped random
-data, one epoch after a warm-up epoch (so compilation is excluded), side by side in one
-process; each configuration is repeated and the median throughput is used. Prints samples/s
-and the ratio logged / silent (target: >= 0.95, i.e. logging costs at most 5%).
+Two Trainers train the same MLP (784-512-512-10, batch 128) on the same MNIST-shaped random
+data in one process: one without logging (`loggers=[]`, no progress bar, one log per epoch),
+one logging every step (`log_every_n_steps=1`) to TensorBoard and CSV with the progress bar
+on. Each is warmed up (compiled, one epoch), then they run *rounds*: in every round each
+trains one more epoch (`fit` with `max_epochs` raised by one), in turn, the one going first
+alternating. An epoch is timed from its start to the end of its training, after waiting for
+the device and for the logging thread to have written everything (`flush`), so work left
+queued counts. The headline is the median over rounds of the per-round ratio logged/silent
+(samples/s); target >= 0.95, i.e. logging costs at most 5%. Also printed: best/best, the
+ratio per CPU second (which other processes' load disturbs less), and the extra CPU time per
+step that logging costs (all threads of the process).
 """
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import equinox as eqx
 import jax
 import numpy as np
 import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Contestant, best_ratio, cpu_ratio, interleave, machine, ratio, spread
 
 import solstice
 from solstice.datamodules import ArrayDataModule
@@ -34,56 +48,84 @@ def make_experiment():
     )
 
 
-def run(datamodule, logged: bool, logdir: str) -> float:
-    if logged:
-        kw = dict(
-            loggers=[solstice.TensorBoardLogger(logdir), solstice.CSVLogger(logdir)],
-            log_every_n_steps=1,
-            enable_progress_bar=True,
-        )
-    else:
-        kw = dict(loggers=[], log_every_n_steps=10**9, enable_progress_bar=False)
-    trainer = solstice.Trainer(max_epochs=2, devices=1, **kw)
-    times = {}
+class _EpochTimer(solstice.callbacks.Callback):
+    """Times each training epoch, including the logging thread's drain at its end."""
 
-    class EpochTimer(solstice.callbacks.Callback):
-        def on_train_epoch_start(self, trainer, experiment):
-            jax.block_until_ready(trainer._dyn)
-            times[trainer.current_epoch] = time.perf_counter()
+    def __init__(self):
+        self.seconds = self.cpu = 0.0
 
-        def on_train_epoch_end(self, trainer, experiment):
-            jax.block_until_ready(trainer._dyn)
-            times[trainer.current_epoch] = time.perf_counter() - times[trainer.current_epoch]
+    def on_train_epoch_start(self, trainer, experiment):
+        jax.block_until_ready(trainer._dyn)
+        self._cpu, self._start = time.process_time(), time.perf_counter()
 
-    trainer.callbacks.insert(0, EpochTimer())
-    trainer.fit(make_experiment(), datamodule)
-    trainer.close()
-    n = trainer.num_training_batches * datamodule.batch_size
-    return n / times[1]  # epoch 1: after warm-up
+    def on_train_epoch_end(self, trainer, experiment):
+        jax.block_until_ready(trainer._dyn)
+        trainer._logging.flush()
+        self.seconds = time.perf_counter() - self._start
+        self.cpu = time.process_time() - self._cpu
+
+
+def contestant(name: str, datamodule, **trainer_kw) -> Contestant:
+    trainer = solstice.Trainer(max_epochs=1, devices=1, **trainer_kw)
+    timer = _EpochTimer()
+    trainer.callbacks.append(timer)  # last: after the progress bar and the logging callback
+    state = {"exp": trainer.fit(make_experiment(), datamodule)}  # warm-up: compile
+
+    def epoch() -> tuple[float, int, float]:
+        trainer.max_epochs += 1
+        state["exp"] = trainer.fit(state["exp"], datamodule)
+        samples = trainer.num_training_batches * datamodule.batch_size
+        return timer.seconds, samples, timer.cpu
+
+    c = Contestant(name, epoch)
+    c.trainer = trainer
+    return c
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=30720)
+    parser.add_argument("--repeats", type=int, default=10, help="rounds (one epoch each)")
+    parser.add_argument("--samples", type=int, default=61440, help="samples per epoch")
     args = parser.parse_args()
+    print(machine())
     rng = np.random.default_rng(0)
     data = {
         "image": rng.random((args.samples, 784), dtype=np.float32),
         "label": rng.integers(0, 10, args.samples).astype(np.int32),
     }
     dm = ArrayDataModule(train=data, batch_size=128)
-    silent, logged = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):  # interleaved, so drift affects both alike
-            silent.append(run(dm, False, tmp))
-            logged.append(run(dm, True, f"{tmp}/{r}"))
-    s, lg = statistics.median(silent), statistics.median(logged)
-    print(f"no logging:            {s:10.0f} samples/s  (runs: {[round(x) for x in silent]})")
+        silent = contestant(
+            "no logging", dm, loggers=[], log_every_n_steps=10**9, enable_progress_bar=False
+        )
+        logged = contestant(
+            "log every step (TB+CSV+bar)",
+            dm,
+            loggers=[solstice.TensorBoardLogger(tmp), solstice.CSVLogger(tmp)],
+            log_every_n_steps=1,
+            enable_progress_bar=True,
+        )
+        interleave([silent, logged], args.repeats, verbose=False)
+        for c in (silent, logged):
+            c.trainer.close()
+    for c in (silent, logged):
+        rates = ", ".join(f"{x:.0f}" for x in c.rates)
+        print(f"{c.name:28s} {statistics.median(c.rates):8.0f} samples/s  (rounds: {rates})")
+    lo, hi = spread(logged, silent)
+    batch = dm.batch_size
+    cpu_cost = statistics.median(
+        (1 / lg - 1 / s) * batch for lg, s in zip(logged.cpu, silent.cpu)
+    )  # CPU seconds per step, all threads
     print(
-        f"log every step (TB+CSV+bar): {lg:10.0f} samples/s  (runs: {[round(x) for x in logged]})"
+        f"best/best {best_ratio(logged, silent):.3f}, per CPU-s {cpu_ratio(logged, silent):.3f}, "
+        f"extra CPU per step {1e6 * cpu_cost:.0f} us (median over rounds)"
     )
-    print(f"ratio logged/silent: {lg / s:.3f}  (target >= 0.95)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at the end: {load:.1f}")
+    print(
+        f"ratio logged/silent: {ratio(logged, silent):.3f}  (median of {args.repeats} rounds, "
+        f"range {lo:.3f}-{hi:.3f}; target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from solstice.loggers import (
     to_floats,
 )
 from solstice.loggers._hparams import flatten_hparams, jsonable_hparams
+from solstice.loggers._packed import PackedMetrics, pack_scalars
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -319,6 +320,34 @@ def _log_all(logger):
 
 def test_writes_every_value(harness):
     _log_all(harness.logger)
+    harness.logger.close()
+    got = harness.read()
+    for name, expected in EXPECTED.items():
+        assert got[name] == expected, name
+    assert {step for step, _ in got["epoch"]} == {1, 2, 3}
+
+
+def _packed(metrics: dict) -> PackedMetrics:
+    """What the Trainer publishes: the floating scalars in one device vector, then `epoch`."""
+    metrics = dict(metrics)
+    epoch = metrics.pop("epoch")
+    prefix = "train/"
+    inner = {k.removeprefix(prefix): jnp.asarray(v) for k, v in metrics.items()}
+    names = []
+
+    def pack(m):  # (traced, a dict's keys come sorted: take the names from the trace)
+        packed_names, vector, rest = pack_scalars(m)
+        names.append(packed_names)
+        return vector, rest
+
+    vector, rest = jax.jit(pack)(inner)
+    return PackedMetrics(names[0], vector, rest, prefix=prefix).with_items(epoch=epoch)
+
+
+def test_writes_every_value_from_packed_metrics(harness):
+    for metrics, step in LOGGED:
+        packed = metrics["epoch"] is not None and "train/loss" in metrics
+        harness.logger.log_metrics(_packed(metrics) if packed else metrics, step)
     harness.logger.close()
     got = harness.read()
     for name, expected in EXPECTED.items():

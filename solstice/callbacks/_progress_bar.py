@@ -1,6 +1,7 @@
 """`ProgressBar`: a tqdm bar per epoch with live metrics, without syncing the device."""
 
 import sys
+import time
 from typing import Any
 
 from ._callback import Callback
@@ -13,10 +14,11 @@ def _format(value: float) -> str:
 class ProgressBar(Callback):
     """Shows a tqdm bar per training epoch with steps/s and the latest metrics.
 
-    The bar advances at log intervals (`log_every_n_steps`) and epoch ends, never per step.
-    It shows the values that the logging thread has already converted (`trainer.history`),
-    so it never reads from the device and never stalls training. After validation the
-    `val/*` metrics are added to the epoch's bar.
+    The bar advances at log intervals (`log_every_n_steps`) and epoch ends, never per step,
+    and at most as often as tqdm redraws (`mininterval`, 0.1 s): logging every step costs it
+    next to nothing. It shows the values that the logging thread has already converted
+    (`trainer.history`), so it never reads from the device and never stalls training. After
+    validation the `val/*` metrics are added to the epoch's bar.
 
     **Arguments:**
 
@@ -35,20 +37,38 @@ class ProgressBar(Callback):
         self.leave = leave
         self._bar: Any = None
         self._shown: dict[str, str] = {}
+        self._wanted_names: dict[str, bool] = {}  # a cache of `_wanted`, for `_wanted_for`
+        self._wanted_for = self.metrics
+        self._next_update = 0.0  # time.monotonic() at which the bar may next be redrawn
 
     def _wanted(self, name: str) -> bool:
-        short = name.split("/", 1)[-1]
-        return any(m in short for m in self.metrics) and not short.endswith("_epoch")
+        if self._wanted_for is not self.metrics:  # `metrics` was changed
+            self._wanted_names.clear()
+            self._wanted_for = self.metrics
+        wanted = self._wanted_names.get(name)
+        if wanted is None:
+            short = name.split("/", 1)[-1]
+            wanted = any(m in short for m in self.metrics) and not short.endswith("_epoch")
+            self._wanted_names[name] = wanted
+        return wanted
 
     def _refresh(self, trainer, flush: bool = False) -> None:
         if flush:  # epoch end: waiting for the logging thread is allowed here
             trainer._logging.flush()
-        history = trainer.history
-        for name in list(history.metrics):
-            if self._wanted(name) and history.metrics[name]:
-                self._shown[name] = _format(history.metrics[name][-1])
+        metrics = trainer.history.metrics  # read in place: the last value of each wanted list
+        for name in tuple(metrics):  # (a copy of the names: the logging thread may add one)
+            if self._wanted(name):
+                values = metrics.get(name)
+                if values:
+                    self._shown[name] = _format(values[-1])
         if self._bar is not None and self._shown:
             self._bar.set_postfix(self._shown, refresh=False)
+
+    def _update(self, trainer) -> None:
+        """Bring the bar to the current batch, with fresh metrics (tqdm redraws if due)."""
+        self._refresh(trainer)
+        self._bar.update(trainer.progress.batch_idx - self._bar.n)
+        self._next_update = time.monotonic() + self._bar.mininterval
 
     def on_train_epoch_start(self, trainer, experiment) -> None:
         from tqdm.auto import tqdm
@@ -61,14 +81,18 @@ class ProgressBar(Callback):
             unit="step",
             leave=self.leave,
             dynamic_ncols=True,
+            miniters=1,  # redraw at every update after `mininterval`; `on_log` paces them
             file=sys.stderr,
         )
+        self._next_update = 0.0
 
     def on_log(self, trainer, experiment, metrics: dict[str, Any], step: int) -> None:
-        if self._bar is None or trainer.progress.stage != "train":
+        # Called at every log interval (every step with `log_every_n_steps=1`): only the clock
+        # is read, until tqdm would redraw anyway.
+        if self._bar is None or time.monotonic() < self._next_update:
             return
-        self._refresh(trainer)
-        self._bar.update(trainer.progress.batch_idx - self._bar.n)
+        if trainer.progress.stage == "train":
+            self._update(trainer)
 
     def on_train_epoch_end(self, trainer, experiment) -> None:
         self._refresh(trainer, flush=True)

@@ -1,7 +1,7 @@
 """`AsyncLogger`: run any logger on a background thread, so logging never stalls training."""
 
 import atexit
-import queue
+import collections
 import threading
 import traceback
 import weakref
@@ -9,11 +9,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._closed import check_open
-from ._convert import check_scalars, to_floats
+from ._convert import check_scalars, many_to_floats, to_floats
 from ._failures import LoggerFailure, deferred_failures
 from ._fanout import FanoutLogger
 from ._hparams import check_hparams
 from ._logger import Logger
+from ._packed import PackedMetrics
 
 _CLOSE = object()
 
@@ -28,12 +29,17 @@ class _Flush:
 class AsyncLogger(Logger):
     """Runs another logger on one background thread.
 
-    Calls are queued in order and handled one at a time on the background thread, so the
-    inner logger sees exactly the calls made here, in the same order, and need not be
-    thread-safe. Metric values may be 0-d JAX arrays still on the device: they are copied to
-    the host (`jax.device_get`) on the background thread, never on the caller's, so logging
-    does not make the training thread wait for the device. Only their shapes and dtypes are
-    checked on the caller's thread (this needs no copy).
+    Calls are queued in order and handled on the background thread, so the inner logger sees
+    exactly the calls made here, in the same order, and need not be thread-safe. Metric
+    values may be 0-d JAX arrays still on the device (or a `PackedMetrics`): they are copied
+    to the host on the background thread, never on the caller's, so logging does not make
+    the training thread wait for the device. Only their shapes and dtypes are checked on the
+    caller's thread (this needs no copy).
+
+    The background thread takes every waiting call at once (copying the device values of
+    several calls together), then rests up to `max_delay` seconds while calls accumulate:
+    it wakes up a few times a second rather than at every call, which keeps its cost low
+    when logging every step. `flush()` and `close()` never wait for that rest.
 
     The queue is bounded: when `max_queue_size` calls are waiting, the next call blocks until
     there is room. Nothing is ever dropped.
@@ -57,6 +63,9 @@ class AsyncLogger(Logger):
 
     - `logger`: the logger to run in the background.
     - `max_queue_size`: how many calls may wait before the caller blocks.
+    - `max_delay`: the longest the background thread rests between batches of calls, in
+      seconds (so, how stale the inner logger may be until `flush()`); `0` handles every
+      call as soon as possible.
 
     **Example:**
 
@@ -67,7 +76,7 @@ class AsyncLogger(Logger):
     ```
     """
 
-    def __init__(self, logger: Logger, *, max_queue_size: int = 1024):
+    def __init__(self, logger: Logger, *, max_queue_size: int = 1024, max_delay: float = 0.05):
         if not isinstance(logger, Logger):
             raise TypeError(
                 f"AsyncLogger wraps a `solstice.Logger`, got {logger!r} of type "
@@ -81,9 +90,26 @@ class AsyncLogger(Logger):
                 f"`max_queue_size` must be at least 1, got {max_queue_size}. It bounds how "
                 "many calls wait for the background thread; 1024 is a good default."
             )
+        if not isinstance(max_delay, int | float) or isinstance(max_delay, bool):
+            raise TypeError(f"`max_delay` must be a number of seconds, got {max_delay!r}.")
+        if not 0 <= max_delay < float("inf"):
+            raise ValueError(
+                f"`max_delay` must be a finite number of seconds >= 0, got {max_delay!r}; "
+                "0.05 is a good default."
+            )
         self.logger = logger
         self.max_queue_size = max_queue_size
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue_size)
+        self.max_delay = float(max_delay)
+        # A deque and two conditions on one lock (as in `queue.Queue`), so that the background
+        # thread can take every waiting call at once.
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiting = 0  # calls queued and not started yet (taken or not): what is bounded
+        self._mutex = threading.Lock()
+        self._not_empty = threading.Condition(self._mutex)
+        self._not_full = threading.Condition(self._mutex)
+        self._idle = False  # the background thread waits for a call: the next one wakes it
+        self._resting = False  # it rests (`max_delay`): only urgent calls wake it
+        self._urgent = False  # a flush/close (or a half-full queue) ends the rest
         self._lock = threading.Lock()
         self._errors: list[tuple[str, BaseException]] = []
         self._failures: list[LoggerFailure] = []
@@ -99,25 +125,80 @@ class AsyncLogger(Logger):
     def _work(self) -> None:
         with deferred_failures(self._defer_failure):
             while True:
-                item = self._queue.get()
-                try:
-                    if item is _CLOSE:
-                        self._run("close", self.logger.close)
-                        return
-                    elif isinstance(item, _Flush):
-                        self._run("flush", self.logger.flush)
-                        item.done.set()
-                    else:
-                        method, args = item
-                        self._run(method, getattr(self, f"_do_{method}"), *args)
-                finally:
-                    self._queue.task_done()
+                with self._mutex:
+                    while not self._items:
+                        self._idle = True
+                        self._not_empty.wait()
+                        self._idle = False
+                    batch = list(self._items)
+                    self._items.clear()
+                if self._handle(batch):
+                    return
+                if self.max_delay:
+                    self._rest()
 
-    def _do_log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+    def _rest(self) -> None:
+        """Let calls accumulate for up to `max_delay` seconds, unless one is urgent."""
+        with self._mutex:
+            if self._urgent or self._waiting * 2 >= self.max_queue_size:
+                self._urgent = False
+                return
+            self._resting = True
+            self._not_empty.wait(self.max_delay)
+            self._resting = False
+            self._urgent = False
+
+    def _handle(self, batch: list[Any]) -> bool:
+        """Handle queued calls in order; returns whether the logger was closed."""
+        floats = self._convert(batch)
+        for i, item in enumerate(batch):
+            with self._mutex:  # this call is no longer waiting
+                self._waiting -= 1
+                if self._waiting * 2 <= self.max_queue_size:  # room: wake blocked callers
+                    self._not_full.notify_all()
+            if item is _CLOSE:
+                self._run("close", self.logger.close)
+                return True
+            elif isinstance(item, _Flush):
+                self._run("flush", self.logger.flush)
+                item.done.set()
+            elif item[0] == "log_metrics":
+                _, metrics, step = item
+                values = None if floats is None else floats[i]
+                if values is None:  # converted alone, so that an error names this call
+                    self._run("log_metrics", self._log_one, metrics, step)
+                else:
+                    self._run("log_metrics", self.logger.log_metrics, values, step)
+            else:
+                _, params = item
+                self._run("log_hyperparams", self.logger.log_hyperparams, params)
+        return False
+
+    @staticmethod
+    def _convert(batch: list[Any]) -> list[Any] | None:
+        """The float values of every `log_metrics` call of `batch` (at its index), with one
+        device-to-host copy for all their plain device arrays; `None` if one fails."""
+        indices = [
+            i for i, item in enumerate(batch) if type(item) is tuple and item[0] == "log_metrics"
+        ]
+        if len(indices) < 2:
+            return None
+        try:
+            # Steps finish in order: wait once for the newest values, rather than in turn for
+            # each of the values still being computed (a wake-up each).
+            newest = batch[indices[-1]][1]
+            if isinstance(newest, PackedMetrics) and newest.vector is not None:
+                newest.vector.block_until_ready()
+            converted = many_to_floats([batch[i][1] for i in indices])
+        except Exception:
+            return None
+        floats: list[Any] = [None] * len(batch)
+        for i, values in zip(indices, converted):
+            floats[i] = values
+        return floats
+
+    def _log_one(self, metrics: Mapping[str, Any], step: int) -> None:
         self.logger.log_metrics(to_floats(metrics), step)
-
-    def _do_log_hyperparams(self, params: Mapping[str, Any]) -> None:
-        self.logger.log_hyperparams(params)
 
     def _run(self, method: str, fn, *args) -> None:
         try:
@@ -133,6 +214,8 @@ class AsyncLogger(Logger):
     # ---- caller's thread
     def _surface(self) -> None:
         """Issue deferred warnings, then raise the first background error (if any)."""
+        if not (self._failures or self._errors):  # the common case, without the lock
+            return
         with self._lock:
             failures, self._failures = self._failures, []
             errors, self._errors = self._errors, []
@@ -153,35 +236,46 @@ class AsyncLogger(Logger):
                 f"`{method}`: {detail}{more}.{hint}"
             ) from error
 
-    def _put(self, item: Any) -> None:
-        while True:
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
+    def _put(self, item: Any, urgent: bool = False) -> None:
+        with self._mutex:
+            while self._waiting >= self.max_queue_size:
                 if not self._thread.is_alive():
                     raise RuntimeError(
                         f"The background thread of {self!r} has stopped; nothing more can be "
                         "logged. Create a new logger."
-                    ) from None
+                    )
+                self._not_full.wait(timeout=0.5)
+            self._items.append(item)
+            self._waiting += 1
+            if urgent or self._waiting * 2 >= self.max_queue_size:
+                self._urgent = True
+                if self._idle or self._resting:
+                    self._not_empty.notify()
+            elif self._idle:  # a busy thread will find the call; a resting one may rest on
+                self._not_empty.notify()
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        check_open(self, self._closed)
-        self._surface()
-        check_scalars(metrics)
-        self._put(("log_metrics", (dict(metrics), step)))
+        # On the training thread at every log interval: kept short.
+        if self._closed:
+            check_open(self, self._closed)
+        if self._failures or self._errors:
+            self._surface()
+        check_scalars(metrics)  # shapes and dtypes only (a `PackedMetrics`: not its vector)
+        if type(metrics) is not PackedMetrics:  # (immutable: queued as it is)
+            metrics = dict(metrics)  # the caller may change its dict afterwards
+        self._put(("log_metrics", metrics, step))
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         check_open(self, self._closed)
         self._surface()
         check_hparams(params)
-        self._put(("log_hyperparams", (params,)))
+        self._put(("log_hyperparams", params))
 
     def flush(self) -> None:
         if self._closed:
             return
         marker = _Flush()
-        self._put(marker)
+        self._put(marker, urgent=True)
         while not marker.done.wait(timeout=0.5):
             if not self._thread.is_alive():
                 break
@@ -192,7 +286,7 @@ class AsyncLogger(Logger):
         # (the exit handler does): nothing queued is lost.
         self._closed = True
         if not self._close_queued:
-            self._put(_CLOSE)
+            self._put(_CLOSE, urgent=True)
             self._close_queued = True
         self._thread.join()
         _open_loggers.discard(self)

@@ -13,10 +13,7 @@ from ._hparams import jsonable_hparams
 from ._logger import Logger
 
 _FIXED = ("step", "epoch")
-
-
-def _cell(value: float) -> str:
-    return str(int(value)) if value.is_integer() and math.isfinite(value) else repr(value)
+_BUFFER = 1 << 16  # bytes of rows kept in memory before they are handed to the OS
 
 
 def _atomic_write(path: str, write) -> None:
@@ -97,9 +94,15 @@ class CSVLogger(Logger):
                 self._hparams = json.load(f)
         if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
             _atomic_write(self.path, lambda f: csv.writer(f).writerow(self._columns))
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._file)
+        self._index = {column: i for i, column in enumerate(self._columns)}
+        self._open()
         self._closed = False
+
+    def _open(self) -> None:
+        # Rows are buffered in memory (written to the OS every `_BUFFER` bytes, to the disk at
+        # `flush()`/`close()`), never flushed one by one.
+        self._file = open(self.path, "a", newline="", encoding="utf-8", buffering=_BUFFER)
+        self._writerow = csv.writer(self._file).writerow
 
     def _widen(self, new_columns: list[str]) -> None:
         self._file.close()
@@ -115,8 +118,8 @@ class CSVLogger(Logger):
 
         _atomic_write(self.path, write)
         self._columns = columns
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._file)
+        self._index = {column: i for i, column in enumerate(columns)}
+        self._open()
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         check_open(self, self._closed)
@@ -127,12 +130,17 @@ class CSVLogger(Logger):
                 "'train/step'."
             )
         values = to_floats(metrics)
-        new = [key for key in values if key not in self._columns]
-        if new:
-            self._widen(new)
-        cells = {key: _cell(value) for key, value in values.items()}
-        cells["step"] = str(int(step))
-        self._writer.writerow([cells.get(column, "") for column in self._columns])
+        index = self._index
+        if not index.keys() >= values.keys():
+            self._widen([key for key in values if key not in index])
+            index = self._index
+        row = [""] * len(index)
+        row[0] = str(int(step))
+        for key, value in values.items():
+            row[index[key]] = (
+                str(int(value)) if value.is_integer() and math.isfinite(value) else repr(value)
+            )
+        self._writerow(row)
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         check_open(self, self._closed)

@@ -91,6 +91,11 @@ class PackedMetrics(Mapping[str, Any]):
         new._rest = {**self._rest, **extra}
         return new
 
+    @property
+    def rest(self) -> Mapping[str, Any]:
+        """The values that are not in the vector (integers, Python numbers, ...), by name."""
+        return self._rest
+
     def __getitem__(self, key: str) -> Any:
         i = self._index.get(key)
         if i is not None:
@@ -113,9 +118,11 @@ class PackedMetrics(Mapping[str, Any]):
         out: dict[str, float] = {}
         if self.names:
             out.update(zip(self.names, np.asarray(self.vector).tolist()))
-        if self._rest:
-            rest = jax.device_get(list(self._rest.values()))
-            out.update((k, float(v)) for k, v in zip(self._rest, rest))
+        arrays = {k: v for k, v in self._rest.items() if isinstance(v, jax.Array)}
+        if arrays:
+            arrays = dict(zip(arrays, jax.device_get(list(arrays.values()))))
+        for key, value in self._rest.items():
+            out[key] = float(arrays.get(key, value))
         return out
 
     def __repr__(self) -> str:

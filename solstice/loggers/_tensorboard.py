@@ -1,6 +1,7 @@
 """`TensorBoardLogger`: scalars and hyperparameters as TensorBoard event files."""
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -11,12 +12,20 @@ from ._convert import to_floats
 from ._hparams import flatten_hparams
 from ._logger import Logger
 
+_INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
+
+
+def _tag(name: str) -> str:
+    """The TensorBoard tag of a metric name: as tensorboardX's `scalar()` makes it (invalid
+    characters replaced by `_`, no leading `/`)."""
+    return _INVALID_TAG_CHARACTERS.sub("_", name).lstrip("/")
+
 
 class TensorBoardLogger(Logger):
     """Writes scalars and hyperparameters to a TensorBoard event file, with tensorboardX.
 
-    Every metric is a scalar summary at its step (the `epoch` key too, so TensorBoard can
-    plot against it). Hyperparameters go to TensorBoard's HParams dashboard (nested mappings
+    Every metric is a scalar at its step (the `epoch` key too, so TensorBoard can plot
+    against it); each `log_metrics` call writes one event holding all of its scalars. Hyperparameters go to TensorBoard's HParams dashboard (nested mappings
     flattened to `outer/inner`; values other than numbers, bools and strings are stored as
     strings), which lists every scalar of the run as a metric. View with
     `tensorboard --logdir <log_dir>`.
@@ -55,6 +64,7 @@ class TensorBoardLogger(Logger):
         try:
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event, SessionLog
+            from tensorboardX.proto.summary_pb2 import Summary
         except ImportError as error:
             raise ImportError(
                 "TensorBoardLogger needs tensorboardX, which is not installed. Install it "
@@ -71,6 +81,8 @@ class TensorBoardLogger(Logger):
         suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self._events = EventsWriter(os.path.join(self.log_dir, "events"), suffix)
         self._Event = Event
+        self._Summary = Summary
+        self._templates: dict[tuple[str, ...], tuple[Any, list[Any]]] = {}
         if purge_step is not None:
             start = SessionLog(status=SessionLog.START)
             self._events.write_event(
@@ -86,12 +98,34 @@ class TensorBoardLogger(Logger):
         if time.monotonic() - self._last_flush >= self.flush_secs:
             self.flush()
 
+    def _template(self, keys: tuple[str, ...]) -> tuple[Any, list[Any]]:
+        """An event whose summary has one scalar per key (values set by the caller), and its
+        values; kept per set of keys, as filling one in is much cheaper than building it."""
+        template = self._templates.get(keys)
+        if template is None:
+            Value = self._Summary.Value
+            tags = [_tag(key) for key in keys]
+            event = self._Event(
+                summary=self._Summary(value=[Value(tag=tag, simple_value=0.0) for tag in tags])
+            )
+            template = event, list(event.summary.value)
+            if len(self._templates) >= 64:  # metric names keep changing: do not pile up
+                self._templates.clear()
+            self._templates[keys] = template
+        return template
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         check_open(self, self._closed)
-        from tensorboardX.summary import scalar
-
-        for key, value in to_floats(metrics).items():
-            self._write(scalar(key, value), int(step))
+        values = to_floats(metrics)
+        if values:
+            # One event per call, its summary holding every value (TensorBoard reads each
+            # value as its own series), rather than one event (and record) per metric.
+            event, fields = self._template(tuple(values))
+            for field, value in zip(fields, values.values()):
+                field.simple_value = value
+            event.step = int(step)
+            event.wall_time = time.time()
+            self._events.write_event(event)
         self._maybe_flush()
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
