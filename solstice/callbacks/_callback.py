@@ -35,6 +35,11 @@ class Callback:
     ```
     """
 
+    # Whether the hooks read their `experiment` argument. The built-in logging callback and
+    # progress bar do not, and receive `None`, which spares rebuilding the experiment from its
+    # arrays on every logged step.
+    _reads_experiment: bool = True
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         check_hook_spelling(cls, "Callback")

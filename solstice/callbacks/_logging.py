@@ -22,6 +22,8 @@ class LoggingCallback(Callback):
     process keeps its in-memory `History`.
     """
 
+    _reads_experiment = False  # its hooks take the experiment from the trainer if needed
+
     def __init__(self, loggers: Sequence[Logger]):
         self.loggers = list(loggers)
         self._sink: Logger | None = None
@@ -36,7 +38,7 @@ class LoggingCallback(Callback):
         return self._sink
 
     def on_fit_start(self, trainer, experiment) -> None:
-        params = hyperparameters(experiment)
+        params = hyperparameters(trainer.experiment)  # `experiment` is None (see above)
         params.update({f"trainer.{k}": v for k, v in trainer.hparams.items()})
         self.sink.log_hyperparams(params)
 

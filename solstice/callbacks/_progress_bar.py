@@ -32,6 +32,8 @@ class ProgressBar(Callback):
     ```
     """
 
+    _reads_experiment = False  # its hooks never look at the experiment
+
     def __init__(self, metrics: tuple[str, ...] = ("loss", "accuracy"), leave: bool = True):
         self.metrics = tuple(metrics)
         self.leave = leave
