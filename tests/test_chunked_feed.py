@@ -8,7 +8,7 @@ from helpers import blobs, make_mlp_experiment, params_of
 import solstice
 from solstice.datamodules import ArrayDataModule
 from solstice.trainer import _feeder, _loop
-from solstice.trainer._placement import Placement
+from solstice.trainer._placement import Placement, aligned_empty
 
 
 class _PerBatchHook(solstice.callbacks.Callback):
@@ -91,3 +91,50 @@ def test_feeder_chunks_hold_the_batches_in_order():
     assert stacked.shape == (_feeder.MAX_CHUNK, 2, 3)
     np.testing.assert_array_equal(stacked[:7, 0, 0], np.arange(7))
     np.testing.assert_array_equal(stacked[7:, 0, 0], 6)  # padding repeats the last batch
+
+
+class _ReusedBuffer(solstice.datamodules.DataModule):
+    """Yields every batch in the same (64-byte aligned) buffers, overwritten for the next one,
+    as a loader with preallocated buffers does. The CPU backend could share such buffers
+    with the device instead of copying them."""
+
+    def __init__(self, reuse: bool):
+        super().__init__()
+        self.reuse = reuse
+        self.data = blobs(96)
+
+    def _batches(self):
+        image = aligned_empty((16, 8), np.float32)
+        label = aligned_empty((16,), np.int32)
+        for start in range(0, 96, 16):
+            if not self.reuse:
+                image, label = np.empty_like(image), np.empty_like(label)
+            image[:] = self.data["image"][start : start + 16]
+            label[:] = self.data["label"][start : start + 16]
+            yield {"image": image, "label": label}
+
+    def train_dataloader(self):
+        return self._batches()
+
+    def val_dataloader(self):
+        return self._batches()
+
+
+@pytest.mark.parametrize("chunk, fused", [(1, 1), (16, 1), (16, 4)])
+def test_a_loader_that_reuses_its_buffers_trains_like_fresh_ones(monkeypatch, chunk, fused):
+    monkeypatch.setattr(_feeder, "MAX_CHUNK", chunk)
+    results = []
+    for reuse in (False, True):
+        trainer = solstice.Trainer(
+            max_epochs=2,
+            enable_progress_bar=False,
+            devices=1,
+            prefetch=4,
+            steps_per_execution=fused,
+            log_every_n_steps=4,
+        )
+        exp = trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), _ReusedBuffer(reuse))
+        results.append((params_of(exp), dict(trainer.callback_metrics)))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert results[0][1] == results[1][1]

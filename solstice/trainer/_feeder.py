@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..datamodules._batching import MASK_KEY, batch_size_of, pad_batch
-from ._placement import Placement
+from ._placement import Placement, aligned_empty
 
 PyTree = Any
 
@@ -26,10 +26,57 @@ def _is_device_batch(batch: PyTree) -> bool:
     return all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
 
 
-def _stack(batches: list[PyTree]) -> PyTree:
-    if _is_device_batch(batches[0]):
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
-    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+class _Stacker:
+    """Stacks up to `size` batches along a new leading axis as they arrive.
+
+    Host batches are copied at once into buffers of our own (`aligned_empty`: on the CPU
+    backend `device_put` then uses them in place), so a loader may reuse its buffers for the
+    next batch; device batches are kept and stacked on the device.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.count = 0
+        self._items: list[PyTree] = []
+        self._buffers: list[np.ndarray] | None = None
+
+    def add(self, batch: PyTree) -> None:
+        if self.count == 0:
+            self._items = []
+            self._buffers = None
+            if not _is_device_batch(batch):
+                leaves, self._treedef = jax.tree.flatten(batch)
+                self._buffers = [
+                    aligned_empty((self.size, *np.shape(x)), np.asarray(x).dtype) for x in leaves
+                ]
+        if self._buffers is None:
+            self._items.append(batch)
+        else:
+            for buffer, x in zip(self._buffers, self._treedef.flatten_up_to(batch)):
+                buffer[self.count] = x
+        self.count += 1
+
+    @property
+    def owned(self) -> bool:
+        """Whether the stack is in host buffers of our own (see `Placement.put_stacked_batches`)."""
+        return self._buffers is not None
+
+    def batch(self, i: int) -> PyTree:
+        """Batch `i` of the stack."""
+        if self._buffers is None:
+            return self._items[i]
+        return self._treedef.unflatten([buffer[i] for buffer in self._buffers])
+
+    def take(self) -> PyTree:
+        """The stack, padded to `size` with copies of the last batch; starts a new one."""
+        n, self.count = self.count, 0
+        if self._buffers is None:
+            return jax.tree.map(
+                lambda *xs: jnp.stack(xs), *self._items, *[self._items[-1]] * (self.size - n)
+            )
+        for buffer in self._buffers:
+            buffer[n:] = buffer[n - 1]
+        return self._treedef.unflatten(self._buffers)
 
 
 # Chunked uploads (see `Feeder(chunked=True)`): a transfer costs ~40 us of host time however
@@ -157,27 +204,24 @@ class Feeder:
         if self._chunked:
             return self._produce_chunks()
         try:
-            pending: list[PyTree] = []
+            stack = _Stacker(self._group)
             lead = self._lead
             for batch in self._batches:
                 if self._stop.is_set():
                     return
-                if lead > 0:  # single steps until the chunks line up with the step count
+                if lead > 0 or self._group == 1:  # single steps (until chunks line up)
                     lead -= 1
                     if not self._put((1, self._placement.put_batch(self._prepare(batch)))):
                         return
                     continue
-                pending.append(self._prepare(batch))
-                if len(pending) == self._group:
-                    if self._group == 1:
-                        item = (1, self._placement.put_batch(pending[0]))
-                    else:
-                        item = (self._group, self._placement.put_stacked_batches(_stack(pending)))
-                    pending = []
-                    if not self._put(item):
+                stack.add(self._prepare(batch))
+                if stack.count == self._group:
+                    owned = stack.owned
+                    item = self._placement.put_stacked_batches(stack.take(), owned=owned)
+                    if not self._put((self._group, item)):
                         return
-            for batch in pending:
-                if not self._put((1, self._placement.put_batch(batch))):
+            for i in range(stack.count):  # the remainder, batch by batch
+                if not self._put((1, self._placement.put_batch(stack.batch(i)))):
                     return
             self._put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
@@ -187,29 +231,25 @@ class Feeder:
         """Items `(n, stacked)`: `n` batches stacked along a new leading axis, padded to the
         chunk size (a repeated last batch) so every upload has the same shape."""
         try:
-            size, pending = 0, []
+            stack = None
             for batch in self._batches:
                 if self._stop.is_set():
                     return
-                pending.append(self._prepare(batch))
-                size = size or chunk_size(pending[0])
-                if len(pending) == size:
-                    if not self._put(self._chunk(pending, size)):
-                        return
-                    pending = []
-            if pending and not self._put(self._chunk(pending, size)):
+                batch = self._prepare(batch)
+                if stack is None:
+                    stack = _Stacker(chunk_size(batch))
+                stack.add(batch)
+                if stack.count == stack.size and not self._put(self._chunk(stack)):
+                    return
+            if stack is not None and stack.count and not self._put(self._chunk(stack)):
                 return
             self._put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
             self._put(_Failure(exc))
 
-    def _chunk(self, batches: list[PyTree], size: int) -> tuple[int, PyTree]:
-        n = len(batches)
-        if size == 1 and not _is_device_batch(batches[0]):
-            stacked = jax.tree.map(lambda x: np.asarray(x)[None], batches[0])  # a view
-        else:
-            stacked = _stack(batches + [batches[-1]] * (size - n))
-        return n, self._placement.put_stacked_batches(stacked)
+    def _chunk(self, stack: "_Stacker") -> tuple[int, PyTree]:
+        n, owned = stack.count, stack.owned
+        return n, self._placement.put_stacked_batches(stack.take(), owned=owned)
 
     def __iter__(self) -> Iterator[tuple[int, PyTree]]:
         while True:

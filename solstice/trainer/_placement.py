@@ -115,6 +115,8 @@ class Placement:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.process_count = len({d.process_index for d in self.devices})
         self.multi_process = self.process_count > 1
+        # The CPU backend shares suitably aligned host buffers instead of copying them.
+        self.on_cpu = all(d.platform == "cpu" for d in self.devices)
         local = [d for d in self.devices if d.process_index == jax.process_index()]
         self.num_local_devices = len(local)
 
@@ -142,9 +144,12 @@ class Placement:
         """
         return self._put_sharded(batch, self.batch_sharding)
 
-    def put_stacked_batches(self, batches: PyTree) -> PyTree:
-        """Place a stack of batches `(K, batch, ...)`, sharded along axis 1."""
-        return self._put_sharded(batches, self.stacked_batch_sharding)
+    def put_stacked_batches(self, batches: PyTree, *, owned: bool = False) -> PyTree:
+        """Place a stack of batches `(K, batch, ...)`, sharded along axis 1.
+
+        `owned`: the host arrays are buffers of our own from `aligned_empty`, never written
+        again (not copied first on the CPU backend)."""
+        return self._put_sharded(batches, self.stacked_batch_sharding, owned=owned)
 
     def index_scalars(self, n: int) -> list[jax.Array]:
         """Replicated int32 device scalars `0 .. n-1`, made once (indices into uploaded
@@ -155,10 +160,12 @@ class Placement:
             self._index_scalars = cached
         return cached[:n]
 
-    def _put_sharded(self, tree: PyTree, sharding: NamedSharding) -> PyTree:
+    def _put_sharded(self, tree: PyTree, sharding: NamedSharding, owned: bool = False) -> PyTree:
         if _already_placed(tree, sharding):
             return tree  # an on-device DataModule's batch: `device_put` would cost ~30 us
         if not self.multi_process:
+            if self.on_cpu and not owned:
+                tree = jax.tree.map(_owned_host_copy, tree)
             return jax.device_put(tree, sharding)
         return jax.tree.map(lambda x: self._put_global(x, sharding, local_rows=True), tree)
 
@@ -247,6 +254,31 @@ class Placement:
         if local_rows:
             return jax.make_array_from_process_local_data(sharding, host)
         return jax.make_array_from_process_local_data(sharding, host, host.shape)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A fresh uninitialised host array whose data is 64-byte aligned.
+
+    On the CPU backend `jax.device_put` uses such a buffer in place instead of copying it
+    (a 4 MB batch: ~40 us against ~800 us), so only fill it with data that is never written
+    again.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _owned_host_copy(x: Any) -> Any:
+    """A host array copied into a buffer of our own (aligned, see `aligned_empty`), so that
+    `device_put` on the CPU backend neither copies it again nor aliases the caller's buffer
+    (a loader may reuse it for the next batch)."""
+    if type(x) is not np.ndarray:
+        return x
+    out = aligned_empty(x.shape, x.dtype)
+    np.copyto(out, x)
+    return out
 
 
 def _identity(x: jax.Array) -> jax.Array:
