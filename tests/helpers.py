@@ -70,3 +70,20 @@ def run_processes(commands, *, env, timeout, cwd=None):
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i} failed:\n" + "\n".join(logs)
     return logs
+
+
+def packed_like_trainer(metrics: dict, epoch: int = 0, prefix: str = "train/"):
+    """A `PackedMetrics` as the Trainer publishes it: `metrics` packed inside a compiled
+    function (the names come from the trace: a dict's keys come sorted), prefixed, with
+    `epoch` added."""
+    from solstice.loggers._packed import PackedMetrics, pack_scalars
+
+    names = []
+
+    def pack(m):
+        packed_names, vector, rest = pack_scalars(m)
+        names.append(packed_names)
+        return vector, rest
+
+    vector, rest = jax.jit(pack)(metrics)
+    return PackedMetrics(names[0], vector, rest, prefix=prefix).with_items(epoch=epoch)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import packed_like_trainer
 
 from solstice.loggers import (
     AsyncLogger,
@@ -27,7 +28,7 @@ from solstice.loggers import (
     to_floats,
 )
 from solstice.loggers._hparams import flatten_hparams, jsonable_hparams
-from solstice.loggers._packed import PackedMetrics, pack_scalars
+from solstice.loggers._packed import PackedMetrics
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -331,17 +332,8 @@ def _packed(metrics: dict) -> PackedMetrics:
     """What the Trainer publishes: the floating scalars in one device vector, then `epoch`."""
     metrics = dict(metrics)
     epoch = metrics.pop("epoch")
-    prefix = "train/"
-    inner = {k.removeprefix(prefix): jnp.asarray(v) for k, v in metrics.items()}
-    names = []
-
-    def pack(m):  # (traced, a dict's keys come sorted: take the names from the trace)
-        packed_names, vector, rest = pack_scalars(m)
-        names.append(packed_names)
-        return vector, rest
-
-    vector, rest = jax.jit(pack)(inner)
-    return PackedMetrics(names[0], vector, rest, prefix=prefix).with_items(epoch=epoch)
+    inner = {k.removeprefix("train/"): jnp.asarray(v) for k, v in metrics.items()}
+    return packed_like_trainer(inner, epoch=epoch)
 
 
 def test_writes_every_value_from_packed_metrics(harness):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import packed_like_trainer
 
 from solstice.callbacks._progress_bar import ProgressBar
 from solstice.loggers import (
@@ -24,7 +25,7 @@ from solstice.loggers import (
     to_floats,
 )
 from solstice.loggers._convert import check_scalars, many_to_floats
-from solstice.loggers._packed import PackedMetrics, pack_scalars
+from solstice.loggers._packed import PackedMetrics
 
 NAMES = ("accuracy", "f1", "loss")
 
@@ -33,15 +34,7 @@ def _packed(base: float, epoch: int = 0, **rest) -> PackedMetrics:
     """Like the Trainer's: packed inside a compiled function, prefixed, `epoch` added."""
     metrics = {name: jnp.float32(base + i) for i, name in enumerate(NAMES)}
     metrics.update(rest)
-    names = []
-
-    def pack(m):  # (traced, a dict's keys come sorted: take the names from the trace)
-        packed_names, vector, rest = pack_scalars(m)
-        names.append(packed_names)
-        return vector, rest
-
-    vector, rest_out = jax.jit(pack)(metrics)
-    return PackedMetrics(names[0], vector, rest_out, prefix="train/").with_items(epoch=epoch)
+    return packed_like_trainer(metrics, epoch=epoch)
 
 
 def _expected(base: float, epoch: int = 0) -> dict[str, float]:
