@@ -123,11 +123,7 @@ class InflightLimit:
         """Record a just-dispatched step's (non-donated) output."""
         self._tickets.append(ticket)
         if len(self._tickets) > self.max_inflight:
-            oldest = self._tickets.popleft()
-            if isinstance(oldest, jax.Array):
-                oldest.block_until_ready()  # no pytree walk for the common single array
-            else:
-                jax.block_until_ready(oldest)
+            jax.block_until_ready(self._tickets.popleft())
 
 
 def _slice(tree: PyTree, i: int) -> PyTree:
@@ -193,7 +189,6 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
             train_fns[(n, closing)] = fn
         return fn
 
-    boundary_work = bool(trainer._step_savers)
     with feeder:
         for n, batch in items:
             if state.acc_flat.treedef is None or trainer.train_batch_size is None:
@@ -239,13 +234,10 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                 packed, state.total_flat.leaves = out[5:]
             inflight.add(trainer._step_counter)
             state.steps_in_interval += n
-            if not batch_end:
-                progress.global_step += n
-                progress.batch_idx += n
-            else:
-                for i in range(n):
-                    progress.global_step += 1
-                    progress.batch_idx += 1
+            for i in range(n):
+                progress.global_step += 1
+                progress.batch_idx += 1
+                if batch_end:
                     one = step_metrics if n == 1 else _slice(step_metrics, i)
                     hooks.call(
                         trainer,
@@ -258,8 +250,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                 trainer._publish_train_interval(packed)
             elif closes:
                 trainer._close_train_interval()
-            if boundary_work or trainer._signals_pending():
-                trainer._step_boundary()  # step-triggered checkpoints, SIGINT/SIGTERM
+            trainer._step_boundary()  # step-triggered checkpoints, SIGINT/SIGTERM
             if trainer.should_stop:
                 break
     if state.acc is None and state.restoring:

@@ -410,9 +410,6 @@ class Trainer:
         self._guard = jax.device_put(np.int32(first_bad), self._placement.replicated)
 
     # ------------------------------------------------------------------ step boundaries
-    def _signals_pending(self) -> bool:
-        return self._signals is not None and self._signals.received is not None
-
     def _step_boundary(self) -> None:
         """After every (fused) training call: step-triggered checkpoints, then signals."""
         for cb in self._step_savers:
