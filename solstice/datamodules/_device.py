@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._batching import MASK_KEY, batch_size_of
-from ._order import EpochOrder, OrderedLoader
+from ._order import OrderedLoader
 
 PyTree = Any
 
@@ -161,17 +161,14 @@ class DeviceBatchLoader(OrderedLoader):
         if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(arrays)):
             arrays = put_replicated(arrays, self.mesh)
         self.arrays = arrays
-        self.num_examples = batch_size_of(arrays)
-        self.order = EpochOrder(
-            self.num_examples,
+        self._set_order(
+            batch_size_of(arrays),
             batch_size,
+            drop_last=drop_last,
             shuffle=shuffle,
             seed=seed,
             epoch=epoch,
-            drop_last=drop_last,
         )
-        self.batch_size = batch_size
-        self.drop_last = drop_last
         self.transform = transform
         self.sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from ._batching import batch_size_of, pad_batch
-from ._order import EpochOrder, OrderedLoader
+from ._order import OrderedLoader
 from ._order import epoch_permutation as epoch_permutation
 
 PyTree = Any
@@ -60,24 +60,16 @@ class BatchLoader(OrderedLoader):
         traceable_transform: bool = False,
     ):
         self.arrays = arrays
-        self.num_examples = batch_size_of(arrays)
-        self.order = EpochOrder(
-            self.num_examples,
+        self._set_order(
+            batch_size_of(arrays),
             batch_size,
+            drop_last=drop_last,
             shuffle=shuffle,
             seed=seed,
             epoch=epoch,
-            drop_last=drop_last,
             process_index=process_index,
             process_count=process_count,
         )
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = epoch
-        self.drop_last = drop_last
-        self.process_index = process_index
-        self.process_count = process_count
         self.transform = transform
         self.traceable_transform = traceable_transform
 

@@ -117,11 +117,19 @@ class EpochOrder:
 class OrderedLoader:
     """Base of the built-in loaders: batches in the order of an `EpochOrder`, resumable.
 
-    Subclasses set `self.order` and implement `_batches(start)`; this gives them `len()`,
+    Subclasses call `_set_order(...)` and implement `_batches(start)`; this gives them `len()`,
     iteration, `indices()` and `iter_from(start)` (the Trainer's exact-resume entry point).
     """
 
     order: EpochOrder
+
+    def _set_order(self, num_examples: int, batch_size: int, *, drop_last: bool, **order) -> None:
+        """Set `self.order` (an `EpochOrder`; `order` holds its other arguments) and the
+        `num_examples`, `batch_size` and `drop_last` every loader exposes."""
+        self.order = EpochOrder(num_examples, batch_size, drop_last=drop_last, **order)
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
         return len(self.order)

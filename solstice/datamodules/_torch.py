@@ -12,7 +12,7 @@ import numpy as np
 
 from ._batching import pad_batch
 from ._datamodule import DataModule
-from ._order import EpochOrder, OrderedLoader
+from ._order import OrderedLoader
 
 PyTree = Any
 
@@ -114,18 +114,16 @@ class DatasetLoader(OrderedLoader):
         keys: Sequence[str] = ("image", "label"),
     ):
         self.dataset = dataset
-        self.order = EpochOrder(
+        self._set_order(
             len(dataset),
             batch_size,
+            drop_last=drop_last,
             shuffle=shuffle,
             seed=seed,
             epoch=epoch,
-            drop_last=drop_last,
             process_index=process_index,
             process_count=process_count,
         )
-        self.batch_size = batch_size
-        self.drop_last = drop_last
         self.keys = tuple(keys)
 
     def _empty(self) -> dict[str, np.ndarray]:
