@@ -111,22 +111,19 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def many_to_floats(batch: list[Mapping[str, Any]]) -> list[dict[str, float]]:
     """`to_floats` of each mapping of `batch`, with one `jax.device_get` for all the JAX
-    arrays of the plain mappings among them (a `PackedMetrics` copies its vector alone)."""
+    arrays of the plain mappings among them (a `PackedMetrics` converts itself:
+    `host_floats()`)."""
     out: list[dict[str, float]] = []
     pending: list[tuple[dict[str, float], str, jax.Array]] = []
     for metrics in batch:
         if _check(metrics):  # already plain floats (e.g. converted by a `FanoutLogger`)
             out.append(dict(metrics))
             continue
-        if isinstance(metrics, PackedMetrics):
-            values: dict[str, Any] = {}
-            if metrics.names:  # one copy for all its floating scalars
-                values.update(zip(metrics.names, np.asarray(metrics.vector).tolist()))
-            items: Iterable[tuple[str, Any]] = metrics.rest.items()
-        else:
-            values = {}
-            items = metrics.items()
-        for key, value in items:
+        if isinstance(metrics, PackedMetrics):  # one copy for all its floating scalars
+            out.append(metrics.host_floats())
+            continue
+        values: dict[str, Any] = {}
+        for key, value in metrics.items():
             if type(value) is float:
                 values[key] = value
             elif isinstance(value, jax.Array):
