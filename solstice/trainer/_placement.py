@@ -117,6 +117,7 @@ class Placement:
         self.multi_process = self.process_count > 1
         # The CPU backend shares suitably aligned host buffers instead of copying them.
         self.on_cpu = all(d.platform == "cpu" for d in self.devices)
+        self._index_scalars: list[jax.Array] = []  # see index_scalars
         local = [d for d in self.devices if d.process_index == jax.process_index()]
         self.num_local_devices = len(local)
 
@@ -154,11 +155,9 @@ class Placement:
     def index_scalars(self, n: int) -> list[jax.Array]:
         """Replicated int32 device scalars `0 .. n-1`, made once (indices into uploaded
         chunks of batches: passing a cached scalar costs no transfer)."""
-        cached = getattr(self, "_index_scalars", [])
-        if len(cached) < n:
-            cached = [jax.device_put(np.int32(i), self.replicated) for i in range(n)]
-            self._index_scalars = cached
-        return cached[:n]
+        if len(self._index_scalars) < n:
+            self._index_scalars = [jax.device_put(np.int32(i), self.replicated) for i in range(n)]
+        return self._index_scalars[:n]
 
     def _put_sharded(self, tree: PyTree, sharding: NamedSharding, owned: bool = False) -> PyTree:
         if _already_placed(tree, sharding):
