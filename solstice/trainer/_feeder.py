@@ -210,7 +210,7 @@ class Feeder:
                 if self._stop.is_set():
                     return
                 if lead > 0 or self._group == 1:  # single steps (until chunks line up)
-                    lead -= 1
+                    lead = max(0, lead - 1)
                     if not self._put((1, self._placement.put_batch(self._prepare(batch)))):
                         return
                     continue
