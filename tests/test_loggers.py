@@ -883,3 +883,23 @@ def test_import_solstice_imports_no_heavy_optional_dependency():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard"])
+def test_file_loggers_touch_the_disk_only_when_they_write(tmp_path, kind):
+    """A logger built but never written to (another process's copy) leaves nothing behind;
+    the first write creates its directory."""
+    log_dir = tmp_path / "run" / "logs"
+    make = CSVLogger if kind == "csv" else TensorBoardLogger
+    idle = make(log_dir)
+    idle.flush()
+    idle.close()
+    assert not (tmp_path / "run").exists()
+    used = make(log_dir)
+    used.log_metrics({"loss": 0.5}, 1)
+    used.close()
+    assert any(log_dir.iterdir())
+    if kind == "csv":
+        assert _csv_rows(log_dir / "metrics.csv")[1] == [{"step": "1", "epoch": "", "loss": "0.5"}]
+    else:
+        assert _tb_scalars(log_dir)["loss"] == [(1, 0.5)]

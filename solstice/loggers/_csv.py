@@ -49,7 +49,7 @@ class CSVLogger(Logger):
 
     **Arguments:**
 
-    - `log_dir`: the directory for this run's files (created if missing).
+    - `log_dir`: the directory for this run's files (created at the first write).
     - `filename`: the name of the metrics file.
 
     **Example:**
@@ -75,7 +75,6 @@ class CSVLogger(Logger):
         self.log_dir = os.fspath(log_dir)
         self.path = os.path.join(self.log_dir, filename)
         self.hparams_path = os.path.join(self.log_dir, "hparams.json")
-        os.makedirs(self.log_dir, exist_ok=True)
         self._columns: list[str] = list(_FIXED)
         self._hparams: dict[str, Any] = {}
         if os.path.exists(self.path):
@@ -92,11 +91,18 @@ class CSVLogger(Logger):
         if os.path.exists(self.hparams_path):
             with open(self.hparams_path, encoding="utf-8") as f:
                 self._hparams = json.load(f)
+        self._index = {column: i for i, column in enumerate(self._columns)}
+        self._file: Any = None  # opened by the first write (see `_start`)
+        self._closed = False
+
+    def _start(self) -> None:
+        """Create the directory and the table at the first write, not at construction: a
+        logger built on every process of a multi-process run (where only process 0 writes)
+        leaves nothing behind on the others."""
+        os.makedirs(self.log_dir, exist_ok=True)
         if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
             _atomic_write(self.path, lambda f: csv.writer(f).writerow(self._columns))
-        self._index = {column: i for i, column in enumerate(self._columns)}
         self._open()
-        self._closed = False
 
     def _open(self) -> None:
         # Rows are buffered in memory (written to the OS every `_BUFFER` bytes, to the disk at
@@ -130,6 +136,8 @@ class CSVLogger(Logger):
                 "'train/step'."
             )
         values = to_floats(metrics)
+        if self._file is None:
+            self._start()
         index = self._index
         if not index.keys() >= values.keys():
             self._widen([key for key in values if key not in index])
@@ -146,18 +154,20 @@ class CSVLogger(Logger):
         check_open(self, self._closed)
         self._hparams.update(jsonable_hparams(params))
         text = json.dumps(self._hparams, indent=2, sort_keys=True)
+        os.makedirs(self.log_dir, exist_ok=True)
         _atomic_write(self.hparams_path, lambda f: f.write(text + "\n"))
 
     def flush(self) -> None:
-        if not self._closed:
+        if not self._closed and self._file is not None:
             self._file.flush()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            if self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
 
     @property
     def run_id(self) -> str:

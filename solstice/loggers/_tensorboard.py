@@ -43,7 +43,7 @@ class TensorBoardLogger(Logger):
 
     **Arguments:**
 
-    - `log_dir`: the directory of this run's event files (created if missing).
+    - `log_dir`: the directory of this run's event files (created at the first write).
     - `flush_secs`: how often buffered events are written to disk while logging.
     - `purge_step`: if given, TensorBoard discards events from earlier files in `log_dir`
       whose step is at least this one.
@@ -76,23 +76,34 @@ class TensorBoardLogger(Logger):
             )
         self.log_dir = os.fspath(log_dir)
         self.flush_secs = flush_secs
-        os.makedirs(self.log_dir, exist_ok=True)
-        # A unique suffix: two writers started in the same second never share a file.
-        suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self._events = EventsWriter(os.path.join(self.log_dir, "events"), suffix)
+        self.purge_step = purge_step
+        self._EventsWriter = EventsWriter
+        self._SessionLog = SessionLog
         self._Event = Event
         self._Summary = Summary
+        self._events: Any = None  # the event file, created by the first write
         self._templates: dict[tuple[str, ...], tuple[Any, list[Any]]] = {}
-        if purge_step is not None:
-            start = SessionLog(status=SessionLog.START)
-            self._events.write_event(
-                Event(step=int(purge_step), wall_time=time.time(), session_log=start)
-            )
         self._last_flush = time.monotonic()
         self._closed = False
 
+    def _writer(self) -> Any:
+        """The event file, created at the first write, not at construction: a logger built
+        on every process of a multi-process run (where only process 0 writes) leaves nothing
+        behind on the others."""
+        if self._events is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            # A unique suffix: two writers started in the same second never share a file.
+            suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            self._events = self._EventsWriter(os.path.join(self.log_dir, "events"), suffix)
+            if self.purge_step is not None:
+                start = self._SessionLog(status=self._SessionLog.START)
+                self._events.write_event(
+                    self._Event(step=int(self.purge_step), wall_time=time.time(), session_log=start)
+                )
+        return self._events
+
     def _write(self, summary: Any, step: int) -> None:
-        self._events.write_event(self._Event(summary=summary, step=step, wall_time=time.time()))
+        self._writer().write_event(self._Event(summary=summary, step=step, wall_time=time.time()))
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_secs:
@@ -125,7 +136,7 @@ class TensorBoardLogger(Logger):
                 field.simple_value = value
             event.step = int(step)
             event.wall_time = time.time()
-            self._events.write_event(event)
+            self._writer().write_event(event)
         self._maybe_flush()
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
@@ -140,13 +151,15 @@ class TensorBoardLogger(Logger):
 
     def flush(self) -> None:
         if not self._closed:
-            self._events.flush()
+            if self._events is not None:
+                self._events.flush()
             self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._events.close()
+            if self._events is not None:
+                self._events.close()
 
     @property
     def run_id(self) -> str:
