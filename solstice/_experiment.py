@@ -73,6 +73,12 @@ class Experiment(eqx.Module):
 
         Runs on the data-feeding thread, off the training thread. The default accepts
         everything.
+
+        It sees the batch as the loader yields it. A loader whose transform the Trainer runs
+        inside the compiled step (`BatchLoader.split_transform`, e.g. the built-in
+        DataModules' `uint8` -> `float32` pixel decode) yields it *before* that transform:
+        check labels and shapes here, not the decoded pixel dtype. Batches that are already
+        on the device (`on_device=True` DataModules) are not checked.
         """
 
     # ---- hooks: same names as `solstice.callbacks.Callback`; return a new experiment or None.
