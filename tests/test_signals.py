@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import blobs_datamodule, make_mlp_experiment
+from helpers import blobs_datamodule, make_mlp_experiment, params_of
 
 import solstice
 from solstice.callbacks import Callback, ModelCheckpoint
@@ -181,3 +181,53 @@ def test_signal_to_a_training_process(tmp_path, signum):
         s for s in range(1, step + 1) if s % 3 == 0 or (s % 8 == 0 and s < step)
     )
     solstice.checkpointing.verify(saved[0])
+
+
+class _SendDuringValidation(Callback):
+    """SIGTERM at the first validation batch; records the validation batches started."""
+
+    def __init__(self):
+        self.started = []
+
+    def on_validation_batch_start(self, trainer, experiment, batch, batch_idx):
+        self.started.append(batch_idx)
+        if batch_idx == 0:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_signal_during_validation_stops_it_and_the_resume_reruns_it(tmp_path):
+    def trainer(*callbacks, max_epochs=1):
+        return solstice.Trainer(
+            max_epochs=max_epochs,
+            devices=1,
+            enable_progress_bar=False,
+            loggers=[],
+            callbacks=[*callbacks, ModelCheckpoint(tmp_path / "ckpts", every_n_epochs=None)],
+        )
+
+    reference = trainer()
+    expected = reference.fit(_exp(), blobs_datamodule())
+
+    sender = _SendDuringValidation()
+    interrupted = trainer(sender, max_epochs=2)
+    with pytest.raises(SystemExit) as info:
+        interrupted.fit(_exp(), blobs_datamodule())
+    assert info.value.code == 128 + signal.SIGTERM
+    assert sender.started == [0]  # 3 validation batches: stopped before the second one
+    ckpt = interrupted.checkpoint_callbacks[0].last_model_path
+    document = _metadata(ckpt)
+    assert document["checkpoint"]["reason"] == "interrupt"
+    assert document["progress"] == {
+        "epoch": 0,
+        "global_step": 8,
+        "batch_idx": 8,
+        "validation_runs": 0,
+    }
+
+    resumed = trainer()
+    result = resumed.fit(_exp(), blobs_datamodule(), ckpt_path=ckpt)
+    assert resumed.progress.validation_runs == 1 and resumed.current_epoch == 1
+    for name in ("val/loss", "val/accuracy"):
+        assert resumed.callback_metrics[name] == reference.callback_metrics[name], name
+    for a, b in zip(params_of(expected), params_of(result)):
+        assert (a == b).all()

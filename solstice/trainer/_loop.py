@@ -353,10 +353,19 @@ class TrainAccumulators:
         self._restored = None if stored is None else (saved, stored)
 
 
+class EvaluationInterrupted(Exception):
+    """A SIGINT/SIGTERM arrived during a validation run inside `fit` (see `run_evaluation`)."""
+
+
 def run_evaluation(
     trainer: "Trainer", stage: str, loader: Iterable, count: int | None
 ) -> dict[str, jax.Array]:
-    """Evaluate every batch of `loader` (padded and masked) and return the metrics on device."""
+    """Evaluate every batch of `loader` (padded and masked) and return the metrics on device.
+
+    Inside `fit`, a SIGINT/SIGTERM stops the run before its next batch and raises
+    `EvaluationInterrupted`: a long validation must not delay the checkpoint that the
+    signal asks for (a preempted job has seconds)."""
+    signals = trainer._signals  # set only while `fit` runs
     hooks = trainer._hooks
     steps = trainer._steps
     batch_start = hooks.active(f"on_{stage}_batch_start")
@@ -374,6 +383,8 @@ def run_evaluation(
         batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
     ) as feeder:
         for batch_idx, (_, batch) in enumerate(feeder):
+            if signals is not None and signals.received is not None:
+                raise EvaluationInterrupted
             if evaluate is None:
                 spec = batch if decode is None else jax.eval_shape(decode, batch)
                 acc.tree = steps.empty_accumulator("eval", trainer._dyn, spec)

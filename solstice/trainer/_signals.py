@@ -1,4 +1,5 @@
-"""`SignalWatch`: SIGINT and SIGTERM during `fit` become a stop at the next step boundary."""
+"""`SignalWatch`: SIGINT and SIGTERM during `fit` become a stop at the next step boundary
+(or validation batch)."""
 
 import signal
 import threading

@@ -26,7 +26,14 @@ from ._compilation_cache import enable_compilation_cache
 from ._compile import CompiledSteps, TraceLog
 from ._flat import FlatTree
 from ._hooks import Hooks
-from ._loop import TrainAccumulators, num_batches, run_evaluation, run_predict, run_train_epoch
+from ._loop import (
+    EvaluationInterrupted,
+    TrainAccumulators,
+    num_batches,
+    run_evaluation,
+    run_predict,
+    run_train_epoch,
+)
 from ._placement import Placement
 from ._progress import Progress
 from ._sharding_rules import (
@@ -78,7 +85,8 @@ class Trainer:
       user configured in JAX already is left as it is.
 
     SIGINT (Ctrl-C) and SIGTERM (preemption) during `fit` stop the run at the next step
-    boundary: each `ModelCheckpoint` saves a checkpoint, the loggers are flushed, and the run
+    boundary, or before the next batch of a validation run (which a resume then reruns):
+    each `ModelCheckpoint` saves a checkpoint, the loggers are flushed, and the run
     ends as the signal would have (`KeyboardInterrupt`; `SystemExit(143)` for SIGTERM). A
     second signal acts at once. Only in the main thread.
 
@@ -525,7 +533,10 @@ class Trainer:
         )
         self._update_callback_metrics({f"train/{k}_epoch": v for k, v in epoch_metrics.items()})
         if (progress.epoch + 1) % self.check_val_every_n_epoch == 0:
-            self._validate_during_fit(datamodule)
+            if not self._validate_during_fit(datamodule):
+                # A signal stopped validation: the epoch stays open (all its batches done),
+                # so the checkpoint the signal takes reruns validation when resumed.
+                return
         self._epoch_complete = True  # a checkpoint taken now resumes at the next epoch
         self._hooks.call(self, "on_train_epoch_end")
         progress.epoch += 1
@@ -533,16 +544,20 @@ class Trainer:
         self._epoch_complete = False
         self._train_state.new_epoch()
 
-    def _validate_during_fit(self, datamodule: DataModule) -> None:
+    def _validate_during_fit(self, datamodule: DataModule) -> bool:
+        """Run validation at an epoch end; `False` if a signal interrupted it."""
         loader = datamodule.val_dataloader()
         if loader is None:
-            return
+            return True
         self.progress.stage = "validation"
         try:
             self._evaluate("validation", "val", loader, self.limit_val_batches)
+        except EvaluationInterrupted:
+            return False
         finally:
             self.progress.stage = "train"
         self.progress.validation_runs += 1
+        return True
 
     def _evaluate(self, stage: str, prefix: str, loader: Any, limit: Any) -> dict[str, float]:
         count = num_batches(loader, limit, f"limit_{prefix}_batches")
