@@ -27,7 +27,9 @@ class ClassificationExperiment(Experiment):
     The model maps *one* example to logits (Equinox's convention); the experiment vmaps it
     over the batch. It is called as `model(x, key=key)`, or, when `state` is given (models
     with `eqx.nn.BatchNorm`, built with `eqx.nn.make_with_state`), as
-    `model(x, state, key=key) -> (logits, state)` with batch axis name `"batch"`. Dropout and
+    `model(x, state, key=key) -> (logits, state)` with batch axis name `"batch"` (so
+    `eqx.nn.BatchNorm(channels, axis_name="batch", mode="batch")`; Equinox warns without
+    an explicit `mode`). Dropout and
     other randomness get keys split from the experiment's own PRNG key, which advances every
     step, so a run is a function of its seed. Evaluation runs the model in inference mode.
 
