@@ -7,9 +7,11 @@ Contestants (each trains the same MLP with Adam on the same MNIST-shaped data):
   Python loop on one batch already on the device. Nothing else runs.
 - `limit K=k`: the same, `k` steps per call with `lax.scan` (what `steps_per_execution` fuses).
 - `solstice fit`: `Trainer.fit`, host data (`ArrayDataModule`), no progress bar, no
-  loggers, `log_every_n_steps` = a whole epoch: raw speed.
+  loggers, `log_every_n_steps` = a whole epoch: raw speed. Timed like the peers: epochs of
+  one running `fit`, released one at a time (`EpochGate`).
 - `solstice fit (on_device)`: the same, the data uploaded once (`on_device=True`).
 - `solstice fit K=k`: `steps_per_execution=k`.
+- `... (fit per epoch)`: one `fit` call per epoch instead, which adds `fit`'s set-up.
 - `solstice fit (defaults)`: `Trainer(max_epochs=...)` with its defaults (progress bar,
   `log_every_n_steps=50`), to show what they cost.
 - `naive eqx loop`: what a researcher writes by hand: `eqx.filter_jit` step, a numpy batch
@@ -38,6 +40,7 @@ from _common import (
     spread,
     timed,
 )
+from _fit_gate import EpochGate
 
 import solstice
 from solstice.datamodules import ArrayDataModule
@@ -109,28 +112,40 @@ def limit(hidden, x, y, batch_size, k=1) -> Contestant:
     return Contestant(name, timed(epoch))
 
 
-def solstice_fit(hidden, x, y, batch_size, *, k=1, on_device=False, defaults=False) -> Contestant:
+def solstice_fit(
+    hidden, x, y, batch_size, *, k=1, on_device=False, defaults=False, per_call=False
+) -> Contestant:
+    """`Trainer.fit`; timed per epoch of one running `fit` (see `EpochGate`), or with
+    `per_call`, one `fit` call per epoch (`max_epochs` raised by one each time)."""
     dm = ArrayDataModule(train={"image": x, "label": y}, batch_size=batch_size, on_device=on_device)
     n_steps = len(x) // batch_size
-    if defaults:
-        trainer = solstice.Trainer(max_epochs=1)
-    else:
-        log_every = n_steps - n_steps % k  # at most one log per epoch, a multiple of k
-        trainer = solstice.Trainer(
-            max_epochs=1,
+    gate = None if per_call else EpochGate()
+    kwargs = {"max_epochs": 1 if per_call else 10**6, "callbacks": [] if per_call else [gate]}
+    if not defaults:
+        kwargs.update(
             enable_progress_bar=False,
             loggers=[],
-            log_every_n_steps=log_every,
+            log_every_n_steps=n_steps - n_steps % k,  # one log per epoch, a multiple of k
             steps_per_execution=k,
         )
-    state = {"exp": trainer.fit(make_experiment(hidden), dm)}  # warm-up: compile
+    trainer = solstice.Trainer(**kwargs)
+    if per_call:
+        state = {"exp": trainer.fit(make_experiment(hidden), dm)}  # warm-up: compile
 
-    def epoch() -> int:
-        trainer.max_epochs += 1
-        exp = trainer.fit(state["exp"], dm)
-        jax.block_until_ready(eqx.filter(exp, eqx.is_array))
-        state["exp"] = exp
-        return n_steps * batch_size
+        def epoch() -> int:
+            trainer.max_epochs += 1
+            exp = trainer.fit(state["exp"], dm)
+            jax.block_until_ready(eqx.filter(exp, eqx.is_array))
+            state["exp"] = exp
+            return n_steps * batch_size
+
+    else:
+        gate.start(trainer, make_experiment(hidden), dm)
+        gate.release()  # warm-up: compile
+
+        def epoch() -> int:
+            gate.release()
+            return n_steps * batch_size
 
     name = "solstice fit"
     if on_device:
@@ -139,7 +154,12 @@ def solstice_fit(hidden, x, y, batch_size, *, k=1, on_device=False, defaults=Fal
         name += f" K={k}"
     if defaults:
         name += " (defaults)"
-    return Contestant(name, timed(epoch))
+    if per_call:
+        name += " (fit per epoch)"
+    contestant = Contestant(name, timed(epoch))
+    if gate is not None:
+        contestant.close = gate.close  # type: ignore[attr-defined]
+    return contestant
 
 
 # ---------------------------------------------------------------- hand-written loop
@@ -227,6 +247,9 @@ def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Cont
     if fused:
         cs += [limit(hidden, x, y, b, k=fused), solstice_fit(hidden, x, y, b, k=fused)]
         cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True))
+        cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True, per_call=True))
+    else:
+        cs.append(solstice_fit(hidden, x, y, b, per_call=True))
     if include_defaults:
         cs.append(solstice_fit(hidden, x, y, b, defaults=True))
     cs.append(naive_loop(hidden, x, y, b))
