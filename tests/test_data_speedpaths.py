@@ -256,3 +256,78 @@ def test_mnist_training_batches_are_the_decoded_rows_of_the_epoch_order(tmp_path
         assert batch["image"].tobytes() == want.tobytes()
         assert batch["label"].dtype == np.int32
         np.testing.assert_array_equal(batch["label"], split["label"][idx])
+
+
+def _leaves_with_layouts(n):
+    """A dict of leaves: uint8 images, int32 labels, a strided (non-contiguous) view."""
+    rng = np.random.default_rng(7)
+    wide = rng.normal(size=(n, 6)).astype(np.float32)
+    return {
+        "image": rng.integers(0, 256, size=(n, 3, 4, 4), dtype=np.uint8),
+        "label": rng.integers(0, 10, size=(n,)).astype(np.int32),
+        "strided": wide[:, ::2],
+    }
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 4])
+@pytest.mark.parametrize("max_batches", [1, 3, 16])
+@pytest.mark.parametrize("start,stop", [(0, None), (2, None), (1, 6), (5, 5)])
+def test_iter_stacked_holds_the_batches_of_iter_from(process_count, max_batches, start, stop):
+    arrays = _leaves_with_layouts(101)
+    for p in range(process_count):
+        kw = dict(shuffle=True, seed=4, epoch=1, drop_last=True)
+        kw.update(process_index=p, process_count=process_count)
+        loader = BatchLoader(arrays, 8, **kw)
+        expected = list(loader.iter_from(start))[: None if stop is None else stop - start]
+        got, sizes = [], set()
+        for n, stacked in loader.iter_stacked(
+            start, stop, max_batches=max_batches, max_bytes=1 << 20
+        ):
+            assert 1 <= n <= max_batches
+            sizes.add(stacked["image"].shape[0])
+            for i in range(stacked["image"].shape[0]):  # padding repeats the last batch
+                batch = {k: x[i] for k, x in stacked.items()}
+                if i < n:
+                    got.append(batch)
+                else:
+                    assert all(
+                        np.array_equal(a, b) for a, b in zip(batch.values(), got[-1].values())
+                    )
+        assert sizes <= {max_batches}  # every stack has the same shape (one upload shape)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_iter_stacked_sizes_stacks_by_bytes_and_fills_fresh_buffers():
+    arrays = {
+        "x": np.arange(64 * 10, dtype=np.float32).reshape(64, 10),
+        "y": np.zeros(64, np.int32),
+    }
+    loader = BatchLoader(arrays, 4, shuffle=False, drop_last=True)
+    made = []
+
+    def empty(shape, dtype):
+        made.append(shape)
+        return np.full(shape, -1, dtype)  # never left over: every row is written
+
+    # a batch is 4 * (40 + 4) = 176 bytes: 500 bytes hold 2 batches
+    items = list(loader.iter_stacked(0, max_batches=16, max_bytes=500, empty=empty))
+    assert [n for n, _ in items] == [2] * 8
+    assert made == [(2, 4, 10), (2, 4)] * 8
+    assert not any((stacked["x"] == -1).any() for _, stacked in items)
+    np.testing.assert_array_equal(items[0][1]["x"][1], arrays["x"][4:8])
+
+
+def test_iter_stacked_refuses_loaders_it_cannot_serve():
+    arrays = {"image": np.zeros((10, 2), np.float32), "label": np.zeros(10, np.int32)}
+    evaluation = BatchLoader(arrays, 4, drop_last=False)
+    transformed = BatchLoader(arrays, 4, drop_last=True, transform=lambda b: b)
+    for loader in (evaluation, transformed):
+        assert not loader.stackable
+        with pytest.raises(ValueError, match="iter_stacked"):
+            next(loader.iter_stacked(0, max_batches=4, max_bytes=1 << 20))
+    assert BatchLoader(arrays, 4, drop_last=True).stackable

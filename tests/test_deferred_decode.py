@@ -77,9 +77,10 @@ def _uploaded_dtypes(monkeypatch):
 
     def recording(batches, prepare, placement, **kw):
         def spy():
-            for batch in batches:
+            for item in batches:
+                batch = item[1] if kw.get("stacked") else item  # `(n, stacked)` chunks
                 seen.append(batch["image"].dtype)
-                yield batch
+                yield item
 
         return real(spy(), prepare, placement, **kw)
 

@@ -99,6 +99,75 @@ class BatchLoader(OrderedLoader):
             return self, None
         return raw, self.transform
 
+    @property
+    def stackable(self) -> bool:
+        """Whether `iter_stacked` serves this loader: training batches (nothing padded), no
+        host transform, numpy leaves."""
+        return (
+            self.drop_last
+            and self.transform is None
+            and all(isinstance(a, np.ndarray) for a in jax.tree.leaves(self.arrays))
+        )
+
+    def iter_stacked(
+        self,
+        start: int,
+        stop: int | None = None,
+        *,
+        max_batches: int,
+        max_bytes: int,
+        empty: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty,
+    ) -> Iterator[tuple[int, PyTree]]:
+        """Batches `start` to `stop` (default: the epoch's end) in stacks, gathered straight
+        into arrays of the caller's: `(n, stacked)` items, each leaf of `stacked` shaped
+        `(size, local_batch, ...)` and holding batches `n` in a row (a short last stack
+        repeats its last batch). `size` is as many batches as fit in `max_bytes`, at least
+        1 and at most `max_batches`. Each stack's arrays come fresh from `empty(shape, dtype)`
+        and hold the same values as the batches `iter_from(start)` yields.
+
+        One gather per leaf and stack, written in place: the Trainer uploads small host
+        batches a stack at a time (see `Feeder(chunked=True)`), and this saves a copy per
+        batch. Only for `stackable` loaders.
+
+        **Example:**
+
+        ```python
+        for n, stacked in loader.iter_stacked(0, max_batches=16, max_bytes=4 << 20):
+            first = jax.tree.map(lambda x: x[0], stacked)   # == next(iter(loader))
+        ```
+        """
+        if not self.stackable:
+            raise ValueError(
+                "`iter_stacked` needs a training loader (`drop_last=True`) without a host "
+                "`transform`, over numpy arrays; iterate this one with `iter_from`."
+            )
+        self.order.check_start(start)
+        stop = len(self) if stop is None else min(stop, len(self))
+        order = self.order
+        local = order.local_batch_size
+        leaves, treedef = jax.tree.flatten(self.arrays)
+        row_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:])) for a in leaves)
+        size = max(1, min(max_batches, max_bytes // max(1, row_bytes * local)))
+        # Row `b` is global batch `b`; this process reads its own columns of it.
+        by_batch = order.indices()[: len(self) * order.batch_size].reshape(len(self), -1)
+        mine = by_batch[:, order.process_index * local : (order.process_index + 1) * local]
+        for first in range(start, stop, size):
+            n = min(size, stop - first)
+            idx = mine[first : first + n].reshape(-1)
+            stacked = []
+            for a in leaves:
+                out = empty((size, local, *a.shape[1:]), a.dtype)
+                rows = out.reshape(size * local, *a.shape[1:])[: n * local]
+                if a.flags.c_contiguous:
+                    # Every index is in range; "clip" lets `take` write into `out` directly
+                    # (with the default "raise" it gathers into a buffer, then copies).
+                    a.take(idx, axis=0, out=rows, mode="clip")
+                else:  # `take` would copy a strided view whole first
+                    rows[...] = a[idx]
+                out[n:] = out[n - 1]
+                stacked.append(out)
+            yield n, treedef.unflatten(stacked)
+
     def _batches(self, start: int) -> Iterator[PyTree]:
         # The hot loop of host-mode training, kept free of per-batch call chains: the epoch's
         # order is computed once and sliced, and each leaf is gathered by one bound method

@@ -153,7 +153,10 @@ class Feeder:
 
     With `chunked=True` (single steps on small host batches), items are `(n, stacked)`:
     `n` consecutive batches uploaded together in one transfer (see `chunk_size`), padded to
-    a fixed chunk size; the step takes its batch out of the chunk (`take_from_chunk`).
+    a fixed chunk size; the step takes its batch out of the chunk (`take_from_chunk`). With
+    `stacked=True` as well, `batches` yields such `(n, stacked)` host chunks already, in
+    buffers of our own (`BatchLoader.iter_stacked` with `empty=aligned_empty`); each of their
+    batches is still checked by `prepare`.
 
     With `group > 1`, consecutive batches are stacked `(group, batch, ...)` for fused steps;
     the first `lead` batches and a final remainder are yielded batch by batch, so that fused
@@ -179,8 +182,12 @@ class Feeder:
         group: int = 1,
         lead: int = 0,
         chunked: bool = False,
+        stacked: bool = False,
     ):
+        if stacked and not chunked:
+            raise ValueError("`stacked=True` feeds chunks: it needs `chunked=True`.")
         self._batches = batches
+        self._stacked = stacked
         self._prepare = prepare
         self._placement = placement
         self._group = group
@@ -230,6 +237,8 @@ class Feeder:
     def _produce_chunks(self) -> None:
         """Items `(n, stacked)`: `n` batches stacked along a new leading axis, padded to the
         chunk size (a repeated last batch) so every upload has the same shape."""
+        if self._stacked:
+            return self._produce_stacked()
         try:
             stack = None
             for batch in self._batches:
@@ -243,6 +252,22 @@ class Feeder:
                     return
             if stack is not None and stack.count and not self._put(self._chunk(stack)):
                 return
+            self._put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
+            self._put(_Failure(exc))
+
+    def _produce_stacked(self) -> None:
+        """Items `(n, stacked)` from chunks the loader gathered into our own buffers."""
+        try:
+            for n, stacked in self._batches:
+                if self._stop.is_set():
+                    return
+                leaves, treedef = jax.tree.flatten(stacked)
+                for i in range(n):
+                    self._prepare(treedef.unflatten([x[i] for x in leaves]))
+                item = self._placement.put_stacked_batches(stacked, owned=True)
+                if not self._put((n, item)):
+                    return
             self._put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
             self._put(_Failure(exc))

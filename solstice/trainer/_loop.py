@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _feeder
 from ._feeder import BatchPreparer, Feeder, take_from_chunk
 from ._flat import FlatTree
+from ._placement import aligned_empty
 
 if TYPE_CHECKING:
     from ._trainer import Trainer
@@ -164,14 +166,27 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
             and not hasattr(loader, "device_epoch")
         )
         gather = take_from_chunk if chunked else None
+        # A loader that gathers whole chunks into our buffers saves a copy per batch.
+        stacked = chunked and getattr(loader, "stackable", False)
+        if stacked:
+            batches = loader.iter_stacked(
+                progress.batch_idx,
+                count,
+                max_batches=_feeder.MAX_CHUNK,
+                max_bytes=_feeder.CHUNK_BYTES,
+                empty=aligned_empty,
+            )
+        else:
+            batches = batches_from(loader, progress.batch_idx, count)
         feeder = Feeder(
-            batches_from(loader, progress.batch_idx, count),
+            batches,
             prepare,
             trainer._placement,
             depth=trainer.prefetch,
             group=fused,
             lead=(-progress.global_step) % fused,
             chunked=chunked,
+            stacked=stacked,
         )
         items = _chunk_steps(feeder, trainer._placement) if chunked else feeder
     length = fused if source is not None else None  # gathered chunks are always K long
