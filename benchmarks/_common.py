@@ -100,6 +100,21 @@ def interleave(contestants: list[Contestant], rounds: int, *, verbose: bool = Tr
             print(f"  round {r + 1}/{rounds}: {cells}", flush=True)
 
 
+def run(contestants: list[Contestant], rounds: int) -> dict[str, Contestant]:
+    """Interleave `rounds` rounds, close the contestants that need it (peer processes, running
+    fits), print the report; the contestants by name."""
+    print(f"timing {rounds} rounds, contestants interleaved", flush=True)
+    try:
+        interleave(contestants, rounds)
+    finally:
+        for c in contestants:
+            close = getattr(c, "close", None)
+            if close is not None:
+                close()
+    report(contestants)
+    return {c.name: c for c in contestants}
+
+
 def ratio(a: Contestant, b: Contestant) -> float:
     """Median over rounds of `speed(a) / speed(b)` (samples per second)."""
     return statistics.median(x / y for x, y in zip(a.rates, b.rates))

@@ -32,11 +32,9 @@ from _common import (
     best_ratio,
     check,
     cpu_ratio,
-    interleave,
     machine,
     mnist_like,
     ratio,
-    report,
     spread,
     timed,
 )
@@ -268,19 +266,6 @@ def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Cont
             else:
                 cs.append(got)
     return cs, notes
-
-
-def run(cs: list[Contestant], rounds: int) -> dict[str, Contestant]:
-    print(f"timing {rounds} rounds, contestants interleaved", flush=True)
-    try:
-        interleave(cs, rounds)
-    finally:
-        for c in cs:
-            close = getattr(c, "close", None)
-            if close is not None:
-                close()
-    report(cs)
-    return {c.name: c for c in cs}
 
 
 def ratio_line(by: dict[str, Contestant], a: str, b: str, target: float | None = None) -> str:

@@ -8,7 +8,8 @@ each per round, interleaved; ratios are medians over rounds of per-round speed r
 Targets (issue 6): fit >= 0.97x the limit, >= 1.0x Keras, >= 2x Lightning.
 """
 
-from _mlp import build, parse, ratio_line, run
+from _common import run
+from _mlp import build, parse, ratio_line
 
 
 def main() -> None:

@@ -55,10 +55,9 @@ from _common import (
     best_ratio,
     check,
     cpu_ratio,
-    interleave,
     machine,
     ratio,
-    report,
+    run,
     spread,
     timed,
 )
@@ -431,16 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Contestant]:
     # A second untimed epoch each, so that no one-time cost lands in the timed rounds.
     for contestant in contestants:
         contestant.epoch()
-    print(f"timing {args.rounds} rounds, contestants interleaved", flush=True)
-    try:
-        interleave(contestants, args.rounds)
-    finally:
-        for contestant in contestants:
-            close = getattr(contestant, "close", None)
-            if close is not None:
-                close()
-    report(contestants)
-    by = {c.name: c for c in contestants}
+    by = run(contestants, args.rounds)
     print()
     print(ratio_line(by, FIT, HAND, TARGET))
     if FIT_HOST in by:

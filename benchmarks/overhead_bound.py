@@ -9,7 +9,8 @@ the naive loop and the peers for context. Targets (issue 6): fit >= 0.9x the lim
 fit K=10 >= 1.5x the limit.
 """
 
-from _mlp import build, parse, ratio_line, run
+from _common import run
+from _mlp import build, parse, ratio_line
 
 K = 10
 
