@@ -148,7 +148,7 @@ def report(contestants: list[Contestant]) -> None:
 
 def check(label: str, value: float, target: float) -> str:
     ok = "met" if value >= target else "MISSED"
-    return f"{label:<44} {value:6.3f}x   (target >= {target}x: {ok})"
+    return f"{label:<58} {value:6.3f}x   (target >= {target}x: {ok})"
 
 
 class Peer:

@@ -6,6 +6,9 @@ Contestants (each trains the same MLP with Adam on the same MNIST-shaped data):
   accumulator (the work Solstice's compiled step does), `jax.jit` with donation, in a bare
   Python loop on one batch already on the device. Nothing else runs.
 - `limit K=k`: the same, `k` steps per call with `lax.scan` (what `steps_per_execution` fuses).
+- `limit (fresh batches)`, `limit K=k (fresh batches)`: the same with a new batch every step,
+  gathered in the step from the dataset on the device (for information: what reading real
+  data costs; the targets are against the limits on one batch).
 - `solstice fit`: `Trainer.fit`, host data (`ArrayDataModule`), no progress bar, no
   loggers, `log_every_n_steps` = a whole epoch: raw speed. Timed like the peers: epochs of
   one running `fit`, released one at a time (`EpochGate`).
@@ -62,18 +65,33 @@ def make_experiment(hidden: list[int]) -> solstice.ClassificationExperiment:
 
 
 # ---------------------------------------------------------------- Solstice
-def limit(hidden, x, y, batch_size, k=1) -> Contestant:
+def limit(hidden, x, y, batch_size, k=1, fresh=False) -> Contestant:
     """The experiment's own `train_step` (with its metrics merged into an accumulator, as
     Solstice's compiled step does), jitted with donation, in a bare loop on one batch that is
-    already on the device. With `k > 1`, `k` steps per call with `lax.scan`."""
+    already on the device. With `k > 1`, `k` steps per call with `lax.scan`.
+
+    `fresh`: not one batch but a new one every step, gathered inside the step from the whole
+    dataset on the device by an on-device counter, in a shuffled order (the cost of reading
+    real data, which a batch that stays in the CPU's caches does not pay)."""
     placement = Placement(1)
     exp = make_experiment(hidden)
     dyn, static = eqx.partition(exp, eqx.is_array)
     dyn = placement.replicate(dyn)
+    n_steps = len(x) // batch_size
+    order = np.random.default_rng(0).permutation(len(x))[: n_steps * batch_size]
+    order = placement.replicate(order.reshape(n_steps, batch_size).astype(np.int32))
+    data = placement.replicate({"image": x, "label": y})
+
+    def batch_at(data, order, b):
+        idx = order[b % n_steps]
+        return jax.tree.map(lambda a: a.at[idx].get(mode="promise_in_bounds"), data)
 
     def body(dyn, acc, batch):
         new, metrics = eqx.combine(dyn, static).train_step(batch)
         return eqx.filter(new, eqx.is_array), acc.merge(metrics)
+
+    def body_fresh(dyn, acc, data, order, b):
+        return (*body(dyn, acc, batch_at(data, order, b)), b + 1)
 
     def many(dyn, acc, batches):
         def scan_body(carry, batch):
@@ -81,25 +99,39 @@ def limit(hidden, x, y, batch_size, k=1) -> Contestant:
 
         return jax.lax.scan(scan_body, (dyn, acc), batches)[0]
 
+    def many_fresh(dyn, acc, data, order, b):
+        def scan_body(carry, _):
+            return body_fresh(*carry[:2], data, order, carry[2]), None
+
+        return jax.lax.scan(scan_body, (dyn, acc, b), None, length=k)[0]
+
     one = {"image": x[:batch_size], "label": y[:batch_size]}
     batch = placement.put_batch(one)
     stacked = placement.put_stacked_batches(jax.tree.map(lambda a: np.stack([a] * k), one))
     shapes = jax.eval_shape(lambda d, b: eqx.combine(d, static).train_step(b)[1], dyn, batch)
     acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    step = jax.jit(body, donate_argnums=(0, 1))
-    steps = jax.jit(many, donate_argnums=(0, 1))
-    n_steps = len(x) // batch_size
+    if fresh:
+        single = jax.jit(body_fresh, donate_argnums=(0, 1))
+        fused = jax.jit(many_fresh, donate_argnums=(0, 1))
+        step = lambda dyn, acc, b: single(dyn, acc, data, order, b)  # noqa: E731
+        steps = lambda dyn, acc, b: fused(dyn, acc, data, order, b)  # noqa: E731
+    else:
+        single = jax.jit(body, donate_argnums=(0, 1))
+        fused = jax.jit(many, donate_argnums=(0, 1))
+        step = lambda dyn, acc, b: (*single(dyn, acc, batch), b)  # noqa: E731
+        steps = lambda dyn, acc, b: (*fused(dyn, acc, stacked), b)  # noqa: E731
     state = {"dyn": dyn, "acc": acc}
 
     def epoch() -> int:
         dyn, acc = state["dyn"], state["acc"]
+        b = placement.replicate(np.int32(0))
         done = 0
         while done < n_steps:
             if k > 1 and n_steps - done >= k:
-                dyn, acc = steps(dyn, acc, stacked)
+                dyn, acc, b = steps(dyn, acc, b)
                 done += k
             else:
-                dyn, acc = step(dyn, acc, batch)
+                dyn, acc, b = step(dyn, acc, b)
                 done += 1
         jax.block_until_ready((dyn, acc))
         state["dyn"], state["acc"] = dyn, acc
@@ -107,6 +139,8 @@ def limit(hidden, x, y, batch_size, k=1) -> Contestant:
 
     epoch()  # warm-up: compile
     name = "limit" if k == 1 else f"limit K={k}"
+    if fresh:
+        name += " (fresh batches)"
     return Contestant(name, timed(epoch))
 
 
@@ -240,9 +274,10 @@ def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Cont
     hidden, b = args.hidden, args.batch_size
     notes: list[str] = []
     print(f"warming up (compiling) on {machine()}", flush=True)
-    cs = [limit(hidden, x, y, b), solstice_fit(hidden, x, y, b)]
+    cs = [limit(hidden, x, y, b), limit(hidden, x, y, b, fresh=True), solstice_fit(hidden, x, y, b)]
     cs.append(solstice_fit(hidden, x, y, b, on_device=True))
     if fused:
+        cs.append(limit(hidden, x, y, b, k=fused, fresh=True))
         cs += [limit(hidden, x, y, b, k=fused), solstice_fit(hidden, x, y, b, k=fused)]
         cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True))
         cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True, per_call=True))
@@ -282,5 +317,5 @@ def ratio_line(by: dict[str, Contestant], a: str, b: str, target: float | None =
         f"per CPU-s {cpu_ratio(by[a], by[b]):.3f}x)"
     )
     if target is None:
-        return f"{label:<44} {value:6.3f}x" + extra
+        return f"{label:<58} {value:6.3f}x" + extra
     return check(label, value, target) + extra

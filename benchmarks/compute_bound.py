@@ -24,6 +24,7 @@ def main() -> None:
         ratio_line(by, fit, "lightning (cpu torch)", 2.0),
         ratio_line(by, fit, "naive eqx loop"),
         ratio_line(by, "solstice fit (on_device)", "limit"),
+        ratio_line(by, "limit (fresh batches)", "limit"),
         ratio_line(by, "solstice fit (fit per epoch)", "limit"),
         ratio_line(by, "solstice fit (defaults)", fit),
         *notes,

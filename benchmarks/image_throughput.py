@@ -363,7 +363,7 @@ def ratio_line(by: dict[str, Contestant], a: str, b: str, target: float | None =
     value = ratio(by[a], by[b])
     lo, hi = spread(by[a], by[b])
     label = f"{a} / {b}"
-    head = f"{label:<44} {value:6.3f}x" if target is None else check(label, value, target)
+    head = f"{label:<58} {value:6.3f}x" if target is None else check(label, value, target)
     return head + (
         f"   (rounds {lo:.3f}-{hi:.3f}; best/best {best_ratio(by[a], by[b]):.3f}x; "
         f"per host CPU-s {cpu_ratio(by[a], by[b]):.3f}x)"
