@@ -5,14 +5,18 @@
 Joins the other processes with `jax.distributed.initialize` on 127.0.0.1 (gloo CPU
 collectives), then runs the same script as every other process: fit, test and predict with
 the Trainer's defaults (`devices="auto"`: every device of every process), each process feeding
-its share of every global batch. Writes `OUT_DIR/<process_id>.npz` (parameters, predictions)
-and `OUT_DIR/<process_id>.json` (metrics, and the error of any stage that failed).
+its share of every global batch; then checkpoints into directories under OUT_DIR that all
+processes share and resumes from them (`checkpoint_stage`). Writes `OUT_DIR/<process_id>.npz`
+(parameters, predictions) and `OUT_DIR/<process_id>.json` (metrics, checkpoint bookkeeping,
+and the error of any stage that failed).
 """
 
 import json
 import os
 import sys
 import traceback
+import warnings
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -20,6 +24,7 @@ import numpy as np
 from helpers import blobs_datamodule, make_mlp_experiment
 
 import solstice
+from solstice.callbacks import ModelCheckpoint
 
 # Shared with the single-process reference in test_multiprocess.py. Nothing here touches a
 # device: the backend starts only after `jax.distributed.initialize`.
@@ -52,6 +57,63 @@ class Replacing(solstice.ClassificationExperiment):
 def replacing_experiment():
     base = experiment()
     return Replacing(base.model, base.optimizer, 4, key=base.key)
+
+
+def checkpoint_callbacks(dirpath: str, latest: str | None = None) -> list[ModelCheckpoint]:
+    # 7 steps per epoch: step saves land mid-epoch (steps 6, 10, 16, 20), epoch saves at 7,
+    # 14, 21; the top 2 by val/loss plus the most recent are kept.
+    callbacks = [
+        ModelCheckpoint(
+            dirpath, monitor="val/loss", save_top_k=2, every_n_epochs=1, every_n_train_steps=5
+        )
+    ]
+    if latest is not None:  # a second one saving at the same moments, under the same names
+        callbacks.append(ModelCheckpoint(latest))
+    return callbacks
+
+
+def checkpoint_stage(out_dir: str, result: dict, arrays: dict) -> None:
+    """Fit 2 epochs with checkpoints in directories every process shares, resume to 3 epochs
+    in a new Trainer with `ckpt_path="last"`, and fit 3 epochs uninterrupted (checkpointing
+    to another directory: the same checkpoint names a second time in these processes), then
+    resume that run from its mid-epoch checkpoint."""
+    from solstice.checkpointing import _orbax
+
+    writes = []  # `solstice.json` written by this process (Orbax calls back on process 0 only)
+    write_metadata = _orbax.write_metadata
+    _orbax.write_metadata = lambda d, m: (writes.append(Path(d).name), write_metadata(d, m))[1]
+    shared, latest = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "ckpt_latest")
+    info: dict = {"metadata_writes": writes}
+    full = os.path.join(out_dir, "ckpt_full")
+    runs = {
+        "first": (2, checkpoint_callbacks(shared, latest), None),
+        "resumed": (3, checkpoint_callbacks(shared, latest), "last"),
+        "full": (3, checkpoint_callbacks(full), None),
+        # mid-epoch, with the metric accumulators of the epoch (a step save the full run kept)
+        "mid_epoch": (3, [], os.path.join(full, "epoch=2-step=16")),
+    }
+    for name, (max_epochs, callbacks, ckpt_path) in runs.items():
+        trainer = solstice.Trainer(**{**TRAINER_KW, "max_epochs": max_epochs}, callbacks=callbacks)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exp = trainer.fit(experiment(), datamodule(), ckpt_path=ckpt_path)
+        info[name] = {
+            "warnings": [str(w.message) for w in caught],
+            "global_step": trainer.global_step,
+            "history": trainer.history.metrics,
+            "callback_metrics": dict(trainer.callback_metrics),
+            "callbacks": [
+                {
+                    "last_model_path": cb.last_model_path,
+                    "best_model_path": cb.best_model_path,
+                    "best_k_models": cb.best_k_models,
+                }
+                for cb in callbacks
+            ],
+        }
+        for i, p in enumerate(jax.tree.leaves(eqx.filter(exp.model, eqx.is_array))):
+            arrays[f"{name}_param{i}"] = np.asarray(p.addressable_data(0))
+    result["checkpoint"] = info
 
 
 def main(process_id: int, num_processes: int, port: int, num_devices: int, out_dir: str) -> None:
@@ -95,6 +157,7 @@ def main(process_id: int, num_processes: int, port: int, num_devices: int, out_d
 
     stage("predict", predict)
     stage("replace", replace)
+    stage("checkpoint", lambda: checkpoint_stage(out_dir, result, arrays))
     np.savez(os.path.join(out_dir, f"{process_id}.npz"), **arrays)
     with open(os.path.join(out_dir, f"{process_id}.json"), "w") as f:
         json.dump(result, f)

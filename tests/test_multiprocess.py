@@ -2,11 +2,13 @@
 
 Each process runs `multiprocess_worker.py` with one CPU device, gloo collectives and the
 coordinator on 127.0.0.1, and feeds its half of every global batch. The result must be the
-one of a single process driving two devices.
+one of a single process driving two devices. Checkpoints go to directories both processes
+share, and a run resumed from them must be the uninterrupted one.
 """
 
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -17,6 +19,15 @@ from helpers import params_of, run_processes
 from multiprocess_worker import TRAINER_KW, datamodule, experiment
 
 import solstice
+from solstice.checkpointing import verify
+from solstice.checkpointing._format import (
+    DELETING_SUFFIX,
+    METADATA_FILE,
+    ORBAX_COMMIT_FILE,
+    ORBAX_TMP_SUFFIX,
+    write_metadata,
+)
+from solstice.trainer import _resume
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 1
@@ -119,3 +130,126 @@ def test_experiment_hook_can_replace_experiment(run):
     results, _ = run
     for info, _ in results:
         assert "replace" not in info["errors"], info["errors"].get("replace")
+
+
+# ---------------------------------------------------------------------- checkpoints
+# What `multiprocess_worker.checkpoint_stage` saves, in order. 7 steps per epoch, run in fused
+# pairs; the first ModelCheckpoint saves every 5 steps (at the pairs' ends: steps 6, 10, 16,
+# 20) and at every epoch end (7, 14, 21) and keeps the top 2 by val/loss plus the last; the
+# second one (first two runs only) saves at every epoch end and keeps the most recent.
+SAVES = {
+    "first": ["epoch=0-step=6", "epoch=0-step=7", "epoch=0-step=7", "epoch=1-step=10"]
+    + ["epoch=1-step=14", "epoch=1-step=14"],
+    "resumed": ["epoch=2-step=16", "epoch=2-step=20", "epoch=2-step=21", "epoch=2-step=21"],
+    "full": ["epoch=0-step=6", "epoch=0-step=7", "epoch=1-step=10", "epoch=1-step=14"]
+    + ["epoch=2-step=16", "epoch=2-step=20", "epoch=2-step=21"],
+}
+# the top 2 (a step save is scored with the latest val/loss: step 16 with epoch 1's)
+KEPT = ["epoch=2-step=16", "epoch=2-step=21"]
+
+
+def _checkpoint(results) -> list[dict]:
+    infos = []
+    for info, _ in results:
+        assert "checkpoint" not in info["errors"], info["errors"].get("checkpoint")
+        infos.append(info["checkpoint"])
+    return infos
+
+
+def test_checkpoint_runs_agree_across_processes_and_warn_nothing(run):
+    results, out = run
+    infos = _checkpoint(results)
+    for name in ("first", "resumed", "full", "mid_epoch"):
+        assert infos[0][name] == infos[1][name], name  # bookkeeping, metrics, history
+        assert infos[0][name]["warnings"] == [], name  # no failed save, no skipped checkpoint
+    first, resumed = infos[0]["first"]["callbacks"], infos[0]["resumed"]["callbacks"]
+    assert (
+        first[0]["last_model_path"]
+        == first[0]["best_model_path"]
+        == str(out / "ckpt" / "epoch=1-step=14")
+    )
+    assert first[1]["last_model_path"] == str(out / "ckpt_latest" / "epoch=1-step=14")
+    assert (
+        resumed[0]["last_model_path"]
+        == resumed[0]["best_model_path"]
+        == str(out / "ckpt" / "epoch=2-step=21")
+    )
+    assert sorted(resumed[0]["best_k_models"]) == [str(out / "ckpt" / n) for n in KEPT]
+    assert resumed[1]["last_model_path"] == str(out / "ckpt_latest" / "epoch=2-step=21")
+    # the resumed run keeps the books the uninterrupted one keeps
+    full = json.loads(json.dumps(infos[0]["full"]["callbacks"][0]).replace("ckpt_full", "ckpt"))
+    assert resumed[0] == full
+
+
+def test_checkpoint_directories_hold_exactly_the_kept_checkpoints(run):
+    _, out = run
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == KEPT
+    assert sorted(p.name for p in (out / "ckpt_full").iterdir()) == KEPT
+    latest = sorted(p.name for p in (out / "ckpt_latest").iterdir())
+    # `epoch=1-step=14` may stay too: the first callback's checkpoint at step 14 (the one
+    # resumed from) recorded the second's state before the second saved at that step.
+    assert set(latest) - {"epoch=1-step=14"} == {"epoch=2-step=21"}, latest
+    for directory in ("ckpt", "ckpt_full", "ckpt_latest"):
+        for path in (out / directory).iterdir():
+            assert ORBAX_TMP_SUFFIX not in path.name and not path.name.endswith(DELETING_SUFFIX)
+            document = verify(path)  # complete: commit marker, checksum of every file
+            assert document["kind"] == "trainer"
+            assert document["checkpoint"]["name"] == path.name
+            assert document["trainer"]["processes"] == NUM_PROCESSES
+            # one metadata file, written once all processes had written their arrays: it
+            # hashes process 1's files too (Orbax's `ocdbt.process_1/`, ...)
+            assert [p.relative_to(path) for p in path.rglob(f"{METADATA_FILE}*")] == [
+                Path(METADATA_FILE)
+            ]
+            assert any("process_1" in name for name in document["files"]), path
+
+
+def test_only_process_zero_writes_checkpoint_metadata(run):
+    results, _ = run
+    writes = [info["metadata_writes"] for info in _checkpoint(results)]
+    assert writes[1] == []
+    expected = [n + ORBAX_TMP_SUFFIX for r in ("first", "resumed", "full") for n in SAVES[r]]
+    assert writes[0] == expected
+
+
+def test_resumed_runs_are_the_uninterrupted_run(run):
+    results, _ = run
+    infos = _checkpoint(results)
+    for _, arrays in results:
+        n = len([k for k in arrays if k.startswith("full_param")])
+        assert n > 0
+        for i in range(n):
+            # checkpointing does not change training: the first run is the plain 2-epoch fit
+            np.testing.assert_array_equal(arrays[f"first_param{i}"], arrays[f"param{i}"])
+            # resumed at an epoch end ("last"), or mid-epoch: exactly the 3-epoch run
+            np.testing.assert_array_equal(arrays[f"resumed_param{i}"], arrays[f"full_param{i}"])
+            np.testing.assert_array_equal(arrays[f"mid_epoch_param{i}"], arrays[f"full_param{i}"])
+    full = infos[0]["full"]
+    assert full["global_step"] == 21
+    for name in ("resumed", "mid_epoch"):
+        assert infos[0][name]["callback_metrics"] == full["callback_metrics"], name
+        assert infos[0][name]["history"] == full["history"], name
+
+
+def test_last_ignores_a_checkpoint_removed_while_it_looks(tmp_path, monkeypatch):
+    """With several processes, process 0 deletes the checkpoints retention drops when a save
+    commits (at the latest at the end of `fit`) while the others go on: another process may
+    already be looking for the last checkpoint of the next `fit(ckpt_path="last")`."""
+    for step, created in ((7, 1), (14, 2)):
+        path = tmp_path / f"epoch=0-step={step}"
+        path.mkdir()
+        (path / ORBAX_COMMIT_FILE).write_text("")
+        write_metadata(path, {"kind": "trainer", "created_unix_ns": created})
+    older = tmp_path / "epoch=0-step=7"
+    read_metadata = _resume.read_metadata
+
+    def removed_meanwhile(path):
+        if path == older and path.exists():  # process 0's `ModelCheckpoint._delete`
+            trash = path.parent / (path.name + DELETING_SUFFIX)
+            os.replace(path, trash)
+            shutil.rmtree(trash)
+        return read_metadata(path)
+
+    monkeypatch.setattr(_resume, "read_metadata", removed_meanwhile)
+    found = _resume.find_last(tmp_path)
+    assert found is not None and found[0] == tmp_path / "epoch=0-step=14"

@@ -4,6 +4,7 @@ Orbax is imported here only, when a checkpoint is first written or read, so `imp
 stays light.
 """
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ def _orbax() -> Any:
             "`pip install 'solstice[checkpoint]'`."
         ) from error
     return ocp
+
+
+# Numbers the writers' Orbax checkpointers, for their barrier names (see `CheckpointWriter._get`).
+_WRITER_IDS = itertools.count()
 
 
 class CheckpointWriter:
@@ -51,9 +56,23 @@ class CheckpointWriter:
     def _get(self) -> Any:
         if self._checkpointer is None:
             ocp = _orbax()
+            # With several processes, Orbax's background thread meets the other processes at
+            # barriers named after the checkpoint's directory name alone
+            # (`async_write_complete.epoch=0-step=7`). Two writers committing saves of the same
+            # name at once (two `ModelCheckpoint`s with different `dirpath`s, saving on the
+            # same step) would wait at one barrier: the coordination service fails the second
+            # ("Barrier ... is already ongoing") and the processes hang until Orbax's timeout.
+            # A prefix per writer keeps their barriers apart. Every process creates its writers
+            # in the same order (saving is collective: all processes save, in the same order),
+            # so the n-th writer has the same prefix in every process (Orbax's first barrier
+            # of a save, by default `sync_global_devices`, fails if the names differ).
+            options = ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=f"solstice_writer{next(_WRITER_IDS)}"
+            )
             self._checkpointer = ocp.AsyncCheckpointer(
                 ocp.CompositeCheckpointHandler(),
                 async_options=ocp.AsyncOptions(post_finalization_callback=self._finalize),
+                multiprocessing_options=options,
             )
         return self._checkpointer
 
