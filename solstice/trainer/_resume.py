@@ -124,7 +124,13 @@ def _created(path: Path) -> int:
     try:
         return int(read_metadata(path).get("created_unix_ns", 0))
     except CheckpointError:
-        return path.stat().st_mtime_ns
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            # Removed since it was listed: with several processes, process 0 deletes what
+            # retention drops (`ModelCheckpoint._delete`) while the others may already be
+            # looking for the last checkpoint of their next `fit`. It ranks last.
+            return -1
 
 
 def _first_valid(paths: Sequence[Path], why: str) -> tuple[Path, dict[str, Any]] | None:
