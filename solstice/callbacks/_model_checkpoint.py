@@ -27,10 +27,12 @@ log = logging.getLogger("solstice")
 
 
 @dataclasses.dataclass
-class _Pending:
+class _Save:
+    """A save decided (the books already hold it), then written (committed on `wait`)."""
+
     path: Path
-    snapshot: dict[str, Any]
-    evicted: list[str]
+    snapshot: dict[str, Any]  # the books before it: restored if it fails
+    info: dict[str, Any]  # `"checkpoint"` in its metadata
 
 
 def _check_every(name: str, value: Any) -> int:
@@ -89,7 +91,10 @@ class ModelCheckpoint(Callback):
     set only once a newer one is committed.
 
     `ModelCheckpoint`s run after every other callback, so the state they save includes
-    everything the other callbacks did in the same hook. Nothing is saved with
+    everything the other callbacks did in the same hook. When several save at the same moment,
+    all decide (and update their books) before any writes, so every checkpoint of that moment
+    records the books each callback keeps after all of them: a run resumed from any of them
+    keeps and deletes exactly what the uninterrupted run does. Nothing is saved with
     `Trainer(fast_dev_run=...)`.
 
     **Arguments:**
@@ -168,8 +173,10 @@ class ModelCheckpoint(Callback):
         self._last_global_step_saved = -1
         self._clock: Callable[[], float] = time.monotonic
         self._last_time_saved: float | None = None
+        self._evicting: list[str] = []  # dropped from the books, deleted once a save commits
         self._writer: Any = None
-        self._pending: _Pending | None = None
+        self._planned: _Save | None = None  # decided, not yet written
+        self._pending: _Save | None = None  # written, not yet known to be committed
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -184,7 +191,7 @@ class ModelCheckpoint(Callback):
 
     @property
     def saves_on_steps(self) -> bool:
-        """Whether the Trainer must call `save_if_due` after every training step."""
+        """Whether the Trainer must call `plan_step_save` after every training step."""
         return bool(self.every_n_train_steps) or self.train_time_interval is not None
 
     def _bookkeeping(self) -> dict[str, Any]:
@@ -196,6 +203,7 @@ class ModelCheckpoint(Callback):
             "kth_value": self.kth_value,
             "last_model_path": self.last_model_path,
             "last_global_step_saved": self._last_global_step_saved,
+            "evicting": list(self._evicting),
         }
 
     def _set_bookkeeping(self, state: dict[str, Any]) -> None:
@@ -206,6 +214,10 @@ class ModelCheckpoint(Callback):
         self.kth_value = state["kth_value"]
         self.last_model_path = state["last_model_path"]
         self._last_global_step_saved = state["last_global_step_saved"]
+        # Dropped from the books, not yet deleted: a checkpoint records them before it (and
+        # the other callbacks' saves of its moment) commits. A run resumed from it deletes
+        # them once this callback's next save commits, whether or not that moment's did.
+        self._evicting = list(state.get("evicting", []))
 
     def state_dict(self) -> dict[str, Any]:
         return {"dirpath": str(self.dirpath), **self._bookkeeping()}
@@ -249,7 +261,7 @@ class ModelCheckpoint(Callback):
             return
         if self.monitor is None and trainer.global_step == self._last_global_step_saved:
             return  # a step-triggered save of this very state exists (nothing to rank)
-        self._save(trainer, "epoch", score)
+        self._plan(trainer, "epoch", score)  # the Trainer writes it after the hook
 
     def on_train_end(self, trainer, experiment) -> None:
         if self._monitor is not None:
@@ -262,9 +274,14 @@ class ModelCheckpoint(Callback):
         self.wait()
 
     # ------------------------------------------------------------------ called by the Trainer
-    def save_if_due(self, trainer: "Trainer") -> None:
-        """Called by the Trainer after every training step (or fused group of steps): save if
-        `every_n_train_steps` steps or `train_time_interval` have passed."""
+    # Saving has two phases so that every checkpoint callback decides its saves of a moment
+    # (and updates its books) before any of them captures the state, which holds every
+    # callback's books: `on_train_epoch_end`, `plan_step_save` and `plan_interrupt_save`
+    # decide; the Trainer then calls `write_planned` on each. Every process runs the same
+    # decisions in the same order (saving is collective).
+    def plan_step_save(self, trainer: "Trainer") -> None:
+        """Called by the Trainer after every training step (or fused group of steps): plan a
+        save if `every_n_train_steps` steps or `train_time_interval` have passed."""
         step = trainer.global_step
         if step == self._last_global_step_saved:
             return
@@ -280,17 +297,40 @@ class ModelCheckpoint(Callback):
         else:
             return
         score = self._monitor.current(trainer) if self._monitor is not None else None
-        self._save(trainer, reason, score)
+        self._plan(trainer, reason, score)
 
-    def save_on_interrupt(self, trainer: "Trainer") -> None:
-        """Called by the Trainer on SIGINT/SIGTERM: save the current state (kept as the most
-        recent checkpoint) and wait until it is committed."""
+    def plan_interrupt_save(self, trainer: "Trainer") -> None:
+        """Called by the Trainer on SIGINT/SIGTERM: plan a save of the current state (kept as
+        the most recent checkpoint) unless one of this step is saved or planned already."""
         if trainer.global_step != self._last_global_step_saved:
-            self._save(trainer, "interrupt", None)
-        self.wait()
+            self._plan(trainer, "interrupt", None)
+
+    def write_planned(self, trainer: "Trainer") -> None:
+        """Called by the Trainer once every checkpoint callback has planned its saves of this
+        moment: start writing the planned save (if any) in the background."""
+        planned = self._planned
+        if planned is None:
+            return
+        from ..trainer._resume import capture
+
+        items, metadata = capture(trainer, {"checkpoint": planned.info})
+        self._planned = None  # (if `capture` raised, `wait` takes the plan back)
+        if self._writer is None:
+            self._writer = CheckpointWriter()
+        try:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            self._writer.save(planned.path, items, metadata)
+        except Exception as error:  # noqa: BLE001 - reported, training continues
+            self._failed(planned, error)
+            return
+        self._pending = planned
 
     def wait(self) -> None:
-        """Block until the save in progress (if any) is committed, then apply retention."""
+        """Block until the save in progress (if any) is committed, then apply retention (a
+        save planned but never written is dropped from the books)."""
+        planned, self._planned = self._planned, None
+        if planned is not None:  # decided but never written (an exception came between)
+            self._set_bookkeeping(planned.snapshot)
         self._finish_pending()
 
     # ------------------------------------------------------------------ saving
@@ -343,8 +383,10 @@ class ModelCheckpoint(Callback):
 
     def _new_path(self, trainer: "Trainer") -> Path:
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}"
+        # taken: on disk, or planned by another callback (writing in the same directory)
+        planned = {cb._planned.path for cb in trainer.checkpoint_callbacks if cb._planned}
         candidate, version = name, 0
-        while any(
+        while self.dirpath / candidate in planned or any(
             (self.dirpath / (candidate + suffix)).exists()
             for suffix in ("", ORBAX_TMP_SUFFIX, DELETING_SUFFIX)
         ):
@@ -352,11 +394,11 @@ class ModelCheckpoint(Callback):
             candidate = f"{name}-v{version}"
         return self.dirpath / candidate
 
-    def _save(self, trainer: "Trainer", reason: str, score: float | None) -> None:
-        if trainer.fast_dev_run:
+    def _plan(self, trainer: "Trainer", reason: str, score: float | None) -> None:
+        """Decide a save now and update the books as if it were committed (`write_planned`
+        writes it; a failure restores the books)."""
+        if trainer.fast_dev_run or self._planned is not None:
             return
-        from ..trainer._resume import capture
-
         self._finish_pending()
         if not all_finite(trainer._dyn):
             message = (
@@ -377,7 +419,7 @@ class ModelCheckpoint(Callback):
             return
         path = self._new_path(trainer)
         snapshot = self._bookkeeping()
-        evicted = self._record(str(path), score, top_k)
+        self._evicting.extend(self._record(str(path), score, top_k))
         self._last_global_step_saved = trainer.global_step
         self._last_time_saved = self._clock()
         info = {
@@ -386,16 +428,7 @@ class ModelCheckpoint(Callback):
             "monitor": self.monitor,
             "score": score if top_k else None,
         }
-        items, metadata = capture(trainer, {"checkpoint": info})
-        if self._writer is None:
-            self._writer = CheckpointWriter()
-        try:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            self._writer.save(path, items, metadata)
-        except Exception as error:  # noqa: BLE001 - reported, training continues
-            self._failed(path, snapshot, error)
-            return
-        self._pending = _Pending(path, snapshot, evicted)
+        self._planned = _Save(path, snapshot, info)
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -403,13 +436,17 @@ class ModelCheckpoint(Callback):
             return
         error = self._writer.wait()
         if error is not None:
-            self._failed(pending.path, pending.snapshot, error)
+            self._failed(pending, error)
             return
-        for path in pending.evicted:
-            self._delete(Path(path))
+        kept = {*self.best_k_models, self.last_model_path}
+        evicting, self._evicting = self._evicting, []
+        for path in dict.fromkeys(evicting):
+            if path not in kept:
+                self._delete(Path(path))
 
-    def _failed(self, path: Path, snapshot: dict[str, Any], error: BaseException) -> None:
-        self._set_bookkeeping(snapshot)
+    def _failed(self, save: _Save, error: BaseException) -> None:
+        self._set_bookkeeping(save.snapshot)
+        path = save.path
         if jax.process_index() == 0:  # an unfinished save of ours, it can never be valid
             shutil.rmtree(path.parent / (path.name + ORBAX_TMP_SUFFIX), ignore_errors=True)
         warnings.warn(

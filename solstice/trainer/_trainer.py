@@ -421,9 +421,18 @@ class Trainer:
     def _step_boundary(self) -> None:
         """After every (fused) training call: step-triggered checkpoints, then signals."""
         for cb in self._step_savers:
-            cb.save_if_due(self)
+            cb.plan_step_save(self)
         if self._signals is not None and self._signals.received is not None:
-            self._stop_for_signal()
+            self._stop_for_signal()  # writes them with the interrupt saves of this boundary
+        else:
+            self._write_checkpoints(self._step_savers)
+
+    def _write_checkpoints(self, checkpoints: list[ModelCheckpoint]) -> None:
+        """Write the saves the `ModelCheckpoint`s planned at this moment. Only once all have
+        planned (and updated their books), so that each checkpoint holds every callback's
+        books as they are after all of this moment's saves."""
+        for cb in checkpoints:
+            cb.write_planned(self)
 
     def _stop_for_signal(self) -> None:
         name = signal.Signals(self._signals.received).name
@@ -434,8 +443,12 @@ class Trainer:
             self.progress.epoch,
             self.progress.batch_idx,
         )
-        for cb in self.checkpoint_callbacks:
-            cb.save_on_interrupt(self)
+        checkpoints = self.checkpoint_callbacks
+        for cb in checkpoints:
+            cb.plan_interrupt_save(self)
+        self._write_checkpoints(checkpoints)
+        for cb in checkpoints:
+            cb.wait()
         self._logging.flush()
         self._signals.finish()  # raises, unless a previous Python handler chose otherwise
         self.should_stop = True
@@ -538,7 +551,8 @@ class Trainer:
                 # so the checkpoint the signal takes reruns validation when resumed.
                 return
         self._epoch_complete = True  # a checkpoint taken now resumes at the next epoch
-        self._hooks.call(self, "on_train_epoch_end")
+        self._hooks.call(self, "on_train_epoch_end")  # the ModelCheckpoints plan their saves
+        self._write_checkpoints(self.checkpoint_callbacks)
         progress.epoch += 1
         progress.batch_idx = 0
         self._epoch_complete = False
