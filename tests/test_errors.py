@@ -90,8 +90,15 @@ def test_labels_out_of_range():
     with pytest.raises(ValueError, match=r"label 7, outside \[0, 4\).*num_classes"):
         _trainer().fit(_exp(), dm)
     data["label"][5] = -1
-    with pytest.raises(ValueError, match=r"label -1"):
+    with pytest.raises(ValueError, match=r"label -1, .*cannot be negative"):
         _trainer().fit(_exp(), ArrayDataModule(train=data, batch_size=64))
+    for dtype in (np.int8, np.int64, np.uint8):  # every integer width, signed or not
+        labels = data["label"].astype(dtype)
+        labels[5] = 4
+        with pytest.raises(ValueError, match=r"label 4, outside \[0, 4\)"):
+            _exp().validate_batch({"image": data["image"], "label": labels})
+        labels[5] = 3
+        _exp().validate_batch({"image": data["image"], "label": labels})
 
 
 def test_logits_with_wrong_number_of_classes():
