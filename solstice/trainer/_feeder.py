@@ -147,6 +147,18 @@ class BatchPreparer:
             self.validate(batch)
         return batch
 
+    def check_stacked(self, stacked: PyTree, n: int) -> None:
+        """Check the first `n` batches of a host stack `(size, batch, ...)` that a loader
+        gathered (`BatchLoader.iter_stacked`): its batches all have one size, so the size is
+        checked once (as `__call__` does), and `validate` sees each batch."""
+        leaves, treedef = jax.tree.flatten(stacked)
+        batches = (treedef.unflatten([x[i] for x in leaves]) for i in range(n))
+        if self.expected_size is None:
+            self(next(batches))
+        if self.validate is not None:
+            for batch in batches:
+                self.validate(batch)
+
 
 class Feeder:
     """Iterates device batches prepared on a background thread, `depth` ahead of the step.
@@ -155,8 +167,8 @@ class Feeder:
     `n` consecutive batches uploaded together in one transfer (see `chunk_size`), padded to
     a fixed chunk size; the step takes its batch out of the chunk (`take_from_chunk`). With
     `stacked=True` as well, `batches` yields such `(n, stacked)` host chunks already, in
-    buffers of our own (`BatchLoader.iter_stacked` with `empty=aligned_empty`); each of their
-    batches is still checked by `prepare`.
+    buffers of our own (`BatchLoader.iter_stacked` with `empty=aligned_empty`), which
+    `prepare.check_stacked` checks (`prepare` is then a `BatchPreparer`).
 
     With `group > 1`, consecutive batches are stacked `(group, batch, ...)` for fused steps;
     the first `lead` batches and a final remainder are yielded batch by batch, so that fused
@@ -262,9 +274,7 @@ class Feeder:
             for n, stacked in self._batches:
                 if self._stop.is_set():
                     return
-                leaves, treedef = jax.tree.flatten(stacked)
-                for i in range(n):
-                    self._prepare(treedef.unflatten([x[i] for x in leaves]))
+                self._prepare.check_stacked(stacked, n)
                 item = self._placement.put_stacked_batches(stacked, owned=True)
                 if not self._put((n, item)):
                     return
