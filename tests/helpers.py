@@ -58,17 +58,24 @@ def run_processes(commands, *, env, timeout, cwd=None):
         )
         for cmd in commands
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
+    import time
+
+    deadline = time.monotonic() + timeout
+    logs, hung = [], []
+    for i, p in enumerate(procs):
+        try:
+            logs.append(p.communicate(timeout=max(0.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            # A hang (e.g. processes waiting for each other at a collective): kill it and show
+            # what every process printed, instead of a bare TimeoutExpired.
             if p.poll() is None:
                 p.kill()
-                p.wait()
+                hung.append(i)
+            logs.append(p.communicate()[0])
+    outputs = "\n".join(f"--- process {i} ---\n{log}" for i, log in enumerate(logs))
+    assert not hung, f"process(es) {hung} still running after {timeout} s:\n{outputs}"
     for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n" + "\n".join(logs)
+        assert p.returncode == 0, f"process {i} failed:\n{outputs}"
     return logs
 
 
