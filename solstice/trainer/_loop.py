@@ -379,8 +379,11 @@ def run_evaluation(
 
     Inside `fit`, a SIGINT/SIGTERM stops the run before its next batch and raises
     `EvaluationInterrupted`: a long validation must not delay the checkpoint that the
-    signal asks for (a preempted job has seconds)."""
-    signals = trainer._signals  # set only while `fit` runs
+    signal asks for (a preempted job has seconds). Not with several processes: the others
+    would go on with evaluation steps (collectives) and wait forever; there the signal acts
+    after validation, as at any step boundary."""
+    # `_signals` is set only while `fit` runs.
+    signals = None if trainer._placement.multi_process else trainer._signals
     hooks = trainer._hooks
     steps = trainer._steps
     batch_start = hooks.active(f"on_{stage}_batch_start")
