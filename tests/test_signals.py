@@ -176,10 +176,13 @@ def test_signal_to_a_training_process(tmp_path, signum):
     assert step >= 5
     # flushed: every row up to the saved step (logs every 3 steps and at epoch ends, 8 steps).
     # A stop right after an epoch's last step comes before that epoch's closing row, whose
-    # accumulators the checkpoint holds (a resume publishes it).
-    assert _logged_steps(tmp_path)[-1] == max(
+    # accumulators the checkpoint holds (a resume publishes it); a stop during that epoch's
+    # validation comes after it (the epoch stays open, so the checkpoint is the same).
+    before_closing_row = max(
         s for s in range(1, step + 1) if s % 3 == 0 or (s % 8 == 0 and s < step)
     )
+    allowed = {before_closing_row, step} if step % 8 == 0 else {before_closing_row}
+    assert _logged_steps(tmp_path)[-1] in allowed
     solstice.checkpointing.verify(saved[0])
 
 
