@@ -11,8 +11,10 @@ processes share and resumes from them (`checkpoint_stage`). Writes `OUT_DIR/<pro
 and the error of any stage that failed).
 """
 
+import itertools
 import json
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -113,7 +115,47 @@ def checkpoint_stage(out_dir: str, result: dict, arrays: dict) -> None:
         }
         for i, p in enumerate(jax.tree.leaves(eqx.filter(exp.model, eqx.is_array))):
             arrays[f"{name}_param{i}"] = np.asarray(p.addressable_data(0))
+    _orbax.write_metadata = write_metadata  # later stages are not counted
     result["checkpoint"] = info
+
+
+class _SignalInProcessOne(solstice.callbacks.Callback):
+    """SIGTERM to process 1 only, before the 4th batch of the first epoch."""
+
+    def on_train_batch_start(self, trainer, experiment, batch, batch_idx):
+        if jax.process_index() == 1 and trainer.current_epoch == 0 and batch_idx == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def agreement_stage(out_dir: str, result: dict) -> None:
+    """Decisions one process takes alone, acted on by all together: a SIGTERM that reaches
+    process 1 only, and a timed checkpoint due on process 1's clock only (each would make
+    that process save, a collective, where the other does not)."""
+    from solstice.trainer import _agreement
+
+    _agreement.AGREE_EVERY_SECONDS = 0.0  # an agreement point at every step boundary
+    info: dict = {}
+    signalled = os.path.join(out_dir, "ckpt_signal")
+    trainer = solstice.Trainer(
+        **TRAINER_KW, callbacks=[_SignalInProcessOne(), ModelCheckpoint(signalled)]
+    )
+    try:
+        trainer.fit(experiment(), datamodule())
+        info["signal_exit"] = None
+    except SystemExit as exit:
+        info["signal_exit"] = exit.code
+    info["signal_step"] = trainer.global_step
+    info["signal_last"] = trainer.checkpoint_callbacks[0].last_model_path
+
+    timed = ModelCheckpoint(os.path.join(out_dir, "ckpt_timed"), train_time_interval=3600)
+    if jax.process_index() == 1:  # an hour passes on this clock between any two readings
+        hours = itertools.count()
+        timed._clock = lambda: 3600.0 * next(hours)
+    trainer = solstice.Trainer(**TRAINER_KW, callbacks=[timed])
+    trainer.fit(experiment(), datamodule())
+    info["timed_last"] = timed.last_model_path
+    info["timed_saved_step"] = timed.state_dict().get("last_global_step_saved")
+    result["agreement"] = info
 
 
 def main(process_id: int, num_processes: int, port: int, num_devices: int, out_dir: str) -> None:
@@ -158,6 +200,7 @@ def main(process_id: int, num_processes: int, port: int, num_devices: int, out_d
     stage("predict", predict)
     stage("replace", replace)
     stage("checkpoint", lambda: checkpoint_stage(out_dir, result, arrays))
+    stage("agreement", lambda: agreement_stage(out_dir, result))
     np.savez(os.path.join(out_dir, f"{process_id}.npz"), **arrays)
     with open(os.path.join(out_dir, f"{process_id}.json"), "w") as f:
         json.dump(result, f)

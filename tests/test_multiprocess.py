@@ -9,6 +9,7 @@ share, and a run resumed from them must be the uninterrupted one.
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -250,3 +251,41 @@ def test_last_ignores_a_checkpoint_removed_while_it_looks(tmp_path, monkeypatch)
     monkeypatch.setattr(_resume, "read_metadata", removed_meanwhile)
     found = _resume.find_last(tmp_path)
     assert found is not None and found[0] == tmp_path / "epoch=0-step=14"
+
+
+# ---------------------------------------------------------------------- agreement
+def _agreement(results) -> list[dict]:
+    infos = []
+    for info, _ in results:
+        assert "agreement" not in info["errors"], info["errors"].get("agreement")
+        infos.append(info["agreement"])
+    return infos
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(run):
+    results, out = run
+    infos = _agreement(results)
+    # process 1 got SIGTERM before its 4th batch: both saved after step 4 and ended as SIGTERM
+    for info in infos:
+        assert info["signal_exit"] == 128 + signal.SIGTERM
+        assert info["signal_step"] == 4
+        assert info["signal_last"] == str(out / "ckpt_signal" / "epoch=0-step=4")
+    saved = sorted((out / "ckpt_signal").iterdir())
+    assert [p.name for p in saved] == ["epoch=0-step=4"]
+    document = verify(saved[0])
+    assert document["checkpoint"]["reason"] == "interrupt"
+    assert document["progress"]["global_step"] == 4
+
+
+def test_a_timed_checkpoint_due_on_one_clock_is_saved_by_every_process(run):
+    results, out = run
+    infos = _agreement(results)
+    assert (
+        infos[0]["timed_last"]
+        == infos[1]["timed_last"]
+        == str(out / "ckpt_timed" / "epoch=1-step=14")
+    )
+    assert infos[0]["timed_saved_step"] == infos[1]["timed_saved_step"] == 14
+    saved = sorted((out / "ckpt_timed").iterdir())
+    assert [p.name for p in saved] == ["epoch=1-step=14"]
+    verify(saved[0])

@@ -279,20 +279,30 @@ class ModelCheckpoint(Callback):
     # callback's books: `on_train_epoch_end`, `plan_step_save` and `plan_interrupt_save`
     # decide; the Trainer then calls `write_planned` on each. Every process runs the same
     # decisions in the same order (saving is collective).
-    def plan_step_save(self, trainer: "Trainer") -> None:
+    def time_due(self) -> bool:
+        """Whether `train_time_interval` has passed since the last save, on this process's
+        clock."""
+        return (
+            self.train_time_interval is not None
+            and self._last_time_saved is not None
+            and self._clock() - self._last_time_saved >= self.train_time_interval
+        )
+
+    def plan_step_save(self, trainer: "Trainer", time_due: bool | None = None) -> None:
         """Called by the Trainer after every training step (or fused group of steps): plan a
-        save if `every_n_train_steps` steps or `train_time_interval` have passed."""
+        save if `every_n_train_steps` steps or `train_time_interval` have passed.
+
+        `time_due`: the decision on the interval when the Trainer takes it for this callback
+        (with several processes, agreed by all of them); `None`: this process's clock."""
         step = trainer.global_step
         if step == self._last_global_step_saved:
             return
         n = self.every_n_train_steps
+        if time_due is None:
+            time_due = self.time_due()
         if n and step // n > max(self._last_global_step_saved, 0) // n:
             reason = "step"
-        elif (
-            self.train_time_interval is not None
-            and self._last_time_saved is not None
-            and self._clock() - self._last_time_saved >= self.train_time_interval
-        ):
+        elif time_due and self.train_time_interval is not None:
             reason = "time"
         else:
             return

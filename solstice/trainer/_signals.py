@@ -80,9 +80,10 @@ class SignalWatch:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def finish(self) -> None:
-        """Restore the handlers and end the way the received signal would have."""
-        signum = self.received
+    def finish(self, signum: int | None = None) -> None:
+        """Restore the handlers and end the way the received signal (or `signum`, e.g. one
+        another process received) would have."""
+        signum = self.received if signum is None else signum
         previous = self._previous.get(signum, signal.SIG_DFL)
         self.received = None
         self.restore()

@@ -21,6 +21,7 @@ from ..datamodules._datamodule import DataModule
 from ..loggers import History, Logger
 from ..loggers._convert import check_scalars
 from ..loggers._packed import PackedMetrics
+from ._agreement import Agreement
 from ._arguments import check_arguments, check_objects
 from ._compilation_cache import enable_compilation_cache
 from ._compile import CompiledSteps, TraceLog
@@ -85,8 +86,10 @@ class Trainer:
       user configured in JAX already is left as it is.
 
     SIGINT (Ctrl-C) and SIGTERM (preemption) during `fit` stop the run at the next step
-    boundary, or before the next batch of a validation run (which a resume then reruns):
-    each `ModelCheckpoint` saves a checkpoint, the loggers are flushed, and the run
+    boundary, or before the next batch of a validation run (which a resume then reruns);
+    with several processes, at the next point where they agree (about once a second, and
+    between epochs), all of them together: each `ModelCheckpoint` saves a checkpoint, the
+    loggers are flushed, and the run
     ends as the signal would have (`KeyboardInterrupt`; `SystemExit(143)` for SIGTERM). A
     second signal acts at once. Only in the main thread.
 
@@ -193,6 +196,7 @@ class Trainer:
         self._guard: jax.Array | None = None  # on-device first non-finite step (TerminateOnNaN)
         self.nonfinite_step: int | None = None
         self._signals: SignalWatch | None = None
+        self._agreement: Agreement | None = None  # while `fit` runs
         self._epoch_complete = False  # inside `on_train_epoch_end`: the epoch is done
         self._step_savers: list[ModelCheckpoint] = []
 
@@ -419,13 +423,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ step boundaries
     def _step_boundary(self) -> None:
-        """After every (fused) training call: step-triggered checkpoints, then signals."""
+        """After every (fused) training call: step-triggered checkpoints, then signals.
+
+        Signals and timed checkpoints are acted on at agreement points only (every step with
+        one process; with several, steps every process picks alike, see `Agreement`)."""
+        signum, time_due = 0, None
+        agreement = self._agreement
+        if agreement is not None and agreement.multi_process:
+            time_due = False
+            if agreement.due(self.progress.global_step):
+                mine = any(cb.time_due() for cb in self._step_savers)
+                signum, time_due = agreement.agree(
+                    self.progress.global_step, self._received_signal(), mine
+                )
+        else:
+            signum = self._received_signal()
         for cb in self._step_savers:
-            cb.plan_step_save(self)
-        if self._signals is not None and self._signals.received is not None:
-            self._stop_for_signal()  # writes them with the interrupt saves of this boundary
+            cb.plan_step_save(self, time_due=time_due)
+        if signum:
+            self._stop_for_signal(signum)  # writes them with the interrupt saves of this boundary
         else:
             self._write_checkpoints(self._step_savers)
+
+    def _received_signal(self) -> int:
+        """The signal this process received and has not acted on yet (0: none)."""
+        signals = self._signals
+        return 0 if signals is None or signals.received is None else int(signals.received)
+
+    def _agreed_signal(self) -> int:
+        """Between epochs: the signal to act on, agreed by every process (a collective with
+        several; every process reaches these points alike)."""
+        signum = self._received_signal()
+        if self._agreement is None:
+            return signum
+        return self._agreement.agree(self.progress.global_step, signum, False)[0]
 
     def _write_checkpoints(self, checkpoints: list[ModelCheckpoint]) -> None:
         """Write the saves the `ModelCheckpoint`s planned at this moment. Only once all have
@@ -434,8 +465,10 @@ class Trainer:
         for cb in checkpoints:
             cb.write_planned(self)
 
-    def _stop_for_signal(self) -> None:
-        name = signal.Signals(self._signals.received).name
+    def _stop_for_signal(self, signum: int) -> None:
+        """Save, flush and end as signal `signum` would have (received by this process, or,
+        with several processes, by another: all stop together)."""
+        name = signal.Signals(signum).name
         log.warning(
             "%s received: stopping at global step %d (epoch %d, batch %d).",
             name,
@@ -450,7 +483,7 @@ class Trainer:
         for cb in checkpoints:
             cb.wait()
         self._logging.flush()
-        self._signals.finish()  # raises, unless a previous Python handler chose otherwise
+        self._signals.finish(signum)  # raises, unless a previous Python handler chose otherwise
         self.should_stop = True
 
     def _update_callback_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
@@ -493,20 +526,24 @@ class Trainer:
         self._steps.set_batch_transform(getattr(datamodule, "device_transform", None))
         try:
             with self._run("train"), SignalWatch() as self._signals:
+                self._agreement = Agreement(self._placement, self.progress.global_step)
                 hooks = self._hooks
                 hooks.call(self, "on_fit_start")
                 hooks.call(self, "on_train_start")
                 while not self._fit_done():
-                    if self._signals.received is not None:
-                        self._stop_for_signal()
+                    signum = self._agreed_signal()
+                    if signum:
+                        self._stop_for_signal(signum)
                         continue
                     self._train_epoch(datamodule)
-                if self._signals.received is not None:
-                    self._stop_for_signal()
+                signum = self._agreed_signal()
+                if signum:
+                    self._stop_for_signal(signum)
                 hooks.call(self, "on_train_end")
                 hooks.call(self, "on_fit_end")
         finally:
             self._signals = None
+            self._agreement = None
         return self.experiment
 
     def _fit_done(self) -> bool:
