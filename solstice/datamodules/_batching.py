@@ -11,6 +11,12 @@ PyTree = Any
 MASK_KEY = "mask"
 
 
+def stack_length(batch_nbytes: int, *, max_batches: int, max_bytes: int) -> int:
+    """How many batches of `batch_nbytes` bytes one stack holds: as many as fit in
+    `max_bytes`, at least 1 and at most `max_batches`."""
+    return max(1, min(max_batches, max_bytes // max(1, batch_nbytes)))
+
+
 def batch_size_of(batch: PyTree) -> int:
     """Return the leading-axis size shared by every leaf of `batch`.
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._batching import batch_size_of, pad_batch
+from ._batching import batch_size_of, pad_batch, stack_length
 from ._order import OrderedLoader
 from ._order import epoch_permutation as epoch_permutation
 
@@ -147,7 +147,7 @@ class BatchLoader(OrderedLoader):
         local = order.local_batch_size
         leaves, treedef = jax.tree.flatten(self.arrays)
         row_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:])) for a in leaves)
-        size = max(1, min(max_batches, max_bytes // max(1, row_bytes * local)))
+        size = stack_length(row_bytes * local, max_batches=max_batches, max_bytes=max_bytes)
         # Row `b` is global batch `b`; this process reads its own columns of it.
         by_batch = order.indices()[: len(self) * order.batch_size].reshape(len(self), -1)
         mine = by_batch[:, order.process_index * local : (order.process_index + 1) * local]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..datamodules._batching import MASK_KEY, batch_size_of, pad_batch
+from ..datamodules._batching import MASK_KEY, batch_size_of, pad_batch, stack_length
 from ._placement import Placement, aligned_empty
 
 PyTree = Any
@@ -88,7 +88,7 @@ MAX_CHUNK = 16
 def chunk_size(batch: PyTree) -> int:
     """How many batches like `batch` one upload carries: 1 for batches of 4 MiB or more."""
     nbytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(batch))
-    return max(1, min(MAX_CHUNK, CHUNK_BYTES // max(1, nbytes)))
+    return stack_length(nbytes, max_batches=MAX_CHUNK, max_bytes=CHUNK_BYTES)
 
 
 def take_from_chunk(chunk: tuple[PyTree, jax.Array], step: jax.Array) -> PyTree:
