@@ -288,21 +288,18 @@ class ModelCheckpoint(Callback):
             and self._clock() - self._last_time_saved >= self.train_time_interval
         )
 
-    def plan_step_save(self, trainer: "Trainer", time_due: bool | None = None) -> None:
+    def plan_step_save(self, trainer: "Trainer", time_due: bool) -> None:
         """Called by the Trainer after every training step (or fused group of steps): plan a
-        save if `every_n_train_steps` steps or `train_time_interval` have passed.
-
-        `time_due`: the decision on the interval when the Trainer takes it for this callback
-        (with several processes, agreed by all of them); `None`: this process's clock."""
+        save if `every_n_train_steps` steps have passed, or if `time_due`: the Trainer's
+        decision on `train_time_interval` (`time_due()` on this process's clock, agreed by
+        every process when there are several)."""
         step = trainer.global_step
         if step == self._last_global_step_saved:
             return
         n = self.every_n_train_steps
-        if time_due is None:
-            time_due = self.time_due()
         if n and step // n > max(self._last_global_step_saved, 0) // n:
             reason = "step"
-        elif time_due and self.train_time_interval is not None:
+        elif time_due:
             reason = "time"
         else:
             return

@@ -8,6 +8,7 @@ points*, the same steps in every process, and all act on the combined view toget
 """
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ class Agreement:
     ```python
     agreement = Agreement(placement, first_step=trainer.global_step)
     if agreement.due(trainer.global_step):
-        signum, time_due = agreement.agree(trainer.global_step, local_signum, local_time_due)
+        signum, due = agreement.agree(trainer.global_step, local_signum, [cb.time_due()])
     ```
     """
 
@@ -43,20 +44,21 @@ class Agreement:
         """Whether the boundary after global step `step` is an agreement point."""
         return not self.multi_process or step >= self._next
 
-    def agree(self, step: int, signum: int, time_due: bool) -> tuple[int, bool]:
-        """The largest signal number any process received (0: none) and whether any process's
-        clock says a timed checkpoint is due. With several processes this is a collective:
-        call it at the same point in every process (`due`, or outside the training steps)."""
+    def agree(self, step: int, signum: int, due: Sequence[bool]) -> tuple[int, list[bool]]:
+        """The largest signal number any process received (0: none), and for each timed
+        checkpoint callback whether any process's clock says its save is due (`due`: this
+        process's view, one per callback). With several processes this is a collective: call
+        it at the same point in every process (`due`, or outside the training steps)."""
         if not self.multi_process:
-            return signum, time_due
+            return signum, list(due)
         from jax.experimental import multihost_utils
 
         last_step, last_time = self._last
         now = time.monotonic()
         per_step = (now - last_time) / max(1, step - last_step)
         steps = int(np.clip(AGREE_EVERY_SECONDS / max(per_step, 1e-9), 1, MAX_STEPS_BETWEEN))
-        mine = np.asarray([signum, int(time_due), steps], np.int32)
-        views = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 3)
-        self._next = step + int(views[0, 2])  # process 0's pace, the same for everyone
+        mine = np.asarray([signum, steps, *due], np.int32)
+        views = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 2 + callbacks)
+        self._next = step + int(views[0, 1])  # process 0's pace, the same for everyone
         self._last = (step, time.monotonic())
-        return int(views[:, 0].max()), bool(views[:, 1].max())
+        return int(views[:, 0].max()), [bool(x) for x in views[:, 2:].max(axis=0)]

@@ -196,7 +196,7 @@ class Trainer:
         self._guard: jax.Array | None = None  # on-device first non-finite step (TerminateOnNaN)
         self.nonfinite_step: int | None = None
         self._signals: SignalWatch | None = None
-        self._agreement: Agreement | None = None  # while `fit` runs
+        self._agreement: Agreement | None = None  # set while `fit` runs
         self._epoch_complete = False  # inside `on_train_epoch_end`: the epoch is done
         self._step_savers: list[ModelCheckpoint] = []
 
@@ -425,25 +425,19 @@ class Trainer:
     def _step_boundary(self) -> None:
         """After every (fused) training call: step-triggered checkpoints, then signals.
 
-        Signals and timed checkpoints are acted on at agreement points only (every step with
+        Signals and timed checkpoints are acted on at agreement points (every boundary with
         one process; with several, steps every process picks alike, see `Agreement`)."""
-        signum, time_due = 0, None
-        agreement = self._agreement
-        if agreement is not None and agreement.multi_process:
-            time_due = False
-            if agreement.due(self.progress.global_step):
-                mine = any(cb.time_due() for cb in self._step_savers)
-                signum, time_due = agreement.agree(
-                    self.progress.global_step, self._received_signal(), mine
-                )
-        else:
-            signum = self._received_signal()
-        for cb in self._step_savers:
+        savers, step = self._step_savers, self.progress.global_step
+        signum, due = 0, [False] * len(savers)
+        if self._agreement.due(step):
+            mine = [cb.time_due() for cb in savers]
+            signum, due = self._agreement.agree(step, self._received_signal(), mine)
+        for cb, time_due in zip(savers, due):
             cb.plan_step_save(self, time_due=time_due)
         if signum:
             self._stop_for_signal(signum)  # writes them with the interrupt saves of this boundary
         else:
-            self._write_checkpoints(self._step_savers)
+            self._write_checkpoints(savers)
 
     def _received_signal(self) -> int:
         """The signal this process received and has not acted on yet (0: none)."""
@@ -453,10 +447,7 @@ class Trainer:
     def _agreed_signal(self) -> int:
         """Between epochs: the signal to act on, agreed by every process (a collective with
         several; every process reaches these points alike)."""
-        signum = self._received_signal()
-        if self._agreement is None:
-            return signum
-        return self._agreement.agree(self.progress.global_step, signum, False)[0]
+        return self._agreement.agree(self.progress.global_step, self._received_signal(), ())[0]
 
     def _write_checkpoints(self, checkpoints: list[ModelCheckpoint]) -> None:
         """Write the saves the `ModelCheckpoint`s planned at this moment. Only once all have
