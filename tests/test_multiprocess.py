@@ -149,17 +149,18 @@ SAVES = {
 KEPT = ["epoch=2-step=16", "epoch=2-step=21"]
 
 
-def _checkpoint(results) -> list[dict]:
+def _stage(results, name: str) -> list[dict]:
+    """Each process's record of worker stage `name`, which must have run without error."""
     infos = []
     for info, _ in results:
-        assert "checkpoint" not in info["errors"], info["errors"].get("checkpoint")
-        infos.append(info["checkpoint"])
+        assert name not in info["errors"], info["errors"].get(name)
+        infos.append(info[name])
     return infos
 
 
 def test_checkpoint_runs_agree_across_processes_and_warn_nothing(run):
     results, out = run
-    infos = _checkpoint(results)
+    infos = _stage(results, "checkpoint")
     for name in ("first", "resumed", "full", "mid_epoch"):
         assert infos[0][name] == infos[1][name], name  # bookkeeping, metrics, history
         assert infos[0][name]["warnings"] == [], name  # no failed save, no skipped checkpoint
@@ -204,7 +205,7 @@ def test_checkpoint_directories_hold_exactly_the_kept_checkpoints(run):
 
 def test_only_process_zero_writes_checkpoint_metadata(run):
     results, _ = run
-    writes = [info["metadata_writes"] for info in _checkpoint(results)]
+    writes = [info["metadata_writes"] for info in _stage(results, "checkpoint")]
     assert writes[1] == []
     expected = [n + ORBAX_TMP_SUFFIX for r in ("first", "resumed", "full") for n in SAVES[r]]
     assert writes[0] == expected
@@ -212,7 +213,7 @@ def test_only_process_zero_writes_checkpoint_metadata(run):
 
 def test_resumed_runs_are_the_uninterrupted_run(run):
     results, _ = run
-    infos = _checkpoint(results)
+    infos = _stage(results, "checkpoint")
     for _, arrays in results:
         n = len([k for k in arrays if k.startswith("full_param")])
         assert n > 0
@@ -254,17 +255,9 @@ def test_last_ignores_a_checkpoint_removed_while_it_looks(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------------- agreement
-def _agreement(results) -> list[dict]:
-    infos = []
-    for info, _ in results:
-        assert "agreement" not in info["errors"], info["errors"].get("agreement")
-        infos.append(info["agreement"])
-    return infos
-
-
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(run):
     results, out = run
-    infos = _agreement(results)
+    infos = _stage(results, "agreement")
     # process 1 got SIGTERM before its 4th batch: both saved after step 4 and ended as SIGTERM
     for info in infos:
         assert info["signal_exit"] == 128 + signal.SIGTERM
@@ -279,7 +272,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(run):
 
 def test_a_timed_checkpoint_due_on_one_clock_is_saved_by_every_process(run):
     results, out = run
-    infos = _agreement(results)
+    infos = _stage(results, "agreement")
     assert (
         infos[0]["timed_last"]
         == infos[1]["timed_last"]
