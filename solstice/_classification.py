@@ -1,7 +1,7 @@
 """`ClassificationExperiment`: a ready experiment for multi-class classification."""
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -34,8 +34,10 @@ class ClassificationExperiment(Experiment):
     step, so a run is a function of its seed. Evaluation runs the model in inference mode.
 
     Batches are dicts (`batch[input_key]`, `batch[label_key]`, optional boolean
-    `batch["mask"]`) or `(inputs, labels)` tuples. `train_step`/`eval_step` return
-    `ClassificationMetrics`; `predict_step` returns class probabilities.
+    `batch["mask"]`) or `(inputs, labels)` / `(inputs, labels, mask)` tuples. Rows whose mask
+    is false count nowhere, so the Trainer pads the short last evaluation batch of dict
+    batches (`honours_mask`) instead of compiling a step for it. `train_step`/`eval_step`
+    return `ClassificationMetrics`; `predict_step` returns class probabilities.
 
     **Arguments:**
 
@@ -55,6 +57,8 @@ class ClassificationExperiment(Experiment):
         solstice.OptaxOptimizer(optax.adam(1e-3), model), num_classes=10)
     ```
     """
+
+    honours_mask: ClassVar[bool] = True
 
     model: PyTree
     optimizer: Optimizer

@@ -1,7 +1,7 @@
 """The `Experiment` abstraction: everything that changes during a run, and its steps."""
 
 import abc
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import equinox as eqx
 
@@ -20,6 +20,12 @@ class Experiment(eqx.Module):
     An experiment is an immutable `equinox.Module`. `train_step` returns a *new* experiment
     together with the step's `Metrics`. The Trainer compiles the steps itself (do not decorate
     them with `jax.jit`), donates the experiment's buffers, and places everything on devices.
+
+    A batch is whatever pytree of arrays the DataModule yields (a dict, a tuple `(x, y)`, a
+    named tuple, a registered dataclass, nested), with a leading batch axis on every leaf.
+    `eval_step` needs to know nothing about padding: every evaluation sample counts exactly
+    once, because the last, shorter batch of a split runs at its own size (see
+    `honours_mask` for the alternative).
 
     Experiments receive the same hooks as callbacks (`on_train_epoch_start(trainer)`, ...),
     with no-op defaults. A hook may return a replacement experiment (for example with an
@@ -44,9 +50,17 @@ class Experiment(eqx.Module):
             return new, MeanLoss(loss)
 
         def eval_step(self, batch):
-            return MeanLoss(jnp.mean((jax.vmap(self.model)(batch["x"]) - batch["y"]) ** 2))
+            return MeanLoss((jax.vmap(self.model)(batch["x"]) - batch["y"]) ** 2)
     ```
     """
+
+    #: Whether `eval_step` and `predict_step` ignore the rows where `batch["mask"]` is false.
+    #: `False` (the default): the last, shorter evaluation batch runs at its own size, in a
+    #: step compiled for it (one more compilation per evaluation stage). `True` (as
+    #: `ClassificationExperiment`): every dict evaluation batch gets a boolean `"mask"` and the
+    #: short one is padded to full size, so one compiled step serves all batches. Either way
+    #: every sample counts exactly once.
+    honours_mask: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

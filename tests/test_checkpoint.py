@@ -137,8 +137,11 @@ class _Scores(Callback):
     def __init__(self, values):
         self.values = values
 
+    def provided_metrics(self):
+        return ("val/score",)
+
     def on_validation_end(self, trainer, experiment):
-        trainer.callback_metrics["val/score"] = self.values[trainer.current_epoch]
+        trainer.log_metrics({"val/score": self.values[trainer.current_epoch]})
 
 
 def test_top_k_and_last_retention_and_best_resume(tmp_path):

@@ -18,8 +18,11 @@ SCORES = [0.5, 0.2, 0.9, 0.3, 0.4]
 class _Scores(Callback):
     """Sets `val/score` to a chosen value at every epoch (before the ModelCheckpoints run)."""
 
+    def provided_metrics(self):
+        return ("val/score",)
+
     def on_validation_end(self, trainer, experiment):
-        trainer.callback_metrics["val/score"] = SCORES[trainer.current_epoch]
+        trainer.log_metrics({"val/score": SCORES[trainer.current_epoch]})
 
 
 class _InterruptAt(Callback):

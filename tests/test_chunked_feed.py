@@ -37,8 +37,7 @@ def _record_feeders(monkeypatch):
     real = _loop.Feeder
 
     def recording(batches, prepare, placement, **kw):
-        if not prepare.evaluation:
-            made.append(kw.get("chunked", False))
+        made.append(kw.get("chunked", False))  # (evaluation has a feed of its own)
         return real(batches, prepare, placement, **kw)
 
     monkeypatch.setattr(_loop, "Feeder", recording)
@@ -82,7 +81,7 @@ def test_chunk_size_follows_batch_bytes():
 def test_feeder_chunks_hold_the_batches_in_order():
     placement = Placement(1)
     batches = [{"x": np.full((2, 3), i, np.float32)} for i in range(7)]
-    prepare = _feeder.BatchPreparer(placement, evaluation=False)
+    prepare = _feeder.BatchPreparer(placement)
     with _feeder.Feeder(iter(batches), prepare, placement, chunked=True) as feeder:
         items = list(feeder)
     # 24-byte batches: one chunk of MAX_CHUNK (16) rows holding 7 real batches.

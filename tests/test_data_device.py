@@ -80,10 +80,19 @@ def test_device_mode_argument_errors():
         )
     with pytest.raises(ValueError, match="on_device=True"):
         ArrayDataModule(train=data, batch_size=8, mesh=Mesh(np.asarray(jax.devices()), ("batch",)))
-    with pytest.raises(TypeError, match="dict"):
-        DeviceBatchLoader(
-            put_replicated((data["image"],), Mesh(np.asarray(jax.devices()), ("batch",))), 8
-        )
+
+
+def test_device_loader_serves_any_pytree_with_a_short_last_batch():
+    data = _data()
+    n = len(data["label"])
+    mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+    loader = DeviceBatchLoader(put_replicated((data["image"], data["label"]), mesh), 8)
+    batches = list(loader)
+    assert all(isinstance(b, tuple) and len(b) == 2 for b in batches)
+    assert [len(b[1]) for b in batches] == [8] * (n // 8) + ([n % 8] if n % 8 else [])
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(b[1]) for b in batches]), data["label"]
+    )
 
 
 def test_order_argument_errors():

@@ -24,8 +24,7 @@ def _gray_splits(n_train=400, n_test=400, size=6, dtype=np.float32, seed=0):
 
 def _all(loader):
     batches = [{k: np.asarray(v) for k, v in b.items()} for b in loader]
-    masks = [b.get("mask", np.ones(len(b["label"]), bool)) for b in batches]
-    return {k: np.concatenate([b[k][m] for b, m in zip(batches, masks)]) for k in batches[0]}
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
@@ -123,9 +122,30 @@ def test_torch_dataloaders_pass_through_converted():
     resumed = list(dm.train_dataloader().iter_from(2))
     np.testing.assert_array_equal(resumed[0]["x"], batches[2]["x"])
     val_batches = list(dm.val_dataloader())
-    assert [b["x"].shape[0] for b in val_batches] == [8] * 4
-    assert val_batches[-1]["mask"].tolist() == [True] * 6 + [False] * 2
-    assert all(b["mask"].all() for b in val_batches[:-1])
+    # the short last batch comes as it is (the Trainer runs it so every sample counts once)
+    assert [b["x"].shape[0] for b in val_batches] == [8, 8, 8, 6]
+    assert set(val_batches[-1]) == {"x", "y"}
+
+
+def test_torch_keys_none_keeps_the_samples_structure():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.arange(10 * 2, dtype=torch.float32).reshape(10, 2)
+    y = torch.arange(10) % 3
+    dm = TorchDataModule(
+        train=TensorDataset(x, y),
+        val=DataLoader(TensorDataset(x, y), batch_size=4),
+        batch_size=4,
+        keys=None,
+        shuffle=False,
+    )
+    first = next(iter(dm.train_dataloader()))
+    assert isinstance(first, tuple) and len(first) == 2
+    np.testing.assert_array_equal(first[0], x[:4].numpy())
+    assert first[1].dtype == np.int32
+    val = list(dm.val_dataloader())
+    assert [type(b) for b in val] == [tuple] * 3 and [len(b[1]) for b in val] == [4, 4, 2]
 
 
 def test_torch_distributed_sampler_gets_the_epoch():

@@ -117,8 +117,11 @@ class _Scores(Callback):
     def __init__(self, values):
         self.values = values
 
+    def provided_metrics(self):
+        return ("val/score",)
+
     def on_validation_end(self, trainer, experiment):
-        trainer.callback_metrics["val/score"] = self.values[trainer.current_epoch]
+        trainer.log_metrics({"val/score": self.values[trainer.current_epoch]})
 
 
 SCORES = [5.0, 4.0, 4.5, 4.2, 4.1, 3.0, 2.0, 1.0]

@@ -125,8 +125,9 @@ def test_empty_training_split():
 
 
 def test_stopping_conditions():
+    trainer = solstice.Trainer()  # enough for validate/test/predict; `fit` needs a stop
     with pytest.raises(ValueError, match="Neither `max_epochs` nor `max_steps`"):
-        solstice.Trainer()
+        trainer.fit(_exp(), blobs_datamodule())
     with pytest.raises(ValueError, match=r"`max_epochs` must be an int >= 0, got -1"):
         solstice.Trainer(max_epochs=-1)
     with pytest.raises(ValueError, match=r"`max_steps` must be an int >= 0, got -5"):

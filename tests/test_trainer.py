@@ -152,7 +152,8 @@ def test_input_experiment_survives_multi_device_fit():
     trainer.fit(exp, blobs_datamodule())
     leaves = jax.tree.leaves(eqx.filter(exp, eqx.is_array))
     assert not any(leaf.is_deleted() for leaf in leaves)
-    trainer.fit(exp, blobs_datamodule())  # the same initial experiment can be fitted again
+    # the same initial experiment can be fitted again (by a new Trainer: one fit each)
+    _trainer(max_epochs=1, devices=4).fit(exp, blobs_datamodule())
 
 
 def test_new_experiment_structure_is_not_reported_as_a_retrace():

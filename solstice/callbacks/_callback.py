@@ -44,6 +44,19 @@ class Callback:
         super().__init_subclass__(**kwargs)
         check_hook_spelling(cls, "Callback")
 
+    def required_metrics(self) -> tuple[str, ...]:
+        """The metrics this callback reads from `trainer.callback_metrics` (e.g. the one it
+        monitors). `fit` checks them before the first step: a name no stage of the run
+        produces is a `ValueError` listing those it does. Default: none."""
+        return ()
+
+    def provided_metrics(self) -> tuple[str, ...]:
+        """The metrics this callback logs with `trainer.log_metrics` for others to monitor
+        (e.g. `("val/fid",)` logged in `on_validation_end`): they are read into
+        `trainer.callback_metrics` when logged (a device sync, so only for these), and
+        count as produced for `required_metrics`. Default: none."""
+        return ()
+
     # ---- checkpointed state
     def state_dict(self) -> dict[str, Any]:
         """Return JSON-able state to save in checkpoints (default: nothing)."""

@@ -111,6 +111,9 @@ class EarlyStopping(Callback):
         self._best_arrays: tuple[list[LeafSpec], dict[str, Any]] | None = None
         self._current_is_best = False
 
+    def required_metrics(self) -> tuple[str, ...]:
+        return (self.monitor,)
+
     @property
     def state_key(self) -> str:
         return f"EarlyStopping{{monitor={self.monitor!r}, mode={self.mode!r}}}"

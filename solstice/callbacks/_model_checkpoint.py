@@ -189,6 +189,9 @@ class ModelCheckpoint(Callback):
             f"train_time_interval={self.train_time_interval}}}"
         )
 
+    def required_metrics(self) -> tuple[str, ...]:
+        return () if self.monitor is None else (self.monitor,)
+
     @property
     def saves_on_steps(self) -> bool:
         """Whether the Trainer must call `plan_step_save` after every training step."""

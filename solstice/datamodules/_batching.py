@@ -1,4 +1,5 @@
-"""Helpers shared by every loader: batch-size checks and padding of the last evaluation batch."""
+"""Batch helpers: batch-size checks, and padding of a short evaluation batch (which the Trainer
+does for experiments that honour a mask, see `Experiment.honours_mask`)."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -43,12 +44,35 @@ def batch_size_of(batch: PyTree) -> int:
     return next(iter(sizes.values()))
 
 
+def pad_rows(batch: PyTree, size: int) -> PyTree:
+    """Pad every leaf of a pytree batch with zero rows up to `size` rows.
+
+    **Example:**
+
+    ```python
+    pad_rows((np.ones((3, 2)), np.arange(3)), 4)   # ((4, 2) last row 0, [0, 1, 2, 0])
+    ```
+    """
+    n = batch_size_of(batch)
+    if n > size:
+        raise ValueError(f"Cannot pad a batch of {n} rows down to {size}.")
+
+    def pad(x):
+        x = np.asarray(x)
+        if n == size:
+            return x
+        return np.pad(x, [(0, size - n)] + [(0, 0)] * (x.ndim - 1))
+
+    return jax.tree.map(pad, batch)
+
+
 def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
     """Pad every leaf of a dict batch to `size` rows and add a boolean `"mask"` (True = real).
 
-    If the batch already has a `"mask"`, it is padded with `False`. Used for the last, partial
-    evaluation batch so that every sample counts once and nothing recompiles. The entries
-    come out in `jax.tree.map`'s order (sorted keys), then `"mask"`.
+    If the batch already has a `"mask"`, it is padded with `False`. The Trainer does this to
+    every evaluation batch of an experiment that honours the mask (`Experiment.honours_mask`),
+    so the short last batch runs in the same compiled step as the others. The entries come
+    out in `jax.tree.map`'s order (sorted keys), then `"mask"`.
 
     **Example:**
 
@@ -58,9 +82,8 @@ def pad_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
     """
     if not isinstance(batch, Mapping):
         raise TypeError(
-            f"Only dict batches can be padded and masked, got `{type(batch).__name__}`. "
-            "Yield batches as dicts (e.g. `{'image': x, 'label': y}`) or make the evaluation "
-            "split a multiple of the batch size."
+            f'Only dict batches can carry a `"mask"` entry, got `{type(batch).__name__}`. '
+            "Use `pad_rows` for other pytrees."
         )
     n = _flat_rows(batch)
     flat = n is not None

@@ -7,11 +7,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._batching import MASK_KEY, batch_size_of
+from ._batching import batch_size_of
 from ._order import OrderedLoader
 
 PyTree = Any
@@ -46,21 +45,12 @@ def put_replicated(arrays: PyTree, mesh: Mesh) -> PyTree:
     return jax.device_put(arrays, NamedSharding(mesh, PartitionSpec()))
 
 
-def _gather_body(arrays, indices, mask, b, *, sharding, masked, transform):
+def _gather_body(arrays, indices, b, *, sharding, transform):
     """Batch `b` of the epoch (traceable; `b` may be a traced device scalar)."""
     idx = indices[b]
-    # Every index is in range by construction (padding points at example 0); promising so
-    # spares XLA the clamping, which makes CPU gathers several times faster.
+    # Every index is in range by construction; promising so spares XLA the clamping, which
+    # makes CPU gathers several times faster.
     batch = jax.tree.map(lambda a: a.at[idx].get(mode="promise_in_bounds"), arrays)
-    if masked:
-        valid = mask[b]
-
-        def zero_padding(x):
-            keep = valid.reshape((-1,) + (1,) * (x.ndim - 1))
-            return jnp.where(keep, x, jnp.zeros((), x.dtype))
-
-        batch = {k: zero_padding(v) for k, v in batch.items()}
-        batch[MASK_KEY] = valid
     if transform is not None:
         batch = transform(batch)
     return jax.lax.with_sharding_constraint(batch, sharding)
@@ -77,7 +67,6 @@ class DeviceGather:
     """
 
     sharding: NamedSharding
-    masked: bool
     transform: Any
 
     def __call__(self, data: dict[str, Any], step: jax.Array) -> PyTree:
@@ -85,10 +74,8 @@ class DeviceGather:
         return _gather_body(
             data["arrays"],
             data["indices"],
-            data["mask"],
             b,
             sharding=self.sharding,
-            masked=self.masked,
             transform=self.transform,
         )
 
@@ -99,17 +86,24 @@ def _gather_next(gather: DeviceGather, data: dict[str, Any], step: jax.Array):
     return gather(data, step), step + 1
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _gather_rows(arrays: PyTree, indices: jax.Array, sharding: NamedSharding, transform: Any):
+    """The rows `indices` of `arrays` (a short last batch, at its own size)."""
+    return _gather_body(arrays, indices[None], 0, sharding=sharding, transform=transform)
+
+
 class DeviceBatchLoader(OrderedLoader):
     """Batches gathered on the devices from a split that already lives there.
 
     The split is uploaded once (replicated over `mesh`); each epoch uploads only its index
     order, `(num_batches, batch_size)` int32, and every batch is one compiled gather with no
     host-to-device transfer at all (even the batch counter lives on the device). The order
-    is the host `BatchLoader`'s (same `(seed, epoch)` permutation, same padding and mask), so
+    is the host `BatchLoader`'s (same `(seed, epoch)` permutation, same short last batch), so
     host and device mode give identical batches; here they are `jax.Array`s of the *global*
     batch, sharded along the leading axis with `NamedSharding(mesh, PartitionSpec("batch"))`
     (each process's devices hold that process's share), which is how the Trainer places
-    batches, so placing them again is free.
+    batches, so placing them again is free. A short last evaluation batch whose size does
+    not split over the mesh is replicated instead (every device holds all of its rows).
 
     **Arguments:**
 
@@ -153,11 +147,6 @@ class DeviceBatchLoader(OrderedLoader):
         self.ahead = ahead
         self.mesh = default_mesh() if mesh is None else mesh
         check_mesh(self.mesh, batch_size)
-        if not drop_last and not isinstance(arrays, dict):
-            raise TypeError(
-                f"Only dict batches can be padded and masked, got `{type(arrays).__name__}`. "
-                "Give evaluation splits as dicts (e.g. `{'image': x, 'label': y}`)."
-            )
         if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(arrays)):
             arrays = put_replicated(arrays, self.mesh)
         self.arrays = arrays
@@ -173,33 +162,41 @@ class DeviceBatchLoader(OrderedLoader):
         self.sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
 
     def device_epoch(self, first_step: int) -> tuple[DeviceGather, dict[str, Any]]:
-        """This epoch as `(gather, data)` for gathering inside a compiled step.
+        """This epoch's full batches as `(gather, data)` for gathering inside a compiled step.
 
-        `data` holds the split, the epoch's order and mask (uploaded now, once) and
-        `first_step`, the global step of the epoch's batch 0; `gather(data, step)` is the
-        batch of global step `step`, equal to the one `iter_from` yields for it.
+        `data` holds the split, the epoch's order (uploaded now, once) and `first_step`, the
+        global step of the epoch's batch 0; `gather(data, step)` is the batch of global step
+        `step`, equal to the one `iter_from` yields for it. A short last evaluation batch is
+        not part of it (`iter_from` yields it).
         """
-        indices, mask = self.order.padded_global()
         by_batch = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
-        indices, mask = jax.device_put((indices, mask), by_batch)
+        indices = jax.device_put(self.order.full_batches(), by_batch)
         first = jax.device_put(np.int32(first_step), NamedSharding(self.mesh, PartitionSpec()))
-        gather = DeviceGather(self.sharding, not self.drop_last, self.transform)
-        return gather, {
-            "arrays": self.arrays,
-            "indices": indices,
-            "mask": mask,
-            "first_step": first,
-        }
+        gather = DeviceGather(self.sharding, self.transform)
+        return gather, {"arrays": self.arrays, "indices": indices, "first_step": first}
+
+    def _short_batch(self, b: int) -> PyTree:
+        """The short last batch `b` at its own size: sharded like the others if its size
+        splits over the mesh, else replicated."""
+        rows = self.order.global_indices(b).astype(np.int32)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        fits = len(rows) % self.mesh.shape[BATCH_AXIS] == 0
+        sharding = self.sharding if fits else replicated
+        return _gather_rows(self.arrays, jax.device_put(rows, replicated), sharding, self.transform)
 
     def _batches(self, start: int) -> Iterator[PyTree]:
         if start >= len(self):
             return
         # The only uploads of the epoch: its order, and the step counter (kept on device).
         gather, data = self.device_epoch(first_step=0)
+        full = len(data["indices"])
         b = jax.device_put(np.int32(start), NamedSharding(self.mesh, PartitionSpec()))
         pending: collections.deque = collections.deque()
-        for _ in range(start, len(self)):
-            batch, b = _gather_next(gather, data, b)
+        for i in range(start, len(self)):
+            if i < full:
+                batch, b = _gather_next(gather, data, b)
+            else:
+                batch = self._short_batch(i)
             # Backpressure: gathers are dispatched asynchronously, so without this the
             # loader (and the steps fed by it) could run arbitrarily far ahead of the device.
             pending.append(batch)

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._batching import batch_size_of, pad_batch, stack_length
+from ._batching import batch_size_of, stack_length
 from ._order import OrderedLoader
 from ._order import epoch_permutation as epoch_permutation
 
@@ -24,14 +24,15 @@ class BatchLoader(OrderedLoader):
     - `batch_size`: the *global* batch size (over all processes).
     - `shuffle`: draw a fresh order each epoch from `(seed, epoch)`.
     - `seed`, `epoch`: fix the order.
-    - `drop_last`: drop the final partial batch (training). Otherwise it is padded to
-      `batch_size` and a boolean `"mask"` is added to every batch (evaluation), which
-      requires dict batches.
+    - `drop_last`: drop the final partial batch (training). Otherwise it comes as a shorter
+      last batch (evaluation; with several processes, a process's share of it may be
+      shorter still, or empty). Batches are never padded: the Trainer runs the short batch
+      so that every example counts exactly once.
     - `process_index`, `process_count`: with several processes, each yields only its
       contiguous share of every global batch (and reads only those rows); the global
       batches are the same as with one.
-    - `transform`: optional function applied to each host batch (numpy in, numpy out), after
-      padding, e.g. decoding `uint8` pixels to `float32`.
+    - `transform`: optional function applied to each host batch (numpy in, numpy out), e.g.
+      decoding `uint8` pixels to `float32`.
     - `traceable_transform`: the transform also works on jax arrays inside `jit` (as
       `ArrayDataModule`'s transforms must), so a consumer may run it on the device instead
       (see `split_transform`).
@@ -75,7 +76,7 @@ class BatchLoader(OrderedLoader):
 
     def split_transform(self) -> tuple["BatchLoader", Callable[[PyTree], PyTree] | None]:
         """`(loader, transform)`: this loader without its transform (same order, batches as
-        gathered and padded), and the transform, for a consumer that applies it on the
+        gathered), and the transform, for a consumer that applies it on the
         device, inside its compiled step (the Trainer does: `uint8` pixels then travel to
         the device 4x smaller than `float32` ones and are decoded there).
 
@@ -101,8 +102,8 @@ class BatchLoader(OrderedLoader):
 
     @property
     def stackable(self) -> bool:
-        """Whether `iter_stacked` serves this loader: training batches (nothing padded), no
-        host transform, numpy leaves."""
+        """Whether `iter_stacked` serves this loader: training batches (all full), no host
+        transform, numpy leaves."""
         return (
             self.drop_last
             and self.transform is None
@@ -178,15 +179,13 @@ class BatchLoader(OrderedLoader):
         size, local = order.batch_size, order.local_batch_size
         first = start * size + order.process_index * local
         end = len(self) * size
-        pad, transform = not self.drop_last, self.transform
+        transform = self.transform
         if type(self.arrays) is dict and jax.tree_util.all_leaves(self.arrays.values()):
             # The common case, a flat dict: no pytree overhead, and the keys keep their order.
             takes = [(k, _take_rows(a)) for k, a in self.arrays.items()]
             for lo in range(first, end, size):
                 idx = perm[lo : lo + local]
                 batch = {k: take(idx) for k, take in takes}
-                if pad:
-                    batch = pad_batch(batch, local)
                 if transform is not None:
                     batch = transform(batch)
                 yield batch
@@ -196,8 +195,6 @@ class BatchLoader(OrderedLoader):
         for lo in range(first, end, size):
             idx = perm[lo : lo + local]
             batch = treedef.unflatten([take(idx) for take in takes])
-            if pad:
-                batch = pad_batch(batch, local)
             if transform is not None:
                 batch = transform(batch)
             yield batch

@@ -15,10 +15,12 @@ class EpochOrder:
     """Index bookkeeping shared by every built-in loader (host, device and torch).
 
     Global batch `b` holds positions `[b * batch_size, (b + 1) * batch_size)` of the epoch's
-    order. Training (`drop_last=True`) drops the final partial batch; evaluation keeps it and
-    pads it, so every example is seen exactly once. Process `p` of `P` owns the contiguous
-    slice `[p * batch_size // P, (p + 1) * batch_size // P)` of every global batch, so the
-    global batches do not depend on the number of processes.
+    order. Training (`drop_last=True`) drops the final partial batch; evaluation keeps it as
+    a shorter last batch (never padded: the Trainer decides how to run it, see
+    `Trainer.validate`), so every example is seen exactly once. Process `p` of `P` owns the
+    contiguous slice `[p * batch_size // P, (p + 1) * batch_size // P)` of every global batch,
+    so the global batches do not depend on the number of processes (a process's share of the
+    short last batch may hold fewer rows, or none).
 
     **Arguments:**
 
@@ -33,7 +35,7 @@ class EpochOrder:
 
     ```python
     order = EpochOrder(10, 4, shuffle=True, seed=0, epoch=1, drop_last=False)
-    len(order)               # 3 batches, the last one has 2 real examples
+    len(order)               # 3 batches, the last one has 2 examples
     order.local_indices(2)   # the example indices of batch 2 (2 of them)
     ```
     """
@@ -97,21 +99,23 @@ class EpochOrder:
             )
 
     def local_indices(self, b: int) -> np.ndarray:
-        """This process's real example indices in global batch `b` (fewer than
-        `local_batch_size` only in the last, padded evaluation batch)."""
+        """This process's example indices in global batch `b` (fewer than
+        `local_batch_size`, possibly none, only in a short last evaluation batch)."""
         lo = b * self.batch_size + self.process_index * self.local_batch_size
         return self.indices()[lo : lo + self.local_batch_size]
 
-    def padded_global(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every global batch of the epoch at once: `(indices, mask)`, both of shape
-        `(len(self), batch_size)`. Padding rows point at example 0 and have mask `False`."""
-        n = len(self) * self.batch_size
-        idx = np.zeros((n,), dtype=np.int32)
-        mask = np.zeros((n,), dtype=bool)
-        order = self.indices()[:n]
-        idx[: len(order)] = order
-        mask[: len(order)] = True
-        return idx.reshape(-1, self.batch_size), mask.reshape(-1, self.batch_size)
+    def global_indices(self, b: int) -> np.ndarray:
+        """Every process's example indices in global batch `b`, in order (fewer than
+        `batch_size` only in a short last evaluation batch)."""
+        return self.indices()[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def full_batches(self) -> np.ndarray:
+        """The example indices of every full global batch of the epoch at once, shape
+        `(num_full_batches, batch_size)` (a short last evaluation batch is not included:
+        see `global_indices`)."""
+        full = self.num_examples // self.batch_size
+        order = self.indices()[: full * self.batch_size]
+        return order.astype(np.int32).reshape(full, self.batch_size)
 
 
 class OrderedLoader:

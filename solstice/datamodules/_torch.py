@@ -10,7 +10,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._batching import pad_batch
 from ._datamodule import DataModule
 from ._order import OrderedLoader
 
@@ -56,9 +55,12 @@ def _narrow(x: np.ndarray) -> np.ndarray:
     return x if target is None else x.astype(target)
 
 
-def as_dict(item: Any, keys: Sequence[str]) -> dict[str, Any]:
+def name_entries(item: Any, keys: Sequence[str] | None) -> Any:
     """Name the entries of a sample (or collated batch): tuples/lists take `keys` in order,
-    dicts keep theirs, a single tensor becomes `{keys[0]: item}`."""
+    dicts keep theirs, a single tensor becomes `{keys[0]: item}`. With `keys=None` the
+    sample keeps its own structure (a tuple stays a tuple; lists become tuples)."""
+    if keys is None:
+        return tuple(item) if isinstance(item, list) else item
     if isinstance(item, Mapping):
         return dict(item)
     if isinstance(item, tuple | list):
@@ -72,25 +74,26 @@ def as_dict(item: Any, keys: Sequence[str]) -> dict[str, Any]:
     return {keys[0]: item}
 
 
-def collate(samples: list[Any], keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Stack samples into one dict batch of numpy arrays."""
-    dicts = [jax.tree.map(_to_numpy, as_dict(s, keys)) for s in samples]
-    return jax.tree.map(lambda *xs: _narrow(np.stack(xs)), *dicts)
+def collate(samples: list[Any], keys: Sequence[str] | None) -> PyTree:
+    """Stack samples into one batch of numpy arrays (a dict, or the samples' own structure
+    with `keys=None`)."""
+    structured = [jax.tree.map(_to_numpy, name_entries(s, keys)) for s in samples]
+    return jax.tree.map(lambda *xs: _narrow(np.stack(xs)), *structured)
 
 
-def convert_batch(batch: Any, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Turn one already-collated DataLoader batch into a dict of numpy arrays."""
-    return jax.tree.map(lambda x: _narrow(_to_numpy(x)), as_dict(batch, keys))
+def convert_batch(batch: Any, keys: Sequence[str] | None) -> PyTree:
+    """Turn one already-collated DataLoader batch into numpy arrays (see `collate`)."""
+    return jax.tree.map(lambda x: _narrow(_to_numpy(x)), name_entries(batch, keys))
 
 
 class DatasetLoader(OrderedLoader):
     """Batches of a torch map-style `Dataset`, in an order fixed by `(seed, epoch)`.
 
     Each process fetches only its share of every global batch (`dataset[i]` per example,
-    on the calling thread); evaluation batches are padded and masked like `BatchLoader`'s.
+    on the calling thread); the last evaluation batch may be shorter, like `BatchLoader`'s.
 
     **Arguments:** as `BatchLoader`, with `dataset` for the arrays and `keys` naming the
-    entries of tuple samples.
+    entries of tuple samples (`None`: batches keep the samples' structure).
 
     **Example:**
 
@@ -111,7 +114,7 @@ class DatasetLoader(OrderedLoader):
         drop_last: bool = False,
         process_index: int = 0,
         process_count: int = 1,
-        keys: Sequence[str] = ("image", "label"),
+        keys: Sequence[str] | None = ("image", "label"),
     ):
         self.dataset = dataset
         self._set_order(
@@ -124,9 +127,9 @@ class DatasetLoader(OrderedLoader):
             process_index=process_index,
             process_count=process_count,
         )
-        self.keys = tuple(keys)
+        self.keys = None if keys is None else tuple(keys)
 
-    def _empty(self) -> dict[str, np.ndarray]:
+    def _empty(self) -> PyTree:
         template = collate([self.dataset[0]], self.keys)
         return jax.tree.map(lambda x: x[:0], template)
 
@@ -136,9 +139,7 @@ class DatasetLoader(OrderedLoader):
             if len(idx):
                 batch = collate([self.dataset[int(i)] for i in idx], self.keys)
             else:
-                batch = self._empty()
-            if not self.drop_last:
-                batch = pad_batch(batch, self.order.local_batch_size)
+                batch = self._empty()  # this process's share of a short last batch
             yield batch
 
 
@@ -147,8 +148,8 @@ class DataLoaderAdapter:
 
     The DataLoader keeps its own order, sampler and workers, so exact resume and
     multi-process sharding are its business (use a `DistributedSampler`; its `set_epoch` is
-    called for you). `iter_from(start)` skips `start` batches. With `evaluation=True` every
-    batch gets a `"mask"` and a short last batch is padded to the first batch's size.
+    called for you). `iter_from(start)` skips `start` batches. Batches pass as they come (a
+    short last batch included: the Trainer runs it so that every sample counts once).
 
     **Example:**
 
@@ -157,12 +158,10 @@ class DataLoaderAdapter:
     ```
     """
 
-    def __init__(
-        self, loader: Any, *, keys: Sequence[str] = ("image", "label"), evaluation: bool = False
-    ):
+    def __init__(self, loader: Any, *, keys: Sequence[str] | None = ("image", "label")):
         self.loader = loader
-        self.keys = tuple(keys)
-        self.evaluation = evaluation
+        self.keys = None if keys is None else tuple(keys)
+        self.batch_size: int | None = getattr(loader, "batch_size", None)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -177,14 +176,8 @@ class DataLoaderAdapter:
         return self._batches(start)
 
     def _batches(self, start: int) -> Iterator[PyTree]:
-        size = getattr(self.loader, "batch_size", None)
         for batch in itertools.islice(self.loader, start, None):
-            batch = convert_batch(batch, self.keys)
-            if self.evaluation:
-                if size is None:
-                    size = len(next(iter(jax.tree.leaves(batch))))
-                batch = pad_batch(batch, size)
-            yield batch
+            yield convert_batch(batch, self.keys)
 
 
 class TorchDataModule(DataModule):
@@ -193,9 +186,10 @@ class TorchDataModule(DataModule):
 
     For `Dataset`s Solstice does the batching: the order is fixed by `(seed, epoch)` (the
     same permutation as the built-ins), `iter_from(start)` resumes exactly, each process
-    fetches only its share of every global batch, and evaluation batches are padded and
-    masked so every sample counts once. Samples that are tuples `(x, y)` become
-    `{"image": x, "label": y}` (see `keys`); dict samples keep their keys. Tensors become
+    fetches only its share of every global batch, and the last evaluation batch keeps only
+    real samples (the Trainer counts every sample once). Samples that are tuples `(x, y)`
+    become `{"image": x, "label": y}` (see `keys`; `keys=None` keeps them tuples); dict
+    samples keep their keys. Tensors become
     numpy arrays, and 64-bit dtypes become 32-bit (as JAX would store them) unless x64 is
     enabled. `DataLoader`s are iterated as they are (their own order, workers and
     collation), converted the same way; use them for heavy per-sample transforms that
@@ -211,7 +205,8 @@ class TorchDataModule(DataModule):
     - `eval_batch_size`: global batch size for val/test/predict (default: `batch_size`).
     - `shuffle`: shuffle training batches each epoch (for `Dataset`s).
     - `seed`: fixes the order.
-    - `keys`: names of the entries of tuple samples, in order.
+    - `keys`: names of the entries of tuple samples, in order; `None` keeps batches in the
+      samples' own structure (tuples, dicts, nested).
 
     **Example:**
 
@@ -232,7 +227,7 @@ class TorchDataModule(DataModule):
         eval_batch_size: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
-        keys: Sequence[str] = ("image", "label"),
+        keys: Sequence[str] | None = ("image", "label"),
     ):
         torch = _import_torch()
         data = torch.utils.data
@@ -258,14 +253,16 @@ class TorchDataModule(DataModule):
                 isinstance(size, bool) or not isinstance(size, int) or size <= 0
             ):
                 raise ValueError(f"`{name}` must be a positive int, got {size!r}.")
-        if isinstance(keys, str) or not keys or not all(isinstance(k, str) for k in keys):
-            raise TypeError(f"`keys` must be a non-empty sequence of names, got {keys!r}.")
+        if keys is not None and (
+            isinstance(keys, str) or not keys or not all(isinstance(k, str) for k in keys)
+        ):
+            raise TypeError(f"`keys` must be a non-empty sequence of names, or None, got {keys!r}.")
         self._dataloader_type = data.DataLoader
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.keys = tuple(keys)
+        self.keys = None if keys is None else tuple(keys)
 
     def _loader(self, name: str, *, train: bool) -> Iterable[PyTree] | None:
         split = self.splits[name]
@@ -275,7 +272,7 @@ class TorchDataModule(DataModule):
             sampler = getattr(split, "sampler", None)
             if train and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
-            return DataLoaderAdapter(split, keys=self.keys, evaluation=not train)
+            return DataLoaderAdapter(split, keys=self.keys)
         size = self.batch_size if train else self.eval_batch_size
         if size is None:  # pragma: no cover - __init__ requires it for Dataset splits
             raise ValueError(f"The {name!r} split is a `Dataset`; pass `batch_size`.")

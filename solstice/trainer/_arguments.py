@@ -38,12 +38,14 @@ def check_arguments(
     max_steps: int | None,
     fast_dev_run: bool | int,
     check_val_every_n_epoch: int,
+    num_sanity_val_steps: int,
     log_every_n_steps: int,
     steps_per_execution: int,
     prefetch: int,
     limits: tuple[Limit, Limit, Limit, Limit],
 ) -> tuple[int | None, int | None, tuple[Limit, Limit, Limit, Limit]]:
-    """Check the loop settings; apply `fast_dev_run`.
+    """Check the loop settings; apply `fast_dev_run`. (When to stop is checked by `fit`, the
+    only method that needs it: see `check_stopping`.)
 
     **Returns:** `(max_epochs, max_steps, (train, val, test, predict limits))`.
     """
@@ -53,12 +55,9 @@ def check_arguments(
         check_count("fast_dev_run", int(fast_dev_run), minimum=1)
         n = int(fast_dev_run)
         max_epochs, max_steps, limits = 1, None, (n, n, n, n)
-    if max_epochs is None and max_steps is None:
-        raise ValueError(
-            "Neither `max_epochs` nor `max_steps` was given, so training would never "
-            "stop. Pass `max_epochs=...` and/or `max_steps=...` to `Trainer(...)`."
-        )
     check_count("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
+    if num_sanity_val_steps != -1:
+        check_count("num_sanity_val_steps (or -1 for the whole split)", num_sanity_val_steps)
     check_count("log_every_n_steps", log_every_n_steps, minimum=1)
     check_count("steps_per_execution", steps_per_execution, minimum=1)
     check_count("prefetch", prefetch, minimum=1)
@@ -92,3 +91,13 @@ def check_objects(
                 f"`loggers` must hold `solstice.Logger` objects, got `{type(lg).__name__}`."
             )
     return callbacks, loggers
+
+
+def check_stopping(max_epochs: int | None, max_steps: int | None) -> None:
+    """`fit` needs a way to stop."""
+    if max_epochs is None and max_steps is None:
+        raise ValueError(
+            "Neither `max_epochs` nor `max_steps` was given, so training would never "
+            "stop. Pass `max_epochs=...` and/or `max_steps=...` to `Trainer(...)` (only "
+            "`fit` needs them; `validate`, `test` and `predict` do not)."
+        )

@@ -5,7 +5,7 @@ rest (`static`, closed over by the compiled functions). Metrics are merged into 
 accumulator inside the compiled step, so the loop never reads a value back.
 """
 
-import warnings
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from .._experiment import Experiment
 from .._metrics import Metrics
 from ..loggers._packed import PackedMetrics, pack_scalars
+from ._user_code import warn_at
 
 PyTree = Any
 
@@ -50,14 +51,17 @@ def _shape_key(tree: PyTree) -> tuple:
     return treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves)
 
 
-def _signature(tree: PyTree) -> dict[str, str]:
-    """Shapes, dtypes and static values of a pytree of arguments, by pytree path."""
+def _signature(args: dict[str, PyTree]) -> dict[str, str]:
+    """Shapes, dtypes and static values of named pytrees of arguments, by name and path
+    (e.g. `batch['image']`)."""
     out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-            out[jax.tree_util.keystr(path)] = f"{leaf.dtype}{list(leaf.shape)}"
-        else:
-            out[jax.tree_util.keystr(path)] = repr(leaf)
+    for name, tree in args.items():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            key = name + jax.tree_util.keystr(path)
+            if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+                out[key] = f"{leaf.dtype}{list(leaf.shape)}"
+            else:
+                out[key] = repr(leaf)
     return out
 
 
@@ -66,29 +70,74 @@ def _describe_change(old: dict[str, str], new: dict[str, str]) -> str:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             changes.append(f"`{key}`: {old.get(key, 'absent')} -> {new.get(key, 'absent')}")
-    return "; ".join(changes[:5]) or "the pytree structure"
+    return "; ".join(changes[:5]) or "the structure of its arguments"
+
+
+def static_differences(old: Any, new: Any, path: str) -> list[str]:
+    """`"<path>: old -> new"` for every non-array value that differs between two static
+    parts of experiments (arrays are `None` in both), fields of modules by name."""
+    if old is new:
+        return []
+    if type(old) is not type(new):
+        return [f"`{path}`: {type(old).__name__} -> {type(new).__name__}"]
+    if isinstance(old, eqx.Module):
+        return [
+            change
+            for field in dataclasses.fields(old)
+            for change in static_differences(
+                getattr(old, field.name, None),
+                getattr(new, field.name, None),
+                f"{path}.{field.name}",
+            )
+        ]
+    if isinstance(old, list | tuple) and len(old) == len(new):
+        return [
+            c
+            for i, (a, b) in enumerate(zip(old, new))
+            for c in static_differences(a, b, f"{path}[{i}]")
+        ]
+    if isinstance(old, dict) and old.keys() == new.keys():
+        return [c for k in old for c in static_differences(old[k], new[k], f"{path}[{k!r}]")]
+    try:
+        same = bool(old == new)
+    except Exception:  # noqa: BLE001 - e.g. arrays compared elementwise: not equal here
+        same = False
+    return [] if same else [f"`{path}`: {old!r} -> {new!r}"]
 
 
 class TraceLog:
-    """Counts traces of each compiled function and warns once when one is retraced."""
+    """Counts traces of each compiled function and warns once when one is retraced.
+
+    A new experiment structure (`new_generation`, e.g. a hook changed a non-array field)
+    compiles new functions: their first traces are not retraces.
+    """
 
     def __init__(self) -> None:
         self.signatures: dict[str, list[dict[str, str]]] = {}
         self.warned: set[str] = set()
+        self._generation = 0
+        self._traced_in: dict[str, int] = {}  # name -> generation of its last trace
 
-    def record(self, name: str, args: PyTree) -> None:
+    def new_generation(self) -> None:
+        self._generation += 1
+
+    def record(self, name: str, args: dict[str, PyTree], source: Any = None) -> None:
+        """Count a trace of `name` with named arguments `args`; `source` is the user's
+        function it runs (the warning points there)."""
         sig = _signature(args)
         history = self.signatures.setdefault(name, [])
         history.append(sig)
-        if len(history) > 1 and name not in self.warned:
+        again = self._traced_in.get(name) == self._generation
+        self._traced_in[name] = self._generation
+        if again and name not in self.warned:
             self.warned.add(name)
-            warnings.warn(
+            warn_at(
+                source,
                 f"The {name} step was traced again (trace #{len(history)}), which means a "
                 f"recompilation: {_describe_change(history[-2], sig)}. Keep shapes, dtypes "
                 "and non-array experiment fields constant between steps (store changing "
-                "numbers as `jnp` arrays, pad ragged batches).",
+                "numbers as `jnp` arrays; only the last evaluation batch may be shorter).",
                 RuntimeWarning,
-                stacklevel=2,
             )
 
     def count(self, name: str) -> int:
@@ -125,6 +174,35 @@ def _check_metrics(out: Any, experiment: Experiment, method: str) -> Metrics:
             f"`{type(out).__name__}`."
         )
     return out
+
+
+def _check_metric_leaves(metrics: Metrics, method: str) -> None:
+    """Every leaf of a step's `Metrics` must be an array: anything else is not traced, so it
+    would keep its first value for the whole run (a silent wrong number)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(metrics):
+        if not eqx.is_array(leaf):
+            field = f"{type(metrics).__name__}{jax.tree_util.keystr(path)}"
+            raise TypeError(
+                f"`{field}` is a `{type(leaf).__name__}` ({leaf!r}) in the metrics that "
+                f"`{method}` returned, not an array. A `Metrics` field that is not an array is "
+                "not traced: it would keep its first value for the whole run. Store it as an "
+                f"array, e.g. `self.count = jnp.asarray(labels.shape[0], jnp.float32)`, or "
+                "mark configuration `eqx.field(static=True)`."
+            )
+
+
+def _warn_if_unchanged(new: Experiment, dyn: PyTree) -> None:
+    """Warn (at trace time, so once per compilation) when `train_step` returns its input."""
+    leaves, new_leaves = jax.tree.leaves(dyn), jax.tree.leaves(eqx.filter(new, eqx.is_array))
+    if leaves and all(a is b for a, b in zip(leaves, new_leaves)):
+        warn_at(
+            getattr(type(new), "train_step", None),
+            f"`{type(new).__name__}.train_step` returned an experiment whose arrays are all "
+            "its input's, so training changes nothing. Return the updated experiment, e.g. "
+            "`return eqx.tree_at(lambda e: (e.model, e.optimizer), self, (model, optimizer)), "
+            "metrics`.",
+            UserWarning,
+        )
 
 
 class CompiledSteps:
@@ -178,6 +256,10 @@ class CompiledSteps:
                 if isinstance(key, tuple) and key[0] in ("train", "train_many"):
                     del self._jitted[key]
 
+    def _user_function(self, method: str) -> Callable | None:
+        """The experiment class's `method` (what a retrace warning points at)."""
+        return getattr(type(self.static), method, None)
+
     # ---- experiment <-> arrays
     def combine(self, dyn: PyTree) -> Experiment:
         return eqx.combine(dyn, self.static)
@@ -205,6 +287,7 @@ class CompiledSteps:
         return jax.lax.with_sharding_constraint(new_dyn, shardings)
 
     def _metrics_parts(self, stage: str, metrics: Metrics) -> PyTree:
+        _check_metric_leaves(metrics, "train_step" if stage == "train" else "eval_step")
         m_dyn, m_static = eqx.partition(metrics, eqx.is_array)
         self.metrics_static[stage] = m_static
         return m_dyn
@@ -217,7 +300,9 @@ class CompiledSteps:
     def _train_core(self, dyn, batch):
         exp = self.combine(dyn)
         new, metrics = _check_train_output(exp.train_step(batch), exp)
-        return self._split_new(new, dyn), self._metrics_parts("train", metrics)
+        new_dyn = self._split_new(new, dyn)
+        _warn_if_unchanged(new, dyn)
+        return new_dyn, self._metrics_parts("train", metrics)
 
     def _eval_core(self, dyn, batch):
         exp = self.combine(dyn)
@@ -316,7 +401,11 @@ class CompiledSteps:
                 dyn = jax.tree.unflatten(dyn_def, dyn)
                 acc = jax.tree.unflatten(acc_def, acc)
                 seen = batch if gather is None else jax.eval_shape(gather, batch, step)
-                self.trace_log.record("train_and_log" if closing else "train", (acc, seen))
+                self.trace_log.record(
+                    "train_and_log" if closing else "train",
+                    {"batch": seen, "metrics": acc},
+                    self._user_function("train_step"),
+                )
                 dyn, acc, ms, guard, step = self._step(
                     dyn, acc, batch, reset, guard, step, gather, decode
                 )
@@ -348,7 +437,11 @@ class CompiledSteps:
                 dyn = jax.tree.unflatten(dyn_def, dyn)
                 acc = jax.tree.unflatten(acc_def, acc)
                 seen = batches if gather is None else jax.eval_shape(gather, batches, step)
-                self.trace_log.record("train_many", (acc, seen))
+                self.trace_log.record(
+                    "train_many",
+                    {"batches": seen, "metrics": acc},
+                    self._user_function("train_step"),
+                )
 
                 def body(carry, batch):
                     dyn, acc, flag, guard, step = carry
@@ -367,49 +460,63 @@ class CompiledSteps:
 
         return self._get(("train_many", gather, length, decode, dyn_def, acc_def), build)
 
-    def evaluate(self, dyn_def, acc_def, decode=None) -> Callable:
+    def evaluate(
+        self, dyn_def, acc_def, decode=None, *, stage: str = "eval", short: bool = False
+    ) -> Callable:
         """The compiled evaluation step on flat leaves (see `train`):
         `fn(dyn, acc, batch, reset) -> (acc, step_metrics_or_None, ticket)`; donates `acc`
         only. `ticket` is a tiny output that is ready when the step has run (for the in-flight
-        bound). `decode`: as in `train`."""
+        bound). `decode`: as in `train`.
+
+        `short`: the function for the short last batch of `stage`'s runs, which has its own
+        size (see `_eval_input`): a function of its own, traced once per stage and size, so
+        its compilation is not a retrace of the full-batch step."""
+        name = f"{stage}_last_batch" if short else "eval"
+        if decode is not None:
+            # A stage whose per-batch hooks keep the decode on the host has its own
+            # function (and name), not a retrace of this one.
+            name += "_decoded"
 
         def build():
             def step(dyn, acc, batch, reset):
                 dyn = jax.tree.unflatten(dyn_def, dyn)
                 acc = jax.tree.unflatten(acc_def, acc)
-                # A stage whose per-batch hooks keep the decode on the host has its own
-                # function (and name), not a retrace of this one.
-                self.trace_log.record("eval" if decode is None else "eval_decoded", (acc, batch))
+                self.trace_log.record(
+                    name, {"batch": batch, "metrics": acc}, self._user_function("eval_step")
+                )
                 if decode is not None:
                     batch = decode(batch)
                 acc, m_dyn = self._eval_body(dyn, acc, batch, reset)
                 ms = m_dyn if self.keep_step_metrics else None
                 return jax.tree.leaves(acc), ms, jnp.logical_not(reset)
 
-            return jax.jit(self._named(step, "eval_step"), donate_argnums=(1,))
+            fn_name = f"eval_step_{stage}_last_batch" if short else "eval_step"
+            return jax.jit(self._named(step, fn_name), donate_argnums=(1,))
 
-        return self._get(("eval", decode, dyn_def, acc_def), build)
+        return self._get(("eval", name, decode, dyn_def, acc_def), build)
 
-    def predict(self, dyn, batch, decode=None):
+    def predict(self, dyn, batch, decode=None, *, short: bool = False):
         """One predict step: the experiment's `predict_step(batch)` outputs (`decode`: as in
-        `train`)."""
+        `train`; `short`: the short last batch, see `evaluate`)."""
+        name = "predict_last_batch" if short else "predict"
+        if decode is not None:
+            name += "_decoded"
 
         def build():
             def step(dyn, batch):
-                self.trace_log.record("predict" if decode is None else "predict_decoded", batch)
+                self.trace_log.record(name, {"batch": batch}, self._user_function("predict_step"))
                 if decode is not None:
                     batch = decode(batch)
                 return self.combine(dyn).predict_step(batch)
 
-            return jax.jit(self._named(step, "predict_step"))
+            fn_name = "predict_step_last_batch" if short else "predict_step"
+            return jax.jit(self._named(step, fn_name))
 
-        return self._get(("predict", decode), build)(dyn, batch)
+        return self._get(("predict", name, decode), build)(dyn, batch)
 
-    def empty_accumulator(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
-        """Zeros shaped like one step's metrics arrays (overwritten by the first step).
-
-        The shapes come from tracing the step abstractly (~15 ms for a small model), once per
-        stage and argument signature: not again at every fit or validation run."""
+    def _metric_shapes(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
+        """The shapes of one step's metrics arrays, from tracing the step abstractly (~15 ms
+        for a small model), once per stage and argument signature."""
         key = (stage, _shape_key(dyn), _shape_key(batch), self.batch_transform)
         shapes = self._accumulator_shapes.get(key)
         if shapes is None:
@@ -422,8 +529,22 @@ class CompiledSteps:
             else:
                 shapes = jax.eval_shape(self._eval_core, dyn, batch)
             self._accumulator_shapes[key] = shapes
+        return shapes
+
+    def empty_accumulator(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
+        """Zeros shaped like one step's metrics arrays (overwritten by the first step); the
+        shapes are traced once per stage and signature, not at every fit or validation run."""
+        shapes = self._metric_shapes(stage, dyn, batch)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return jax.device_put(zeros, self.replicated)
+
+    def metric_names(self, stage: str, dyn: PyTree, batch: PyTree | None) -> set[str]:
+        """The names `compute()` gives the metrics of a `stage` (`"train"` or `"eval"`) step
+        on a batch like `batch` (traced abstractly; nothing runs). Empty for no batch."""
+        if batch is None:
+            return set()
+        shapes = self._metric_shapes(stage, dyn, batch)
+        return set(jax.eval_shape(lambda m: self.metrics(stage, m).compute(), shapes))
 
     def close_interval(self, stage: str, acc, total, reset):
         """Compute the interval's metrics and fold the interval into the running total.

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..datamodules._batching import MASK_KEY, batch_size_of, pad_batch, stack_length
-from ._placement import Placement, aligned_empty
+from ..datamodules._batching import batch_size_of, stack_length
+from ._placement import Placement, aligned_empty, is_device_batch
 
 PyTree = Any
 
@@ -20,10 +20,6 @@ _DONE = object()
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
-
-def _is_device_batch(batch: PyTree) -> bool:
-    return all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
 
 
 class _Stacker:
@@ -44,7 +40,7 @@ class _Stacker:
         if self.count == 0:
             self._items = []
             self._buffers = None
-            if not _is_device_batch(batch):
+            if not is_device_batch(batch):
                 leaves, self._treedef = jax.tree.flatten(batch)
                 self._buffers = [
                     aligned_empty((self.size, *np.shape(x)), np.asarray(x).dtype) for x in leaves
@@ -99,51 +95,32 @@ def take_from_chunk(chunk: tuple[PyTree, jax.Array], step: jax.Array) -> PyTree:
 
 
 class BatchPreparer:
-    """Checks a host batch and, for evaluation, pads it and adds a `"mask"`.
+    """Checks a host training batch: every batch has the first one's size, which splits
+    over the devices, and the experiment's `validate_batch` accepts it.
 
     **Arguments:**
 
     - `placement`: the devices the batch will be split over.
-    - `evaluation`: pad a short final batch to the first batch's size and mask it.
     - `validate`: the experiment's `validate_batch` (host-side checks), or `None`.
     """
 
-    def __init__(
-        self,
-        placement: Placement,
-        *,
-        evaluation: bool,
-        validate: Callable[[PyTree], None] | None = None,
-    ):
+    def __init__(self, placement: Placement, *, validate: Callable[[PyTree], None] | None = None):
         self.placement = placement
-        self.evaluation = evaluation
         self.validate = validate
         self.expected_size: int | None = None
-        self.add_mask: bool | None = None
 
     def __call__(self, batch: PyTree) -> PyTree:
         size = batch_size_of(batch)
         if self.expected_size is None:
             self.expected_size = size
             self.placement.check_local_batch_size(size)
-            self.add_mask = self.evaluation and isinstance(batch, dict)
-        if self.evaluation:
-            if self.add_mask and (size < self.expected_size or MASK_KEY not in batch):
-                batch = pad_batch(batch, self.expected_size)
-            elif size != self.expected_size:
-                raise ValueError(
-                    f"Evaluation batch of size {size} after batches of "
-                    f"{self.expected_size}; a ragged batch would recompile the step. Yield "
-                    "dict batches (the Trainer then pads and masks the last one) or make the "
-                    "split a multiple of the batch size."
-                )
         elif size != self.expected_size:
             raise ValueError(
                 f"Training batch of size {size} after batches of {self.expected_size}. "
                 "Training batches must all have the same size (drop the last partial batch, "
                 "as the built-in DataModules do)."
             )
-        if self.validate is not None and not _is_device_batch(batch):
+        if self.validate is not None and not is_device_batch(batch):
             self.validate(batch)
         return batch
 
@@ -160,8 +137,72 @@ class BatchPreparer:
                 self.validate(batch)
 
 
-class Feeder:
-    """Iterates device batches prepared on a background thread, `depth` ahead of the step.
+class Prefetcher:
+    """Iterates `items` on a background thread, up to `depth` items ahead of the consumer.
+
+    Items are produced in order by one thread (so whatever `items` does, e.g. placing
+    batches on the devices, happens off the training thread); an error raised while
+    producing re-raises on the consuming thread, in order. `close()` (or leaving the `with`
+    block) stops the thread and drops what was not consumed.
+
+    **Example:**
+
+    ```python
+    with Prefetcher(place(b) for b in loader) as items:
+        for item in items:
+            ...
+    ```
+    """
+
+    def __init__(self, items: Iterable[Any], *, depth: int = 2):
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="solstice-feeder", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for item in self._items:
+                if self._stop.is_set() or not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
+            self._put(_Failure(exc))
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        """Stop the background thread (drops items not yet consumed)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Feeder(Prefetcher):
+    """Iterates training batches prepared and put on the devices on a background thread,
+    `depth` ahead of the step.
 
     With `chunked=True` (single steps on small host batches), items are `(n, stacked)`:
     `n` consecutive batches uploaded together in one transfer (see `chunk_size`), padded to
@@ -199,109 +240,53 @@ class Feeder:
         if stacked and not chunked:
             raise ValueError("`stacked=True` feeds chunks: it needs `chunked=True`.")
         self._batches = batches
-        self._stacked = stacked
         self._prepare = prepare
         self._placement = placement
         self._group = group
         self._lead = lead
-        self._chunked = chunked
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="solstice-feeder", daemon=True)
-        self._thread.start()
+        if stacked:
+            items = self._stacked_items()
+        elif chunked:
+            items = self._chunk_items()
+        else:
+            items = self._step_items()
+        super().__init__(items, depth=depth)
 
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
+    def _step_items(self) -> Iterator[tuple[int, PyTree]]:
+        stack = _Stacker(self._group)
+        lead = self._lead
+        for batch in self._batches:
+            if lead > 0 or self._group == 1:  # single steps (until chunks line up)
+                lead = max(0, lead - 1)
+                yield 1, self._placement.put_batch(self._prepare(batch))
                 continue
-        return False
+            stack.add(self._prepare(batch))
+            if stack.count == self._group:
+                owned = stack.owned
+                yield self._group, self._placement.put_stacked_batches(stack.take(), owned=owned)
+        for i in range(stack.count):  # the remainder, batch by batch
+            yield 1, self._placement.put_batch(stack.batch(i))
 
-    def _produce(self) -> None:
-        if self._chunked:
-            return self._produce_chunks()
-        try:
-            stack = _Stacker(self._group)
-            lead = self._lead
-            for batch in self._batches:
-                if self._stop.is_set():
-                    return
-                if lead > 0 or self._group == 1:  # single steps (until chunks line up)
-                    lead = max(0, lead - 1)
-                    if not self._put((1, self._placement.put_batch(self._prepare(batch)))):
-                        return
-                    continue
-                stack.add(self._prepare(batch))
-                if stack.count == self._group:
-                    owned = stack.owned
-                    item = self._placement.put_stacked_batches(stack.take(), owned=owned)
-                    if not self._put((self._group, item)):
-                        return
-            for i in range(stack.count):  # the remainder, batch by batch
-                if not self._put((1, self._placement.put_batch(stack.batch(i)))):
-                    return
-            self._put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
-            self._put(_Failure(exc))
-
-    def _produce_chunks(self) -> None:
+    def _chunk_items(self) -> Iterator[tuple[int, PyTree]]:
         """Items `(n, stacked)`: `n` batches stacked along a new leading axis, padded to the
         chunk size (a repeated last batch) so every upload has the same shape."""
-        if self._stacked:
-            return self._produce_stacked()
-        try:
-            stack = None
-            for batch in self._batches:
-                if self._stop.is_set():
-                    return
-                batch = self._prepare(batch)
-                if stack is None:
-                    stack = _Stacker(chunk_size(batch))
-                stack.add(batch)
-                if stack.count == stack.size and not self._put(self._chunk(stack)):
-                    return
-            if stack is not None and stack.count and not self._put(self._chunk(stack)):
-                return
-            self._put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
-            self._put(_Failure(exc))
+        stack = None
+        for batch in self._batches:
+            batch = self._prepare(batch)
+            if stack is None:
+                stack = _Stacker(chunk_size(batch))
+            stack.add(batch)
+            if stack.count == stack.size:
+                yield self._chunk(stack)
+        if stack is not None and stack.count:
+            yield self._chunk(stack)
 
-    def _produce_stacked(self) -> None:
+    def _stacked_items(self) -> Iterator[tuple[int, PyTree]]:
         """Items `(n, stacked)` from chunks the loader gathered into our own buffers."""
-        try:
-            for n, stacked in self._batches:
-                if self._stop.is_set():
-                    return
-                self._prepare.check_stacked(stacked, n)
-                item = self._placement.put_stacked_batches(stacked, owned=True)
-                if not self._put((n, item)):
-                    return
-            self._put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer thread
-            self._put(_Failure(exc))
+        for n, stacked in self._batches:
+            self._prepare.check_stacked(stacked, n)  # type: ignore[attr-defined]
+            yield n, self._placement.put_stacked_batches(stacked, owned=True)
 
     def _chunk(self, stack: "_Stacker") -> tuple[int, PyTree]:
         n, owned = stack.count, stack.owned
         return n, self._placement.put_stacked_batches(stack.take(), owned=owned)
-
-    def __iter__(self) -> Iterator[tuple[int, PyTree]]:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-
-    def close(self) -> None:
-        """Stop the background thread (drops batches not yet consumed)."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> "Feeder":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

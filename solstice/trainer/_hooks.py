@@ -48,9 +48,11 @@ class Hooks:
     def call(self, trainer: "Trainer", name: str, *args: Any) -> None:
         """Call hook `name` on the experiment (which may replace itself) and the callbacks."""
         if self._experiment_has[name]:
-            replacement = getattr(trainer.experiment, name)(trainer, *args)
+            experiment = trainer.experiment
+            replacement = getattr(experiment, name)(trainer, *args)
             if replacement is not None:
-                trainer._replace_experiment(replacement, f"Experiment.{name}")
+                where = f"{type(experiment).__name__}.{name}"
+                trainer._replace_experiment(replacement, where, getattr(type(experiment), name))
         callbacks = self._callbacks_for[name]
         if callbacks:
             # Rebuilding the experiment from its arrays costs ~30-100 us: only for callbacks

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _feeder
-from ._feeder import BatchPreparer, Feeder, take_from_chunk
+from ._eval_input import EvalPreparer, with_last
+from ._feeder import BatchPreparer, Feeder, Prefetcher, take_from_chunk
 from ._flat import FlatTree
-from ._placement import aligned_empty
+from ._placement import aligned_empty, owned_copy
 
 if TYPE_CHECKING:
     from ._trainer import Trainer
@@ -143,9 +144,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
     if trainer.max_steps is not None:
         remaining = progress.batch_idx + max(0, trainer.max_steps - progress.global_step)
         count = remaining if count is None else min(count, remaining)
-    prepare = BatchPreparer(
-        trainer._placement, evaluation=False, validate=trainer.experiment.validate_batch
-    )
+    prepare = BatchPreparer(trainer._placement, validate=trainer.experiment.validate_batch)
     state = trainer._train_state
     inflight = InflightLimit()
     source = _device_epoch(trainer, loader, batch_start or batch_end)
@@ -191,6 +190,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
         items = _chunk_steps(feeder, trainer._placement) if chunked else feeder
     length = fused if source is not None else None  # gathered chunks are always K long
     dyn_state = trainer._dyn_state
+    dyn_def = dyn_state.treedef
     train_fns: dict = {}  # built once per epoch: (fused?, closing?) -> compiled function
 
     def train_fn(n: int, closing: bool):
@@ -217,6 +217,7 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                     trainer.train_batch_size = jax.tree.leaves(spec)[0].shape[0]
                 if state.acc_flat.treedef is None:
                     state.init(steps, trainer._dyn, spec)
+                trainer._at_first_batch(spec)
             if batch_start:
                 for i in range(n):
                     hooks.call(
@@ -242,6 +243,10 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
                 args += (
                     (state.total_flat.leaves, state.epoch_flag()) if close_inside else (None, None)
                 )
+            if trainer._steps is not steps or dyn_state.treedef is not dyn_def:
+                # A hook replaced the experiment with one of another structure: its steps.
+                steps, dyn_def = trainer._steps, dyn_state.treedef
+                train_fns.clear()
             out = train_fn(n, close_inside)(*args)
             dyn_state.leaves, state.acc_flat.leaves = out[0], out[1]
             step_metrics, trainer._guard, trainer._step_counter = out[2:5]
@@ -372,10 +377,37 @@ class EvaluationInterrupted(Exception):
     """A SIGINT/SIGTERM arrived during a validation run inside `fit` (see `run_evaluation`)."""
 
 
+def _eval_items(
+    trainer: "Trainer", loader: Iterable, count: int | None, validate: Any, hooks_need_batches: bool
+):
+    """`(prefetched EvalBatch items, preparer, decode)` for an evaluation or predict run."""
+    declared = getattr(loader, "batch_size", None)
+    loader, decode = _split_transform(loader, hooks_need_batches)
+    preparer = EvalPreparer(
+        trainer._placement,
+        honours_mask=type(trainer.experiment).honours_mask,
+        validate=validate,
+        batch_size=declared if isinstance(declared, int) else None,
+    )
+    # Copied as they arrive (as `put_batch` would): a loader may reuse its buffers for the
+    # next batch, which `with_last` reads before the preparer places this one.
+    batches = with_last(map(owned_copy, batches_from(loader, 0, count)))
+    items = Prefetcher((preparer(item) for item in batches), depth=trainer.prefetch)
+    return items, preparer, decode
+
+
 def run_evaluation(
-    trainer: "Trainer", stage: str, loader: Iterable, count: int | None
+    trainer: "Trainer",
+    stage: str,
+    loader: Iterable,
+    count: int | None,
+    *,
+    sanity_check: bool = False,
 ) -> dict[str, jax.Array]:
-    """Evaluate every batch of `loader` (padded and masked) and return the metrics on device.
+    """Evaluate every batch of `loader` and return the metrics on device.
+
+    Every sample counts exactly once (see `_eval_input`). With `sanity_check=True` (the
+    check before training) no hook is called and signals wait for the first step.
 
     Inside `fit`, a SIGINT/SIGTERM stops the run before its next batch and raises
     `EvaluationInterrupted`: a long validation must not delay the checkpoint that the
@@ -383,75 +415,80 @@ def run_evaluation(
     would go on with evaluation steps (collectives) and wait forever; there the signal acts
     after validation, as at any step boundary."""
     # `_signals` is set only while `fit` runs.
-    signals = None if trainer._placement.multi_process else trainer._signals
-    hooks = trainer._hooks
+    interruptible = not (trainer._placement.multi_process or sanity_check)
+    signals = trainer._signals if interruptible else None
     steps = trainer._steps
-    batch_start = hooks.active(f"on_{stage}_batch_start")
-    batch_end = hooks.active(f"on_{stage}_batch_end")
-    prepare = BatchPreparer(
-        trainer._placement, evaluation=True, validate=trainer.experiment.validate_batch
+    hooks = not sanity_check
+    batch_start = hooks and trainer._hooks.active(f"on_{stage}_batch_start")
+    batch_end = hooks and trainer._hooks.active(f"on_{stage}_batch_end")
+    items, preparer, decode = _eval_items(
+        trainer, loader, count, trainer.experiment.validate_batch, batch_start or batch_end
     )
-    loader, decode = _split_transform(loader, batch_start or batch_end)
     acc = FlatTree()
     dyn = trainer._dyn_state
-    evaluate = None
     reset = trainer._true
     inflight = InflightLimit()
-    with Feeder(
-        batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
-    ) as feeder:
-        for batch_idx, (_, batch) in enumerate(feeder):
+    with items:
+        for batch_idx, item in enumerate(items):
             if signals is not None and signals.received is not None:
                 raise EvaluationInterrupted
-            if evaluate is None:
+            item = preparer.finish_last(item)
+            batch = item.batch
+            if acc.tree is None:
                 spec = batch if decode is None else jax.eval_shape(decode, batch)
                 acc.tree = steps.empty_accumulator("eval", trainer._dyn, spec)
-                evaluate = steps.evaluate(dyn.treedef, acc.treedef, decode)
+            evaluate = steps.evaluate(
+                dyn.treedef, acc.treedef, decode, stage=stage, short=item.short
+            )
             if batch_start:
-                hooks.call(trainer, f"on_{stage}_batch_start", batch, batch_idx)
+                trainer._hooks.call(trainer, f"on_{stage}_batch_start", batch, batch_idx)
+                steps, dyn = trainer._steps, trainer._dyn_state  # a hook may replace them
+                evaluate = steps.evaluate(
+                    dyn.treedef, acc.treedef, decode, stage=stage, short=item.short
+                )
             acc.leaves, step_metrics, ticket = evaluate(dyn.leaves, acc.leaves, batch, reset)
             inflight.add(ticket)
             reset = trainer._false
             if batch_end:
-                hooks.call(
+                trainer._hooks.call(
                     trainer,
                     f"on_{stage}_batch_end",
                     steps.metrics("eval", step_metrics),
                     batch,
                     batch_idx,
                 )
-    if evaluate is None:
+                steps, dyn = trainer._steps, trainer._dyn_state
+    if acc.tree is None:
         return {}
     return steps.compute("eval", acc.tree)
 
 
 def run_predict(trainer: "Trainer", loader: Iterable, count: int | None) -> PyTree:
-    """Predict every batch and return the outputs of the real (unpadded) rows, on the host."""
+    """Predict every batch and return the outputs of exactly the real samples, in order, on
+    the host."""
     hooks = trainer._hooks
-    steps = trainer._steps
     batch_start = hooks.active("on_predict_batch_start")
     batch_end = hooks.active("on_predict_batch_end")
-    prepare = BatchPreparer(trainer._placement, evaluation=True, validate=None)
-    loader, decode = _split_transform(loader, batch_start or batch_end)
-    outputs, masks = [], []
+    items, preparer, decode = _eval_items(trainer, loader, count, None, batch_start or batch_end)
+    outputs, keeps = [], []
     inflight = InflightLimit()
-    with Feeder(
-        batches_from(loader, 0, count), prepare, trainer._placement, depth=trainer.prefetch
-    ) as feeder:
-        for batch_idx, (_, batch) in enumerate(feeder):
+    with items:
+        for batch_idx, item in enumerate(items):
+            item = preparer.finish_last(item)
+            batch = item.batch
             if batch_start:
                 hooks.call(trainer, "on_predict_batch_start", batch, batch_idx)
-            out = steps.predict(trainer._dyn, batch, decode)
+            out = trainer._steps.predict(trainer._dyn, batch, decode, short=item.short)
             inflight.add(out)
             outputs.append(out)
-            masks.append(batch.get("mask") if isinstance(batch, dict) else None)
+            keeps.append(item.keep)
             if batch_end:
                 hooks.call(trainer, "on_predict_batch_end", out, batch, batch_idx)
     if not outputs:
         return None
-    outputs, masks = trainer._placement.to_host((outputs, masks))
+    outputs = trainer._placement.to_host(outputs)
     kept = [
-        jax.tree.map(lambda x, m=m: np.asarray(x) if m is None else np.asarray(x)[m], out)
-        for out, m in zip(outputs, masks)
+        jax.tree.map(lambda x, k=k: np.asarray(x) if k is None else np.asarray(x)[k], out)
+        for out, k in zip(outputs, keeps)
     ]
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *kept)

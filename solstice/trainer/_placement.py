@@ -8,6 +8,7 @@ global mesh: host values are assembled with `jax.make_array_from_process_local_d
 global arrays are resharded by a compiled identity that every process runs.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +66,11 @@ def resolve_devices(devices: "str | int | Sequence[jax.Device]") -> list[jax.Dev
             "every process must take part in the mesh. Use `devices='auto'`."
         )
     return devs
+
+
+def is_device_batch(batch: PyTree) -> bool:
+    """Whether every leaf of `batch` is a `jax.Array` (a device-resident loader's batch)."""
+    return all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch))
 
 
 def _already_placed(tree: PyTree, sharding: NamedSharding) -> bool:
@@ -137,13 +143,14 @@ class Placement:
             )
 
     # ------------------------------------------------------------------ batches
-    def put_batch(self, batch: PyTree) -> PyTree:
+    def put_batch(self, batch: PyTree, *, owned: bool = False) -> PyTree:
         """Place a batch on the devices, sharded along its leading axis.
 
         Host arrays are this process's rows of the global batch; `jax.Array`s already laid
-        out on the mesh (from an on-device DataModule) are kept as they are.
+        out on the mesh (from an on-device DataModule) are kept as they are. `owned`: the
+        host arrays are copies of our own (`owned_copy`), never written again.
         """
-        return self._put_sharded(batch, self.batch_sharding)
+        return self._put_sharded(batch, self.batch_sharding, owned=owned)
 
     def put_stacked_batches(self, batches: PyTree, *, owned: bool = False) -> PyTree:
         """Place a stack of batches `(K, batch, ...)`, sharded along axis 1.
@@ -151,6 +158,23 @@ class Placement:
         `owned`: the host arrays are buffers of our own from `aligned_empty`, never written
         again (not copied first on the CPU backend)."""
         return self._put_sharded(batches, self.stacked_batch_sharding, owned=owned)
+
+    def put_rows(self, batch: PyTree, *, owned: bool = False) -> PyTree:
+        """Place a batch of any size (a short last evaluation batch, one process): sharded
+        along its leading axis when its rows split over the devices, else replicated (every
+        device holds all of it). `owned`: as in `put_batch`."""
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        fits = rows % self.num_local_devices == 0
+        sharding = self.batch_sharding if fits else self.replicated
+        return self._put_sharded(batch, sharding, owned=owned)
+
+    def take_rows(self, batch: PyTree, positions: np.ndarray) -> PyTree:
+        """The rows `positions` of a global batch on the mesh, as a new batch (sharded when
+        they split over the devices, else replicated). With several processes every process
+        must call this with the same positions (a compiled program over the whole mesh)."""
+        fits = len(positions) % self.num_devices == 0
+        index = self._put_global(np.asarray(positions, np.int32), self.replicated)
+        return _take_rows(batch, index, self.batch_sharding if fits else self.replicated)
 
     def index_scalars(self, n: int) -> list[jax.Array]:
         """Replicated int32 device scalars `0 .. n-1`, made once (indices into uploaded
@@ -269,6 +293,13 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
+def owned_copy(batch: PyTree) -> PyTree:
+    """`batch` with every host array copied into a buffer of our own (see `aligned_empty`):
+    a loader may then reuse its buffers for the next batch, and on the CPU backend
+    `put_batch(..., owned=True)` uses the copies in place. Device arrays pass as they are."""
+    return jax.tree.map(_owned_host_copy, batch)
+
+
 def _owned_host_copy(x: Any) -> Any:
     """A host array copied into a buffer of our own (aligned, see `aligned_empty`), so that
     `device_put` on the CPU backend neither copies it again nor aliases the caller's buffer
@@ -278,6 +309,12 @@ def _owned_host_copy(x: Any) -> Any:
     out = aligned_empty(x.shape, x.dtype)
     np.copyto(out, x)
     return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _take_rows(tree: PyTree, positions: jax.Array, sharding: NamedSharding) -> PyTree:
+    taken = jax.tree.map(lambda x: jnp.take(x, positions, axis=0), tree)
+    return jax.lax.with_sharding_constraint(taken, sharding)
 
 
 def _identity(x: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ import contextlib
 import logging
 import signal
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,9 +23,9 @@ from ..loggers import History, Logger
 from ..loggers._convert import check_scalars
 from ..loggers._packed import PackedMetrics
 from ._agreement import Agreement
-from ._arguments import check_arguments, check_objects
+from ._arguments import check_arguments, check_objects, check_stopping
 from ._compilation_cache import enable_compilation_cache
-from ._compile import CompiledSteps, TraceLog
+from ._compile import CompiledSteps, TraceLog, static_differences
 from ._flat import FlatTree
 from ._hooks import Hooks
 from ._loop import (
@@ -44,6 +45,7 @@ from ._sharding_rules import (
     experiment_shardings,
 )
 from ._signals import SignalWatch
+from ._user_code import warn_at
 
 PyTree = Any
 log = logging.getLogger("solstice")
@@ -55,8 +57,13 @@ class Trainer:
 
     **Arguments:**
 
-    - `max_epochs`, `max_steps`: when to stop fitting (at least one is required).
+    - `max_epochs`, `max_steps`: when to stop fitting (`fit` needs at least one; `validate`,
+      `test` and `predict` need neither).
     - `check_val_every_n_epoch`: validate after every n-th training epoch.
+    - `num_sanity_val_steps`: before training, `fit` runs this many validation batches
+      (default 2, as in Lightning; `-1`: all; `0`: none) so that an error in `eval_step`
+      shows in seconds, not after the first epoch. It calls no hook, logs nothing and
+      changes nothing: a run with it is bit-identical to one without.
     - `limit_train_batches`, `limit_val_batches`, `limit_test_batches`,
       `limit_predict_batches`: an int number of batches or a float fraction per epoch.
     - `fast_dev_run`: `True` (or an int n) runs n batches of train/val/test in one epoch
@@ -108,6 +115,7 @@ class Trainer:
         max_epochs: int | None = None,
         max_steps: int | None = None,
         check_val_every_n_epoch: int = 1,
+        num_sanity_val_steps: int = 2,
         limit_train_batches: int | float | None = None,
         limit_val_batches: int | float | None = None,
         limit_test_batches: int | float | None = None,
@@ -129,6 +137,7 @@ class Trainer:
             max_steps=max_steps,
             fast_dev_run=fast_dev_run,
             check_val_every_n_epoch=check_val_every_n_epoch,
+            num_sanity_val_steps=num_sanity_val_steps,
             log_every_n_steps=log_every_n_steps,
             steps_per_execution=steps_per_execution,
             prefetch=prefetch,
@@ -145,6 +154,7 @@ class Trainer:
         self.max_epochs = max_epochs
         self.max_steps = max_steps
         self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.num_sanity_val_steps = num_sanity_val_steps
         self.limit_train_batches = limit_train_batches
         self.limit_val_batches = limit_val_batches
         self.limit_test_batches = limit_test_batches
@@ -199,6 +209,11 @@ class Trainer:
         self._agreement: Agreement | None = None  # set while `fit` runs
         self._epoch_complete = False  # inside `on_train_epoch_end`: the epoch is done
         self._step_savers: list[ModelCheckpoint] = []
+        self._fitted: Experiment | None = None  # what the last `fit` returned
+        self._fit_input: weakref.ref | None = None  # the experiment the last `fit` was given
+        self._recompile_warned: set[tuple[str, tuple[str, ...]]] = set()
+        self._val_metric_names: set[str] | None = None  # known after the sanity check
+        self._required_checked = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -296,7 +311,10 @@ class Trainer:
             return self._placement.replicate(dyn, copy=copy)
         return self._placement.shard(dyn, shardings, copy=copy)
 
-    def _replace_experiment(self, new: Any, where: str) -> None:
+    def _replace_experiment(self, new: Any, where: str, source: Any = None) -> None:
+        """Make `new` (returned by `where`, e.g. a hook of the experiment whose function is
+        `source`) the current experiment. A new non-array part compiles the steps again,
+        reported once per hook and changed fields by a warning pointing at `source`."""
         if not isinstance(new, Experiment):
             raise TypeError(
                 f"`{where}` returned a `{type(new).__name__}`; a hook on the experiment must "
@@ -304,6 +322,21 @@ class Trainer:
             )
         dyn, static = eqx.partition(new, eqx.is_array)
         if not eqx.tree_equal(static, self._steps.static):
+            changes = static_differences(self._steps.static, static, type(new).__name__)
+            key = (where, tuple(change.split(":")[0] for change in changes))
+            if key not in self._recompile_warned:
+                self._recompile_warned.add(key)
+                warn_at(
+                    source,
+                    f"`{where}` returned an experiment whose non-array part changed ("
+                    f"{'; '.join(changes[:5]) or 'its structure'}), so the steps are compiled "
+                    "again for it (each time it changes). Keep numbers that change during a "
+                    "run as `jnp` arrays (e.g. `jnp.asarray(0.5)`), not Python values or "
+                    "`eqx.field(static=True)`.",
+                    RuntimeWarning,
+                )
+            else:
+                log.info("%s changed the experiment's non-array part: compiling again.", where)
             self._steps = CompiledSteps(
                 new,
                 self._placement.replicated,
@@ -312,6 +345,7 @@ class Trainer:
                 track_nonfinite=self._steps.track_nonfinite,
                 dyn_shardings=self._dyn_shardings(dyn),
             )
+            self.trace_log.new_generation()  # its first traces are not retraces
         self._hooks.refresh(new)
         self._dyn = self._place_experiment(dyn, copy=False)
         self._experiment_cache = None
@@ -357,7 +391,9 @@ class Trainer:
 
         They reach every callback's `on_log`, the loggers and `trainer.history`, with the
         current `"epoch"` added. Device values are converted on the logging thread, so this
-        never syncs. `step` defaults to `trainer.global_step`.
+        never syncs, except the metrics a callback declares in `provided_metrics()`: those
+        are read at once into `trainer.callback_metrics`, where `EarlyStopping` and
+        `ModelCheckpoint` can monitor them. `step` defaults to `trainer.global_step`.
 
         **Example:**
 
@@ -372,6 +408,12 @@ class Trainer:
         if self._hooks is None:
             raise RuntimeError("`log_metrics` can only be called during fit/validate/test/predict.")
         self._publish(dict(metrics), self.global_step if step is None else int(step))
+        provided = {k: v for k, v in metrics.items() if k in self._provided_metrics()}
+        if provided:
+            self._update_callback_metrics(provided)
+
+    def _provided_metrics(self) -> set[str]:
+        return {name for cb in self.callbacks for name in cb.provided_metrics()}
 
     def _publish(self, metrics: Mapping[str, Any], step: int) -> None:
         if isinstance(metrics, PackedMetrics):  # never touch its values here (a dispatch each)
@@ -501,9 +543,25 @@ class Trainer:
           corrupted newest checkpoint is reported and skipped for the previous one.
           `experiment` is the template: its non-array parts are used as they are.
 
-        **Returns:** the trained experiment.
+        **Returns:** the trained experiment. `validate`, `test` and `predict` called without
+        an experiment use it.
+
+        A Trainer runs one `fit`: its callbacks, history and progress belong to that run, so
+        a second `fit` after one that trained raises `RuntimeError` instead of training
+        nothing (create a new Trainer, or resume with `ckpt_path=` in a new one).
         """
+        check_stopping(self.max_epochs, self.max_steps)
+        if self.progress.global_step > 0:
+            raise RuntimeError(
+                f"This Trainer has already run `fit` (to global step "
+                f"{self.progress.global_step}, epoch {self.progress.epoch}): a Trainer runs one "
+                "fit, and its callbacks, history and progress belong to that run. For a new "
+                "run, create a new `Trainer`; to train on, create one with a larger "
+                "`max_epochs`/`max_steps` and pass `ckpt_path='last'` (with a "
+                "`ModelCheckpoint`), or fit the returned experiment in a new Trainer."
+            )
         self._attach(experiment)
+        self._fit_input = weakref.ref(experiment)
         self._prepare_data(datamodule, "fit")
         self.should_stop = False
         self._epoch_complete = False
@@ -518,6 +576,7 @@ class Trainer:
         try:
             with self._run("train"), SignalWatch() as self._signals:
                 self._agreement = Agreement(self._placement, self.progress.global_step)
+                self._preflight(datamodule)
                 hooks = self._hooks
                 hooks.call(self, "on_fit_start")
                 hooks.call(self, "on_train_start")
@@ -535,7 +594,87 @@ class Trainer:
         finally:
             self._signals = None
             self._agreement = None
-        return self.experiment
+        self._fitted = self.experiment
+        return self._fitted
+
+    def _validation_loader(self, datamodule: DataModule) -> Any:
+        """The validation loader `fit` will use, or `None` if this run never validates."""
+        if self.limit_val_batches == 0:
+            return None
+        if self.max_epochs is not None and self.max_epochs < self.check_val_every_n_epoch:
+            return None
+        return datamodule.val_dataloader()
+
+    def _preflight(self, datamodule: DataModule) -> None:
+        """Before the first step: run `num_sanity_val_steps` validation batches (errors in
+        `eval_step` show in seconds; nothing is changed, logged or hooked). A monitored
+        `val/*` metric in a run that never validates fails here; the other names are
+        checked when the first training batch shows the training metrics
+        (`check_required_metrics`)."""
+        self.progress.stage = "sanity_check"
+        try:
+            self._val_metric_names = self._sanity_check(datamodule)
+        finally:
+            self.progress.stage = "train"
+        self._required_checked = False
+        self._check_required_metrics(None)  # the `val/*` names, known now
+
+    def _at_first_batch(self, train_batch: PyTree) -> None:
+        """Once per `fit`, at its first training batch (before the step runs): every metric
+        a callback requires must be one this run produces."""
+        if not self._required_checked:
+            self._required_checked = True
+            self._check_required_metrics(self._steps.metric_names("train", self._dyn, train_batch))
+
+    def _check_required_metrics(self, train_names: set[str] | None) -> None:
+        """Raise `ValueError` naming a required metric no stage produces. `None`: the
+        training metrics are not known yet (only `val/*` names are checked); validation
+        names that `_sanity_check` could not know (`None`) are accepted."""
+        val_names = self._val_metric_names
+        produced = self._provided_metrics()
+        if train_names is not None:
+            produced |= {f"train/{name}_epoch" for name in train_names}
+        if val_names is not None:
+            produced |= {f"val/{name}" for name in val_names}
+        for cb in self.callbacks:
+            missing = [
+                key
+                for key in cb.required_metrics()
+                if key not in produced
+                and (train_names is not None or key.startswith("val/"))
+                and (val_names is not None or not key.startswith("val/"))
+            ]
+            if not missing:
+                continue
+            never = not val_names and any(k.startswith("val/") for k in missing)
+            why = (
+                " This run never validates (no validation split, `limit_val_batches=0` or "
+                "`check_val_every_n_epoch` above `max_epochs`), so it has no `val/*` metrics."
+                if never
+                else ""
+            )
+            listing = ", ".join(f"`{k}`" for k in sorted(produced)) or "none"
+            if train_names is None:
+                listing += " (and the training metrics, as `train/<name>_epoch`)"
+            raise ValueError(
+                f"`{type(cb).__name__}` monitors `{missing[0]}`, which no stage of this run "
+                f"produces.{why} Metrics it can monitor: {listing}. Pass one of them as "
+                "`monitor=`."
+            )
+
+    def _sanity_check(self, datamodule: DataModule) -> set[str] | None:
+        """Run the sanity validation; return the names of the validation metrics (without
+        the `val/` prefix), an empty set if this run never validates, or `None` if unknown
+        (`num_sanity_val_steps=0`)."""
+        loader = self._validation_loader(datamodule)
+        if loader is None:
+            return set()
+        limit = num_batches(loader, self.limit_val_batches, "limit_val_batches")
+        steps = self.num_sanity_val_steps
+        if steps == 0:
+            return None
+        count = limit if steps == -1 else (steps if limit is None else min(steps, limit))
+        return set(run_evaluation(self, "validation", loader, count, sanity_check=True))
 
     def _fit_done(self) -> bool:
         p = self.progress
@@ -621,19 +760,95 @@ class Trainer:
         resume_from(self, ckpt_path)
 
     # ------------------------------------------------------------------ evaluation
-    def validate(self, experiment: Experiment, datamodule: DataModule) -> dict[str, float]:
-        """Run the validation split once; return `{"val/<metric>": value}`."""
-        return self._evaluate_standalone(experiment, datamodule, "validation", "val")
+    def validate(
+        self,
+        experiment: Experiment | None = None,
+        datamodule: DataModule | None = None,
+        *,
+        ckpt_path: str | None = None,
+    ) -> dict[str, float]:
+        """Run the validation split once; return `{"val/<metric>": value}`.
 
-    def test(self, experiment: Experiment, datamodule: DataModule) -> dict[str, float]:
-        """Run the test split once; return `{"test/<metric>": value}`."""
-        return self._evaluate_standalone(experiment, datamodule, "test", "test")
+        **Arguments:**
+
+        - `experiment`: what to evaluate; default: the experiment the last `fit` returned.
+        - `datamodule`: default: the one the last `fit` used.
+        - `ckpt_path`: evaluate a checkpoint instead: `"best"` or `"last"` (of the first
+          `ModelCheckpoint`'s `dirpath`) or a path; `experiment` (or the fitted one) is the
+          template its arrays are loaded into.
+        """
+        return self._evaluate_standalone(experiment, datamodule, ckpt_path, "validation", "val")
+
+    def test(
+        self,
+        experiment: Experiment | None = None,
+        datamodule: DataModule | None = None,
+        *,
+        ckpt_path: str | None = None,
+    ) -> dict[str, float]:
+        """Run the test split once; return `{"test/<metric>": value}`. Arguments as in
+        `validate`."""
+        return self._evaluate_standalone(experiment, datamodule, ckpt_path, "test", "test")
+
+    def _for_evaluation(
+        self,
+        experiment: Experiment | None,
+        datamodule: DataModule | None,
+        ckpt_path: str | None,
+        method: str,
+    ) -> tuple[Experiment, DataModule]:
+        """The experiment and datamodule `validate`/`test`/`predict` work on (see `validate`)."""
+        if datamodule is None:
+            if self.datamodule is None:
+                raise ValueError(
+                    f"`trainer.{method}()` needs a datamodule: pass one "
+                    f"(`trainer.{method}(experiment, datamodule)`), or call `fit` first to "
+                    "use its datamodule."
+                )
+            datamodule = self.datamodule
+        if experiment is None:
+            experiment = self._fitted
+            if experiment is None:
+                raise ValueError(
+                    f"`trainer.{method}()` has no experiment: pass one "
+                    f"(`trainer.{method}(experiment, datamodule)`), or call `fit` first; "
+                    "without one it uses the experiment `fit` returned (with `ckpt_path=`, as "
+                    "the template the checkpoint is loaded into)."
+                )
+        elif self._fit_input is not None and experiment is self._fit_input():
+            warnings.warn(
+                f"`trainer.{method}` was given the experiment that was passed to `fit`, which "
+                "is untrained: `fit` never changes its argument, it returns the trained "
+                f"experiment. Use `experiment = trainer.fit(...)`, or call "
+                f"`trainer.{method}()` without an experiment to use the fitted one.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if ckpt_path is not None:
+            from ..checkpointing._export import load
+            from ._resume import resolve
+
+            found = resolve(self, ckpt_path)
+            if found is None:
+                raise FileNotFoundError(
+                    f"`ckpt_path={ckpt_path!r}`: there is no checkpoint in "
+                    f"`{self.checkpoint_callbacks[0].dirpath}` to {method}."
+                )
+            experiment = load(found[0], like=experiment)
+        return experiment, datamodule
 
     def _evaluate_standalone(
-        self, experiment: Experiment, datamodule: DataModule, stage: str, prefix: str
+        self,
+        experiment: Experiment | None,
+        datamodule: DataModule | None,
+        ckpt_path: str | None,
+        stage: str,
+        prefix: str,
     ) -> dict[str, float]:
+        method = "validate" if stage == "validation" else stage
+        experiment, datamodule = self._for_evaluation(experiment, datamodule, ckpt_path, method)
         self._attach(experiment)
-        self._prepare_data(datamodule, "validate" if stage == "validation" else stage)
+        self._prepare_data(datamodule, method)
         loader = (
             datamodule.val_dataloader() if stage == "validation" else datamodule.test_dataloader()
         )
@@ -647,12 +862,19 @@ class Trainer:
         with self._run(stage):
             return self._evaluate(stage, prefix, loader, limit)
 
-    def predict(self, experiment: Experiment, datamodule: DataModule) -> PyTree:
-        """Run `predict_step` over the predict split.
+    def predict(
+        self,
+        experiment: Experiment | None = None,
+        datamodule: DataModule | None = None,
+        *,
+        ckpt_path: str | None = None,
+    ) -> PyTree:
+        """Run `predict_step` over the predict split. Arguments as in `validate`.
 
-        **Returns:** the outputs of every sample in order, concatenated along the batch axis
-        (a pytree of numpy arrays; padding rows removed).
+        **Returns:** the outputs of exactly the real samples, in order, in the structure
+        `predict_step` returns, each leaf concatenated along the batch axis (numpy arrays).
         """
+        experiment, datamodule = self._for_evaluation(experiment, datamodule, ckpt_path, "predict")
         self._attach(experiment)
         self._prepare_data(datamodule, "predict")
         loader = datamodule.predict_dataloader()
