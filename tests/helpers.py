@@ -1,5 +1,8 @@
 """Small experiments and data shared by the tests."""
 
+import dataclasses
+import typing
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,97 @@ def blobs_datamodule(n_train=256, n_val=70, batch_size=32, eval_batch_size=None,
         seed=seed,
         **kw,
     )
+
+
+# ---------------------------------------------------------------------- a user's experiment
+class SquaredError(solstice.Metrics):
+    """Mean squared error: a sum and a count, both arrays."""
+
+    total: jax.Array
+    count: jax.Array
+
+    def __init__(self, errors):
+        self.total = jnp.sum(errors**2)
+        self.count = jnp.asarray(errors.size, jnp.float32)
+
+    def merge(self, other):
+        return eqx.tree_at(
+            lambda m: (m.total, m.count), self, (self.total + other.total, self.count + other.count)
+        )
+
+    def compute(self):
+        return {"mse": self.total / self.count}
+
+
+class XY(typing.NamedTuple):
+    x: np.ndarray
+    y: np.ndarray
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Record:
+    x: np.ndarray
+    y: np.ndarray
+
+
+# How each batch structure stores (x, y), and how to read them back.
+STRUCTURES = {
+    "tuple": (lambda x, y: (x, y), lambda b: (b[0], b[1])),
+    "list": (lambda x, y: [x, y], lambda b: (b[0], b[1])),
+    "namedtuple": (lambda x, y: XY(x, y), lambda b: (b.x, b.y)),
+    "nested_dict": (lambda x, y: {"in": {"x": x}, "out": y}, lambda b: (b["in"]["x"], b["out"])),
+    "dataclass": (lambda x, y: Record(x, y), lambda b: (b.x, b.y)),
+}
+
+
+class Regression(solstice.Experiment):
+    """A user's experiment: knows nothing of masks or padding."""
+
+    model: eqx.nn.Linear
+    optimizer: solstice.Optimizer
+    structure: str = eqx.field(static=True)
+
+    def _xy(self, batch):
+        return STRUCTURES[self.structure][1](batch)
+
+    def _errors(self, model, batch):
+        x, y = self._xy(batch)
+        return jax.vmap(model)(x)[:, 0] - y
+
+    def train_step(self, batch):
+        def loss(model):
+            return jnp.mean(self._errors(model, batch) ** 2)
+
+        value, grads = eqx.filter_value_and_grad(loss)(self.model)
+        updates, optimizer = self.optimizer(grads, eqx.filter(self.model, eqx.is_array))
+        model = eqx.apply_updates(self.model, updates)
+        new = eqx.tree_at(lambda e: (e.model, e.optimizer), self, (model, optimizer))
+        return new, SquaredError(jnp.sqrt(value)[None])
+
+    def eval_step(self, batch):
+        return SquaredError(self._errors(self.model, batch))
+
+    def predict_step(self, batch):
+        x, _ = self._xy(batch)
+        return {"prediction": jax.vmap(self.model)(x)[:, 0], "input": x}
+
+
+def regression(structure="tuple", seed=0, lr=0.05):
+    model = eqx.nn.Linear(3, 1, key=jax.random.key(seed))
+    return Regression(model, solstice.OptaxOptimizer(optax.sgd(lr), model), structure)
+
+
+def regression_split(n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5], np.float32) + 0.3).astype(np.float32)
+    return x, y
+
+
+def mse_by_hand(experiment, x, y):
+    pred = np.asarray(jax.vmap(experiment.model)(jnp.asarray(x))[:, 0])
+    return float(np.mean((pred.astype(np.float64) - y) ** 2))
 
 
 def params_of(experiment):

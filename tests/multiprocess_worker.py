@@ -23,7 +23,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import numpy as np
-from helpers import blobs_datamodule, make_mlp_experiment
+from helpers import blobs_datamodule, make_mlp_experiment, regression, regression_split
 
 import solstice
 from solstice.callbacks import ModelCheckpoint
@@ -47,6 +47,29 @@ def datamodule():
     # 112 training samples in global batches of 16: 7 steps per epoch (fused 2 + a single
     # step); 70 evaluation samples in batches of 16: the last one padded and masked.
     return blobs_datamodule(n_train=112, n_val=70, batch_size=16)
+
+
+def user_datamodule():
+    # Tuple batches for a user's experiment whose eval_step knows nothing of padding: 70
+    # evaluation samples in global batches of 16, the last one of 6 rows, all of them in
+    # process 0's share (process 1's share of it is empty).
+    return solstice.datamodules.ArrayDataModule(
+        train=regression_split(112, 0),
+        val=regression_split(70, 1),
+        test=regression_split(70, 2),
+        predict=regression_split(70, 3),
+        batch_size=16,
+    )
+
+
+def user_stage(result: dict, arrays: dict) -> None:
+    trainer = solstice.Trainer(**TRAINER_KW)
+    exp = trainer.fit(regression(), user_datamodule())
+    result["user"] = {
+        "callback_metrics": dict(trainer.callback_metrics),
+        "test": trainer.test(exp, user_datamodule()),
+    }
+    arrays["user_predict"] = np.asarray(trainer.predict(exp, user_datamodule())["prediction"])
 
 
 class Replacing(solstice.ClassificationExperiment):
@@ -198,6 +221,7 @@ def main(process_id: int, num_processes: int, port: int, num_devices: int, out_d
         other.fit(replacing_experiment(), datamodule())
 
     stage("predict", predict)
+    stage("user", lambda: user_stage(result, arrays))
     stage("replace", replace)
     stage("checkpoint", lambda: checkpoint_stage(out_dir, result, arrays))
     stage("agreement", lambda: agreement_stage(out_dir, result))

@@ -14,10 +14,11 @@ import socket
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-from helpers import params_of, run_processes
-from multiprocess_worker import TRAINER_KW, datamodule, experiment
+from helpers import mse_by_hand, params_of, regression, regression_split, run_processes
+from multiprocess_worker import TRAINER_KW, datamodule, experiment, user_datamodule
 
 import solstice
 from solstice.checkpointing import verify
@@ -125,6 +126,23 @@ def test_predict_returns_every_prediction_in_every_process(run, reference):
     for info, arrays in results:
         assert "predict" not in info["errors"], info["errors"].get("predict")
         np.testing.assert_allclose(arrays["predict"], reference[3], rtol=1e-5, atol=1e-6)
+
+
+def test_a_users_experiment_counts_every_sample_once_across_processes(run):
+    # One process with two devices, and the numbers by hand, are the reference.
+    trainer = solstice.Trainer(**TRAINER_KW, devices=NUM_PROCESSES * DEVICES_PER_PROCESS)
+    exp = trainer.fit(regression(), user_datamodule())
+    val = mse_by_hand(exp, *regression_split(70, 1))
+    test = mse_by_hand(exp, *regression_split(70, 2))
+    assert trainer.callback_metrics["val/mse"] == pytest.approx(val, rel=1e-5)
+    x, _ = regression_split(70, 3)
+    predictions = np.asarray(jax.vmap(exp.model)(x)[:, 0])
+    results, _ = run
+    for info, arrays in results:
+        assert "user" not in info["errors"], info["errors"].get("user")
+        assert info["user"]["callback_metrics"]["val/mse"] == pytest.approx(val, rel=1e-4)
+        assert info["user"]["test"]["test/mse"] == pytest.approx(test, rel=1e-4)
+        np.testing.assert_allclose(arrays["user_predict"], predictions, rtol=1e-4, atol=1e-5)
 
 
 def test_experiment_hook_can_replace_experiment(run):

@@ -3,7 +3,6 @@ evaluation sample counted exactly once without a mask, and mistakes caught befor
 turn into a plausible wrong number."""
 
 import dataclasses
-import typing
 import warnings
 
 import equinox as eqx
@@ -12,110 +11,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import blobs_datamodule, make_mlp_experiment, params_of
+from helpers import (
+    STRUCTURES,
+    Regression,
+    SquaredError,
+    blobs_datamodule,
+    make_mlp_experiment,
+    mse_by_hand,
+    params_of,
+    regression,
+    regression_split,
+)
 
 import solstice
 from solstice.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from solstice.datamodules import ArrayDataModule, DataModule, TorchDataModule
 
 
-class SquaredError(solstice.Metrics):
-    """Mean squared error: a sum and a count, both arrays."""
-
-    total: jax.Array
-    count: jax.Array
-
-    def __init__(self, errors):
-        self.total = jnp.sum(errors**2)
-        self.count = jnp.asarray(errors.size, jnp.float32)
-
-    def merge(self, other):
-        return eqx.tree_at(
-            lambda m: (m.total, m.count), self, (self.total + other.total, self.count + other.count)
-        )
-
-    def compute(self):
-        return {"mse": self.total / self.count}
-
-
-class XY(typing.NamedTuple):
-    x: np.ndarray
-    y: np.ndarray
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Record:
-    x: np.ndarray
-    y: np.ndarray
-
-
-# How each batch structure stores (x, y), and how to read them back.
-STRUCTURES = {
-    "tuple": (lambda x, y: (x, y), lambda b: (b[0], b[1])),
-    "list": (lambda x, y: [x, y], lambda b: (b[0], b[1])),
-    "namedtuple": (lambda x, y: XY(x, y), lambda b: (b.x, b.y)),
-    "nested_dict": (lambda x, y: {"in": {"x": x}, "out": y}, lambda b: (b["in"]["x"], b["out"])),
-    "dataclass": (lambda x, y: Record(x, y), lambda b: (b.x, b.y)),
-}
-
-
-class Regression(solstice.Experiment):
-    """A user's experiment: knows nothing of masks or padding."""
-
-    model: eqx.nn.Linear
-    optimizer: solstice.Optimizer
-    structure: str = eqx.field(static=True)
-
-    def _xy(self, batch):
-        return STRUCTURES[self.structure][1](batch)
-
-    def _errors(self, model, batch):
-        x, y = self._xy(batch)
-        return jax.vmap(model)(x)[:, 0] - y
-
-    def train_step(self, batch):
-        def loss(model):
-            return jnp.mean(self._errors(model, batch) ** 2)
-
-        value, grads = eqx.filter_value_and_grad(loss)(self.model)
-        updates, optimizer = self.optimizer(grads, eqx.filter(self.model, eqx.is_array))
-        model = eqx.apply_updates(self.model, updates)
-        new = eqx.tree_at(lambda e: (e.model, e.optimizer), self, (model, optimizer))
-        return new, SquaredError(jnp.sqrt(value)[None])
-
-    def eval_step(self, batch):
-        return SquaredError(self._errors(self.model, batch))
-
-    def predict_step(self, batch):
-        x, _ = self._xy(batch)
-        return {"prediction": jax.vmap(self.model)(x)[:, 0], "input": x}
-
-
-def _regression(structure="tuple", seed=0, lr=0.05):
-    model = eqx.nn.Linear(3, 1, key=jax.random.key(seed))
-    return Regression(model, solstice.OptaxOptimizer(optax.sgd(lr), model), structure)
-
-
-def _split(n, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 3)).astype(np.float32)
-    y = (x @ np.array([1.0, -2.0, 0.5], np.float32) + 0.3).astype(np.float32)
-    return x, y
-
-
-def _mse_by_hand(experiment, x, y):
-    pred = np.asarray(jax.vmap(experiment.model)(jnp.asarray(x))[:, 0])
-    return float(np.mean((pred.astype(np.float64) - y) ** 2))
-
-
 def _datamodule(structure, n_val, batch_size=8, **kw):
     make = STRUCTURES[structure][0]
     return ArrayDataModule(
-        train=make(*_split(64, 0)),
-        val=make(*_split(n_val, 1)),
-        test=make(*_split(n_val, 2)),
-        predict=make(*_split(n_val, 3)),
+        train=make(*regression_split(64, 0)),
+        val=make(*regression_split(n_val, 1)),
+        test=make(*regression_split(n_val, 2)),
+        predict=make(*regression_split(n_val, 3)),
         batch_size=batch_size,
         **kw,
     )
@@ -133,14 +52,14 @@ def test_any_pytree_batch_gives_exact_metrics_and_predictions(structure, on_devi
     # over the 4 devices either.
     dm = _datamodule(structure, n_val=21, on_device=on_device)
     trainer = _trainer(max_epochs=2)
-    fitted = trainer.fit(_regression(structure), dm)
+    fitted = trainer.fit(regression(structure), dm)
     for split, stage, method in (("val", "val", trainer.validate), ("test", "test", trainer.test)):
-        x, y = _split(21, 1 if split == "val" else 2)
+        x, y = regression_split(21, 1 if split == "val" else 2)
         got = method(fitted, dm)[f"{stage}/mse"]
-        assert got == pytest.approx(_mse_by_hand(fitted, x, y), rel=1e-5)
+        assert got == pytest.approx(mse_by_hand(fitted, x, y), rel=1e-5)
     out = trainer.predict(fitted, dm)
     assert set(out) == {"prediction", "input"}
-    x, _ = _split(21, 3)
+    x, _ = regression_split(21, 3)
     np.testing.assert_array_equal(out["input"], x)  # exactly the real samples, in order
     np.testing.assert_allclose(
         out["prediction"], np.asarray(jax.vmap(fitted.model)(x)[:, 0]), rtol=1e-6
@@ -152,11 +71,9 @@ def test_any_pytree_batch_gives_exact_metrics_and_predictions(structure, on_devi
 def test_evaluation_counts_every_sample_once_without_a_mask(n_val, devices):
     dm = _datamodule("tuple", n_val=n_val)
     trainer = _trainer(max_epochs=1, devices=devices)
-    fitted = trainer.fit(_regression(), dm)
-    x, y = _split(n_val, 1)
-    assert trainer.callback_metrics["val/mse"] == pytest.approx(
-        _mse_by_hand(fitted, x, y), rel=1e-5
-    )
+    fitted = trainer.fit(regression(), dm)
+    x, y = regression_split(n_val, 1)
+    assert trainer.callback_metrics["val/mse"] == pytest.approx(mse_by_hand(fitted, x, y), rel=1e-5)
     # The short last batch has a step of its own, compiled once per stage: not a retrace
     # (warnings are errors in this suite), and not compiled again by the next validation.
     trainer.validate(fitted, dm)
@@ -182,37 +99,35 @@ def test_an_experiment_that_honours_the_mask_keeps_one_compiled_step():
 def test_user_datamodule_of_generators_with_tuple_batches():
     class Generated(DataModule):
         def train_dataloader(self):
-            x, y = _split(32, self.epoch)
+            x, y = regression_split(32, self.epoch)
             for i in range(0, 32, 8):
                 yield x[i : i + 8], y[i : i + 8]
 
         def val_dataloader(self):
-            x, y = _split(19, 1)
+            x, y = regression_split(19, 1)
             for i in range(0, 19, 8):  # 8, 8, 3: no declared batch size, no len
                 yield x[i : i + 8], y[i : i + 8]
 
     trainer = _trainer(max_epochs=2)
-    fitted = trainer.fit(_regression(), Generated())
-    x, y = _split(19, 1)
-    assert trainer.callback_metrics["val/mse"] == pytest.approx(
-        _mse_by_hand(fitted, x, y), rel=1e-5
-    )
+    fitted = trainer.fit(regression(), Generated())
+    x, y = regression_split(19, 1)
+    assert trainer.callback_metrics["val/mse"] == pytest.approx(mse_by_hand(fitted, x, y), rel=1e-5)
 
 
 def test_a_short_batch_in_the_middle_of_evaluation_is_an_error():
     class Ragged(DataModule):
         def train_dataloader(self):
-            x, y = _split(16, 0)
+            x, y = regression_split(16, 0)
             yield x[:8], y[:8]
 
         def val_dataloader(self):
-            x, y = _split(20, 1)
+            x, y = regression_split(20, 1)
             yield x[:8], y[:8]
             yield x[8:12], y[8:12]
             yield x[12:20], y[12:20]
 
     with pytest.raises(ValueError, match="only the last batch of an evaluation split may be"):
-        _trainer(max_epochs=1).fit(_regression(), Ragged())
+        _trainer(max_epochs=1).fit(regression(), Ragged())
 
 
 def test_torch_adapter_keeps_tuple_batches():
@@ -220,18 +135,16 @@ def test_torch_adapter_keeps_tuple_batches():
     from torch.utils.data import TensorDataset
 
     def dataset(n, seed):
-        x, y = _split(n, seed)
+        x, y = regression_split(n, seed)
         return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
 
     dm = TorchDataModule(
         train=dataset(64, 0), val=dataset(21, 1), batch_size=8, keys=None, shuffle=False
     )
     trainer = _trainer(max_epochs=1)
-    fitted = trainer.fit(_regression(), dm)
-    x, y = _split(21, 1)
-    assert trainer.callback_metrics["val/mse"] == pytest.approx(
-        _mse_by_hand(fitted, x, y), rel=1e-5
-    )
+    fitted = trainer.fit(regression(), dm)
+    x, y = regression_split(21, 1)
+    assert trainer.callback_metrics["val/mse"] == pytest.approx(mse_by_hand(fitted, x, y), rel=1e-5)
 
 
 # ---------------------------------------------------------------------- metrics are arrays
@@ -277,7 +190,7 @@ def test_train_step_returning_its_input_warns_with_the_fix():
 def test_evaluation_after_fit_uses_the_fitted_experiment_and_warns_about_the_input():
     dm = _datamodule("tuple", n_val=21)
     trainer = _trainer(max_epochs=2)
-    initial = _regression()
+    initial = regression()
     fitted = trainer.fit(initial, dm)
     assert trainer.test() == trainer.test(fitted, dm)  # no arguments: the fitted one
     with pytest.warns(UserWarning, match="the experiment that was passed to `fit`, which is"):
@@ -291,35 +204,35 @@ def test_evaluation_from_a_checkpoint(tmp_path):
     dm = _datamodule("tuple", n_val=21)
     checkpoint = ModelCheckpoint(tmp_path, monitor="val/mse", mode="min", save_top_k=1)
     trainer = _trainer(max_epochs=3, callbacks=[checkpoint])
-    fitted = trainer.fit(_regression(lr=0.02), dm)
+    fitted = trainer.fit(regression(lr=0.02), dm)
     best = solstice.load(checkpoint.best_model_path, like=fitted)
-    x, y = _split(21, 1)
+    x, y = regression_split(21, 1)
     assert trainer.validate(ckpt_path="best")["val/mse"] == pytest.approx(
-        _mse_by_hand(best, x, y), rel=1e-5
+        mse_by_hand(best, x, y), rel=1e-5
     )
     assert trainer.validate(ckpt_path="last")["val/mse"] == pytest.approx(
-        _mse_by_hand(fitted, x, y), rel=1e-5
+        mse_by_hand(fitted, x, y), rel=1e-5
     )
     fresh = _trainer(callbacks=[ModelCheckpoint(tmp_path, monitor="val/mse")])  # no fit
-    got = fresh.test(_regression(seed=5), dm, ckpt_path=checkpoint.best_model_path)
-    assert got["test/mse"] == pytest.approx(_mse_by_hand(best, *_split(21, 2)), rel=1e-5)
+    got = fresh.test(regression(seed=5), dm, ckpt_path=checkpoint.best_model_path)
+    assert got["test/mse"] == pytest.approx(mse_by_hand(best, *regression_split(21, 2)), rel=1e-5)
 
 
 def test_a_second_fit_on_the_same_trainer_raises_instead_of_training_nothing():
     dm = _datamodule("tuple", n_val=16)
     trainer = _trainer(max_epochs=1)
-    trainer.fit(_regression(), dm)
+    trainer.fit(regression(), dm)
     with pytest.raises(RuntimeError, match="already run `fit`.*create a new `Trainer`"):
-        trainer.fit(_regression(), dm)
+        trainer.fit(regression(), dm)
 
 
 def test_validate_test_predict_need_no_max_epochs():
     dm = _datamodule("tuple", n_val=21)
     trainer = solstice.Trainer(enable_progress_bar=False)
-    experiment = _regression()
-    x, y = _split(21, 2)
+    experiment = regression()
+    x, y = regression_split(21, 2)
     assert trainer.test(experiment, dm)["test/mse"] == pytest.approx(
-        _mse_by_hand(experiment, x, y), rel=1e-5
+        mse_by_hand(experiment, x, y), rel=1e-5
     )
     with pytest.raises(ValueError, match="Neither `max_epochs` nor `max_steps`"):
         trainer.fit(experiment, dm)
@@ -351,7 +264,7 @@ def test_a_monitored_metric_no_stage_produces_fails_before_training(callback, ma
         dm.splits["val"] = None
     trainer = _trainer(max_epochs=3, callbacks=[counter, callback])
     with pytest.raises(ValueError, match=match):
-        trainer.fit(_regression(), dm)
+        trainer.fit(regression(), dm)
     assert counter.steps == 0
 
 
@@ -375,7 +288,7 @@ def test_sanity_check_changes_nothing():
     for sanity in (0, 2, -1):
         dm = _datamodule("tuple", n_val=21)
         trainer = _trainer(max_epochs=2, num_sanity_val_steps=sanity)
-        fitted = trainer.fit(_regression(), dm)
+        fitted = trainer.fit(regression(), dm)
         results.append((params_of(fitted), dict(trainer.history.metrics)))
     for params, history in results[1:]:
         for a, b in zip(results[0][0], params, strict=True):
