@@ -1,4 +1,4 @@
-"""Observability: LearningRateMonitor, ModelSummary, Timer, the recompilation warning,
+"""Observability: ModelSummary, Timer, the recompilation warning,
 hyperparameters, `trainer.log_metrics` and `trainer.history`."""
 
 import logging
@@ -13,7 +13,7 @@ import pytest
 from helpers import blobs_datamodule, make_mlp_experiment
 
 import solstice
-from solstice.callbacks import Callback, LearningRateMonitor, ModelSummary, Timer
+from solstice.callbacks import Callback, ModelSummary, Timer
 from solstice.datamodules import DataModule
 
 
@@ -22,54 +22,6 @@ def _trainer(**kw):
     kw.setdefault("devices", 1)
     kw.setdefault("max_epochs", 2)
     return solstice.Trainer(**kw)
-
-
-def _with_optimizer(optimizer_fn):
-    base = make_mlp_experiment(in_size=8, num_classes=4)
-    return solstice.ClassificationExperiment(base.model, optimizer_fn(base.model), 4, key=base.key)
-
-
-def test_lr_monitor_reads_injected_hyperparams():
-    schedule = optax.linear_schedule(1e-2, 1e-3, transition_steps=16)
-    exp = _with_optimizer(
-        lambda m: solstice.OptaxOptimizer(
-            optax.inject_hyperparams(optax.adam)(learning_rate=schedule), m
-        )
-    )
-    trainer = _trainer(log_every_n_steps=4, callbacks=[LearningRateMonitor()])
-    trainer.fit(exp, blobs_datamodule())
-    trainer._logging.flush()
-    steps, lrs = trainer.history.steps["lr"], trainer.history.metrics["lr"]
-    assert steps == [4, 8, 12, 16]
-    # the rate of the latest update: step s used schedule(s - 1)
-    np.testing.assert_allclose(lrs, [float(schedule(s - 1)) for s in steps], rtol=1e-6)
-
-
-def test_lr_monitor_sgd_schedule_and_epoch_interval():
-    schedule = optax.exponential_decay(0.1, transition_steps=8, decay_rate=0.5)
-    exp = _with_optimizer(
-        lambda m: solstice.SGDOptimizer(eqx.filter(m, eqx.is_array), schedule, momentum=0.9)
-    )
-    trainer = _trainer(callbacks=[LearningRateMonitor(logging_interval="epoch")])
-    trainer.fit(exp, blobs_datamodule())
-    trainer._logging.flush()
-    assert trainer.history.steps["lr"] == [8, 16]
-    np.testing.assert_allclose(
-        trainer.history.metrics["lr"], [float(schedule(7)), float(schedule(15))], rtol=1e-6
-    )
-
-
-def test_lr_monitor_without_a_rate_explains_the_fix():
-    exp = _with_optimizer(lambda m: solstice.OptaxOptimizer(optax.adam(1e-3), m))
-    with pytest.raises(ValueError, match="inject_hyperparams"):
-        _trainer(callbacks=[LearningRateMonitor()]).fit(exp, blobs_datamodule())
-    # ... unless the schedule is given
-    trainer = _trainer(
-        log_every_n_steps=8, callbacks=[LearningRateMonitor(schedule=lambda s: 1e-3)]
-    )
-    trainer.fit(exp, blobs_datamodule())
-    trainer._logging.flush()
-    assert trainer.history.metrics["lr"] == pytest.approx([1e-3, 1e-3])
 
 
 def test_model_summary_counts_parameters(caplog):

@@ -22,24 +22,37 @@ def find_optimizers(tree: Any) -> dict[str, Optimizer]:
 class LearningRateMonitor(Callback):
     """Logs `lr` at every log interval (or once per epoch).
 
-    The value comes from each optimizer's `current_learning_rate()`: the
-    `optax.inject_hyperparams` state of an `OptaxOptimizer`, or the schedule of an
-    `SGDOptimizer`. For a plain optax schedule that is not injected, pass it as `schedule=`
-    and it is evaluated at the global step. With several optimizers the names are
-    `lr/<path>` (e.g. `lr/generator_opt`). The value is logged as a device scalar: it is
-    converted on the logging thread, never on the training thread.
+    **The learning rate at step s** is the rate applied by the update of step s, counting
+    steps from 1 as `trainer.global_step` does: the value logged at global step s (after s
+    steps) is the rate the s-th update used, `schedule(s - 1)` in optax's 0-based update
+    count. For `optax.linear_schedule(1.0, 0.0, transition_steps=100)`, step 1 logs 1.0 and
+    step 5 logs 0.96. Every source below gives that same value, in both logging intervals:
+
+    - an `OptaxOptimizer` wrapping `optax.inject_hyperparams(...)(learning_rate=schedule)`:
+      its state records the rate of the update it last applied (`current_learning_rate()`);
+    - an `SGDOptimizer` with a schedule: `current_learning_rate()`, defined the same way;
+    - `schedule=`, for an optax schedule that is not injected: evaluated at
+      `max(trainer.global_step - 1, 0)`, one update per training step (with
+      `optax.MultiSteps`, inject the schedule instead, so the optimizer's own count is used).
+
+    `logging_interval="epoch"` logs once per epoch at the epoch's last step: the rate of the
+    epoch's last update. With several optimizers the names are `lr/<path>` (e.g.
+    `lr/generator_opt`). The value is logged as a device scalar: it is converted on the
+    logging thread, never on the training thread.
 
     **Arguments:**
 
     - `logging_interval`: `"step"` (every `log_every_n_steps`) or `"epoch"`.
-    - `schedule`: optional `step -> learning rate` function, used when the optimizer does
-      not expose its learning rate.
+    - `schedule`: optional function from optax's 0-based update count to the learning
+      rate (any optax schedule), used instead of the optimizers' own record.
 
     **Example:**
 
     ```python
-    opt = solstice.OptaxOptimizer(optax.inject_hyperparams(optax.adam)(learning_rate=sched), model)
+    sched = optax.linear_schedule(1.0, 0.0, transition_steps=100)
+    opt = solstice.OptaxOptimizer(optax.inject_hyperparams(optax.sgd)(learning_rate=sched), model)
     trainer = solstice.Trainer(max_epochs=3, callbacks=[LearningRateMonitor()])
+    # or, with `optax.sgd(sched)` not injected: LearningRateMonitor(schedule=sched)
     ```
     """
 
@@ -48,15 +61,22 @@ class LearningRateMonitor(Callback):
     ):
         if logging_interval not in ("step", "epoch"):
             raise ValueError(
-                f"`logging_interval` must be 'step' or 'epoch', got {logging_interval!r}."
+                f"`LearningRateMonitor(logging_interval={logging_interval!r})`: "
+                "`logging_interval` must be 'step' (every `log_every_n_steps`) or 'epoch'."
+            )
+        if schedule is not None and not callable(schedule):
+            raise TypeError(
+                f"`LearningRateMonitor(schedule=...)` must be a function from the update "
+                f"count to the learning rate (e.g. an optax schedule), got {schedule!r}."
             )
         self.logging_interval = logging_interval
         self.schedule = schedule
 
     def learning_rates(self, trainer, experiment) -> dict[str, Any]:
-        """The current learning rate(s) as `{name: value}`."""
+        """The learning rate(s) of the latest step's update, as `{name: value}`."""
         if self.schedule is not None:
-            return {"lr": self.schedule(trainer.global_step)}
+            # global step s: s updates done, the latest had 0-based count s - 1
+            return {"lr": self.schedule(max(trainer.global_step - 1, 0))}
         rates = {}
         optimizers = find_optimizers(experiment)
         for path, opt in optimizers.items():

@@ -10,6 +10,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._experiment import Experiment
@@ -407,7 +408,11 @@ class Trainer:
         check_scalars(metrics)
         if self._hooks is None:
             raise RuntimeError("`log_metrics` can only be called during fit/validate/test/predict.")
-        self._publish(dict(metrics), self.global_step if step is None else int(step))
+        # Device values are read later, on the logging thread; an array of the experiment
+        # (an `inject_hyperparams` learning rate, say) is donated to the next step by then.
+        # A copy of each is dispatched, never waited for.
+        metrics = {k: jnp.copy(v) if isinstance(v, jax.Array) else v for k, v in metrics.items()}
+        self._publish(metrics, self.global_step if step is None else int(step))
         provided = {k: v for k, v in metrics.items() if k in self._provided_metrics()}
         if provided:
             self._update_callback_metrics(provided)
