@@ -88,7 +88,9 @@ class ModelCheckpoint(Callback):
     What to keep (Lightning's semantics): the best `save_top_k` checkpoints by `monitor`
     (`-1`: all; `0`: none), plus the most recent one if `save_last`. Without `monitor`,
     `save_top_k=1` keeps the most recent checkpoint only. A checkpoint falls out of the kept
-    set only once a newer one is committed.
+    set only once a newer one is committed. An epoch-end save is ranked only if `monitor` was
+    computed in that epoch: with `check_val_every_n_epoch=2` and a `val/*` monitor, the
+    epochs that do not validate are saved only as the most recent checkpoint (`save_last`).
 
     `ModelCheckpoint`s run after every other callback, so the state they save includes
     everything the other callbacks did in the same hook. When several save at the same moment,
@@ -255,11 +257,9 @@ class ModelCheckpoint(Callback):
             self._monitor.note_validation(trainer)
 
     def on_train_epoch_end(self, trainer, experiment) -> None:
-        score = None
-        if self._monitor is not None:
-            score = self._monitor.read(trainer)
-            if score is None:  # e.g. a val metric in an epoch without validation
-                score = self._monitor.current(trainer)
+        # `None` unless measured this epoch: the state of an epoch that did not validate is
+        # not ranked with an earlier validation's value (it can still be the last checkpoint)
+        score = self._monitor.read(trainer) if self._monitor is not None else None
         if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if self.monitor is None and trainer.global_step == self._last_global_step_saved:
