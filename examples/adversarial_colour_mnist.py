@@ -27,7 +27,7 @@ import functools
 import logging
 import statistics
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -220,8 +220,10 @@ class LearningNotToLearn(solstice.Experiment):
     `h` lives here in Flax's functional form: `nnx.split` gives its `GraphDef` (static,
     hashable: part of the compiled step) and its `nnx.State` (a pytree of arrays, like any
     other field: donated, updated, checkpointed). `nnx.merge` rebuilds the module inside
-    the step.
+    the step. The steps ignore the rows where `batch["mask"]` is false (`honours_mask`).
     """
+
+    honours_mask: ClassVar[bool] = True
 
     features: FeatureExtractor
     classifier: DigitClassifier

@@ -21,7 +21,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -129,7 +129,12 @@ class EnsembleExperiment(solstice.Experiment):
     - `transformation`: the optax transformation every member is trained with.
     - `num_members`: the ensemble's size.
     - `key`: PRNG key; member `i` is initialised from `jr.split(key, num_members)[i]`.
+
+    Its steps ignore the rows where `batch["mask"]` is false (`honours_mask`), so the short
+    last evaluation batch is padded and masked rather than compiled for.
     """
+
+    honours_mask: ClassVar[bool] = True
 
     models: eqx.Module
     optimizers: solstice.OptaxOptimizer

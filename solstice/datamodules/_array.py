@@ -21,9 +21,10 @@ class ArrayDataModule(DataModule):
     """Serves in-memory arrays: each split is a pytree of arrays with a shared leading axis.
 
     Training batches are shuffled with an order fixed by `(seed, epoch)` and the final partial
-    batch is dropped; evaluation and predict batches keep every example, the last batch padded
-    to the evaluation batch size and marked with a boolean `"mask"` (so dict batches are
-    required for evaluation splits that are not a multiple of the batch size).
+    batch is dropped; evaluation and predict batches keep every example, the last batch shorter
+    if the split is not a multiple of the evaluation batch size (the Trainer runs it so that
+    every example counts exactly once, see `solstice.Experiment.honours_mask`). Splits may be
+    any pytree: dicts, tuples, named tuples, nested containers.
 
     With `on_device=True` every split is uploaded once to the devices (a full copy on each
     device of `mesh`) and batches are gathered there: no host-to-device copy per step. The

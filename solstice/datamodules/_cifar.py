@@ -30,8 +30,8 @@ class CIFAR10(ArrayDataModule):
     and its six batch files extracted safely (no absolute paths, `..` or links) and placed
     atomically.
 
-    Batches are `{"image": float32 (B, 3, 32, 32), "label": int32 (B,)}` (plus a boolean
-    `"mask"` in evaluation). With `normalize=True` each channel is standardised with the
+    Batches are `{"image": float32 (B, 3, 32, 32), "label": int32 (B,)}` (the last evaluation
+    batch may be shorter). With `normalize=True` each channel is standardised with the
     CIFAR-10 training-set statistics `CIFAR10.mean` / `CIFAR10.std` (of pixels in [0, 1]);
     otherwise pixels are in [0, 1]. The validation split is a fixed random `val_fraction` of
     the training images (drawn from `seed`); test (and predict) is the 10,000 test images.

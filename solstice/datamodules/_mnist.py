@@ -164,8 +164,8 @@ class MNIST(IDXImageDataModule):
     reused. Missing files are downloaded from torchvision's mirrors with MD5 verification
     and placed atomically.
 
-    Batches are `{"image": float32 (B, 1, 28, 28) in [0, 1], "label": int32 (B,)}`;
-    evaluation batches also carry a boolean `"mask"`. The validation split is a fixed random
+    Batches are `{"image": float32 (B, 1, 28, 28) in [0, 1], "label": int32 (B,)}`; the
+    last evaluation batch may be shorter. The validation split is a fixed random
     `val_fraction` of the 60,000 training images (drawn from `seed`); the test split (also
     used for predict) is the 10,000 test images. Pixels are kept as `uint8` and decoded per
     batch: a `float32` copy would take 4x the memory (188 MB) and, as shuffled rows are
