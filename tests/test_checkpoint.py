@@ -158,7 +158,8 @@ def test_top_k_and_last_retention_and_best_resume(tmp_path):
     # "best" from disk: a new Trainer resumes at the end of epoch 1
     again = ModelCheckpoint(tmp_path, monitor="val/score", mode="min", save_top_k=2)
     resumed = _trainer(max_epochs=2, callbacks=[again, _Scores(scores)])
-    resumed.fit(_exp(), blobs_datamodule(), ckpt_path="best")
+    with pytest.warns(UserWarning, match=r"limits \(max_epochs=2.*are reached"):
+        resumed.fit(_exp(), blobs_datamodule(), ckpt_path="best")  # nothing left to train
     assert resumed.global_step == 16 and resumed.current_epoch == 2
 
     # without a monitor, save_top_k=1 keeps only the most recent; save_top_k=-1 keeps all

@@ -13,9 +13,24 @@ import solstice
 from solstice.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 
+class _FakeTrainer(types.SimpleNamespace):
+    """What EarlyStopping reads of a Trainer, and its `stop` request."""
+
+    def __init__(self, callback_metrics=None, current_epoch=0):
+        super().__init__(
+            callback_metrics=dict(callback_metrics or {}),
+            current_epoch=current_epoch,
+            should_stop=False,
+            stopped=None,
+        )
+
+    def stop(self, reason, *, by):
+        self.should_stop, self.stopped = True, (by, reason)
+
+
 def _feed(es: EarlyStopping, values, validated=None):
     """Run `es` over one value per epoch; return the epoch it stopped at (or None)."""
-    trainer = types.SimpleNamespace(callback_metrics={}, current_epoch=0, should_stop=False)
+    trainer = _FakeTrainer()
     es.on_train_start(trainer, None)
     for epoch, value in enumerate(values):
         trainer.current_epoch = epoch
@@ -63,7 +78,7 @@ def test_validation_metrics_are_checked_only_when_fresh():
     assert _feed(es, [5, 5, 5, 5, 5, 5, 5], validated={0, 2, 4, 6}) == 4
     # training epoch metrics are checked every epoch, validation or not
     es = EarlyStopping("train/loss_epoch", patience=2)
-    trainer = types.SimpleNamespace(callback_metrics={}, current_epoch=0, should_stop=False)
+    trainer = _FakeTrainer()
     es.on_train_start(trainer, None)
     for epoch in range(3):
         trainer.current_epoch = epoch
@@ -79,9 +94,7 @@ def test_state_survives_a_round_trip():
     assert state == {"wait_count": 2, "best_score": 5.0, "best_epoch": 1, "stopped_epoch": 0}
     fresh = EarlyStopping("val/loss", patience=3)
     fresh.load_state_dict(state)
-    trainer = types.SimpleNamespace(
-        callback_metrics={"val/loss": 5.0}, current_epoch=4, should_stop=False
-    )
+    trainer = _FakeTrainer({"val/loss": 5.0}, current_epoch=4)
     fresh.on_validation_end(trainer, None)
     fresh.on_train_epoch_end(trainer, None)
     assert trainer.should_stop and fresh.stopped_epoch == 4
@@ -95,9 +108,7 @@ def test_bad_arguments_and_missing_metric():
     with pytest.raises(ValueError, match="min_delta"):
         EarlyStopping("val/loss", min_delta=-0.1)
     es = EarlyStopping("val/los")
-    trainer = types.SimpleNamespace(
-        callback_metrics={"val/loss": 1.0, "val/accuracy": 0.5}, current_epoch=0, should_stop=False
-    )
+    trainer = _FakeTrainer({"val/loss": 1.0, "val/accuracy": 0.5})
     es.on_train_start(trainer, None)
     es.on_validation_end(trainer, None)
     with pytest.raises(ValueError, match=r"`val/los`(.|\n)*`val/accuracy`, `val/loss`"):

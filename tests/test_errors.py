@@ -160,3 +160,73 @@ def test_other_bad_arguments():
         solstice.ClassificationExperiment(
             eqx.nn.Linear(2, 2, key=jax.random.key(0)), optax.sgd(0.1), 2
         )
+
+
+# ---------------------------------------------------------------------- clear errors (issue 13)
+class _VectorMetrics(solstice.Metrics):
+    per_class: jax.Array
+
+    def merge(self, other):
+        return _VectorMetrics(self.per_class + other.per_class)
+
+    def compute(self):
+        return {"per_class": self.per_class}  # a vector: loggers take numbers
+
+
+class _VectorEval(solstice.ClassificationExperiment):
+    def eval_step(self, batch):
+        return _VectorMetrics(jnp.zeros(4))
+
+
+def test_a_non_scalar_metric_names_the_metric_and_its_shape():
+    base = _exp()
+    exp = _VectorEval(base.model, base.optimizer, 4, key=base.key)
+    with pytest.raises(ValueError, match=r"metric `per_class` has shape \(4,\).*jnp\.mean"):
+        _trainer().validate(exp, blobs_datamodule())
+
+
+def test_non_numeric_input_arrays_name_the_leaf_and_dtype():
+    data = blobs(64)
+    with pytest.raises(TypeError, match=r"`train\['name'\]` has dtype <U3 \(strings\)"):
+        ArrayDataModule(train={**data, "name": np.array(["abc"] * 64)}, batch_size=16)
+
+    class Objects(DataModule):
+        def train_dataloader(self):
+            yield {**blobs(16), "meta": np.array([{"id": i} for i in range(16)], dtype=object)}
+
+    with pytest.raises(TypeError, match=r"`batch\['meta'\]` has dtype object \(Python objects\)"):
+        _trainer().fit(_exp(), Objects())
+
+
+def test_a_feature_size_the_model_rejects_names_the_batch_leaves():
+    data = blobs(64, dim=7)  # the model takes 8 features
+    dm = ArrayDataModule(train=data, batch_size=16)
+    with pytest.raises(Exception) as info:
+        _trainer().fit(_exp(), dm)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "ClassificationExperiment.train_step" in notes
+    assert "`batch['image']`: float32[16, 7]" in notes and "`batch['label']`: int32[16]" in notes
+
+
+def test_detect_anomaly_stops_at_the_first_non_finite_input():
+    data = blobs(64)
+    data["image"][37, 2] = np.nan  # row 37: batch 2 (of 16 rows, in order), global step 3
+    dm = ArrayDataModule(train=data, batch_size=16, shuffle=False)
+    trainer = _trainer(detect_anomaly=True, max_epochs=2)
+    with pytest.raises(FloatingPointError, match=r"input of training step 3 .*`batch\['image'\]`"):
+        trainer.fit(_exp(), dm)
+    assert trainer.global_step == 2  # the steps before it, and no more
+    # without it, the NaN goes through silently (the default: no per-step check)
+    quiet = _trainer(max_epochs=1)
+    quiet.fit(_exp(), dm)
+    assert quiet.global_step == 4
+
+
+def test_detect_anomaly_names_a_non_finite_loss_from_finite_inputs():
+    model = make_mlp_experiment(in_size=8, num_classes=4).model
+    exploding = solstice.ClassificationExperiment(
+        model, solstice.OptaxOptimizer(optax.sgd(1e30), model), num_classes=4
+    )
+    trainer = _trainer(detect_anomaly=True, steps_per_execution=2, log_every_n_steps=2)
+    with pytest.raises(FloatingPointError, match=r"metrics \(the loss\) of training step \d+"):
+        trainer.fit(exploding, blobs_datamodule())

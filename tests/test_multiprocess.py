@@ -26,6 +26,7 @@ from solstice.checkpointing._format import (
     DELETING_SUFFIX,
     METADATA_FILE,
     ORBAX_COMMIT_FILE,
+    ORBAX_STEP_FILE,
     ORBAX_TMP_SUFFIX,
     write_metadata,
 )
@@ -254,8 +255,10 @@ def test_last_ignores_a_checkpoint_removed_while_it_looks(tmp_path, monkeypatch)
     already be looking for the last checkpoint of the next `fit(ckpt_path="last")`."""
     for step, created in ((7, 1), (14, 2)):
         path = tmp_path / f"epoch=0-step={step}"
-        path.mkdir()
+        (path / "experiment").mkdir(parents=True)
+        (path / "experiment" / "arrays").write_bytes(b"\0" * 8)
         (path / ORBAX_COMMIT_FILE).write_text("")
+        (path / ORBAX_STEP_FILE).write_text("{}")
         write_metadata(path, {"kind": "trainer", "created_unix_ns": created})
     older = tmp_path / "epoch=0-step=7"
     read_metadata = _resume.read_metadata

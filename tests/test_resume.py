@@ -111,7 +111,8 @@ def test_resume_on_two_devices_from_a_one_device_checkpoint(tmp_path):
 
     resumed = _Record()
     trainer = solstice.Trainer(**{**_kwargs(callbacks=[resumed]), "devices": 2})
-    got = trainer.fit(_exp(), blobs_datamodule(), ckpt_path=ckpt.last_model_path)
+    with pytest.warns(RuntimeWarning, match="`devices` 1 in the checkpoint, 2 now: .*float"):
+        got = trainer.fit(_exp(), blobs_datamodule(), ckpt_path=ckpt.last_model_path)
     leaf = jax.tree.leaves(eqx.filter(got.model, eqx.is_array))[0]
     assert len(leaf.sharding.device_set) == 2
     # the same global batches, in the same order, continue from batch 3 of epoch 1

@@ -72,6 +72,7 @@ def test_signal_saves_flushes_and_ends_like_the_signal(tmp_path, signum):
         "global_step": 6,
         "batch_idx": 6,
         "validation_runs": 0,
+        "epoch_logged": False,
     }
     assert _logged_steps(tmp_path)[-1] == 6  # the loggers were flushed
     assert {s: signal.getsignal(s) for s in before} == before
@@ -225,6 +226,7 @@ def test_signal_during_validation_stops_it_and_the_resume_reruns_it(tmp_path):
         "global_step": 8,
         "batch_idx": 8,
         "validation_runs": 0,
+        "epoch_logged": True,  # published before validation: a resume does not again
     }
 
     resumed = trainer()
@@ -232,5 +234,10 @@ def test_signal_during_validation_stops_it_and_the_resume_reruns_it(tmp_path):
     assert resumed.progress.validation_runs == 1 and resumed.current_epoch == 1
     for name in ("val/loss", "val/accuracy"):
         assert resumed.callback_metrics[name] == reference.callback_metrics[name], name
+    # every record once: the epoch's training metrics were published before the signal
+    resumed.close()
+    reference.close()
+    assert resumed.history.steps == reference.history.steps
+    assert resumed.history.metrics == reference.history.metrics
     for a, b in zip(params_of(expected), params_of(result)):
         assert (a == b).all()

@@ -27,7 +27,7 @@ def _optional_float(name: str, value: Any) -> float | None:
 
 
 class EarlyStopping(Callback):
-    """Stops `fit` (sets `trainer.should_stop`) when `monitor` has not improved for
+    """Stops `fit` (`trainer.stop`) when `monitor` has not improved for
     `patience` checks, with Lightning's semantics.
 
     The metric is checked at the end of every epoch in which it was computed (`val/*`
@@ -193,7 +193,7 @@ class EarlyStopping(Callback):
                 jax.device_get(stored),
             )
         if stop:
-            trainer.should_stop = True
+            trainer.stop(reason, by="EarlyStopping")
             self.stopped_epoch = trainer.current_epoch
             self.stop_reason = reason
             log.info("EarlyStopping at epoch %d: %s", trainer.current_epoch, reason)

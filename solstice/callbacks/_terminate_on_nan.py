@@ -34,7 +34,10 @@ class TerminateOnNaN(Callback):
         if bad is None or self._reported:
             return
         self._reported = True
-        trainer.should_stop = True
+        trainer.stop(
+            f"the training metrics stopped being finite at training step {bad}.",
+            by="TerminateOnNaN",
+        )
         last = next(
             (cb.last_model_path for cb in trainer.checkpoint_callbacks if cb.last_model_path), ""
         )

@@ -22,6 +22,7 @@ never loaded, and left on disk untouched.
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ DELETING_SUFFIX = ".solstice-deleting"  # a checkpoint being removed by retentio
 # Files at the top level that Orbax may still touch after `solstice.json` is written.
 _UNHASHED = frozenset({METADATA_FILE, ORBAX_COMMIT_FILE, ORBAX_STEP_FILE})
 _CHUNK = 1 << 20
+# The names `ModelCheckpoint` gives its checkpoints: a directory so named is a checkpoint,
+# even emptied (then it is reported as damaged, not ignored).
+CHECKPOINT_NAME = re.compile(r"epoch=\d+-step=\d+(-v\d+)?")
 
 
 class CheckpointError(ValueError):
@@ -107,8 +111,16 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
+        empty = Path(directory).is_dir() and not any(Path(directory).iterdir())
         raise CheckpointError(
-            f"`{path}` is missing: the save never completed or this is not a Solstice checkpoint."
+            f"`{path}` is missing"
+            + (" (the checkpoint directory is empty)" if empty else "")
+            + ": the save never completed, the files were removed, or this is not a Solstice "
+            "checkpoint."
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:  # e.g. a directory in its place
+        raise CheckpointError(
+            f"`{path}` cannot be read as a file ({type(error).__name__}: {error})."
         ) from None
     try:
         document = json.loads(text)
@@ -137,9 +149,13 @@ def verify(directory: str | os.PathLike) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"`{directory}` is not a directory.")
     document = read_metadata(directory)
-    if not (directory / ORBAX_COMMIT_FILE).exists():
-        raise CheckpointError(f"`{directory}` has no Orbax commit marker `{ORBAX_COMMIT_FILE}`.")
-    for rel, expected in document["files"].items():
+    for orbax_file in (ORBAX_COMMIT_FILE, ORBAX_STEP_FILE):
+        if not (directory / orbax_file).is_file():
+            raise CheckpointError(f"`{directory}` lacks Orbax's `{orbax_file}`.")
+    files = document.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"`{directory}`: `{METADATA_FILE}` lists no files.")
+    for rel, expected in files.items():
         path = directory / rel
         if not path.is_file():
             raise CheckpointError(f"`{directory}`: file `{rel}` is missing.")
@@ -158,8 +174,8 @@ def candidates(dirpath: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     """The subdirectories of `dirpath` that look like checkpoints, and the unfinished saves.
 
     A directory looks like a checkpoint when it has a `solstice.json` or Orbax's top-level
-    `_CHECKPOINT_METADATA` (so a checkpoint whose metadata was damaged is still found, and
-    reported).
+    `_CHECKPOINT_METADATA`, or the name `ModelCheckpoint` gives checkpoints (so a checkpoint
+    whose metadata was damaged, or that was emptied, is still found, and reported).
     """
     dirpath = Path(dirpath)
     found, partial = [], []
@@ -170,7 +186,11 @@ def candidates(dirpath: str | os.PathLike) -> tuple[list[Path], list[Path]]:
             continue
         if is_partial(child):
             partial.append(child)
-        elif (child / METADATA_FILE).exists() or (child / ORBAX_STEP_FILE).exists():
+        elif (
+            CHECKPOINT_NAME.fullmatch(child.name)
+            or (child / METADATA_FILE).exists()
+            or (child / ORBAX_STEP_FILE).exists()
+        ):
             found.append(child)
     return found, partial
 

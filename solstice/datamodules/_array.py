@@ -7,7 +7,7 @@ import jax
 from jax.sharding import Mesh
 
 from ._augment import StepKeyed
-from ._batching import batch_size_of
+from ._batching import batch_size_of, check_numeric
 from ._datamodule import DataModule
 from ._device import DeviceBatchLoader, check_mesh, default_mesh, put_replicated
 from ._loader import BatchLoader
@@ -94,9 +94,10 @@ class ArrayDataModule(DataModule):
             "test": test,
             "predict": predict,
         }
-        for split in self.splits.values():
+        for name, split in self.splits.items():
             if split is not None:
                 batch_size_of(split)  # validates a shared leading axis
+                check_numeric(split, what=name)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.shuffle = shuffle

@@ -44,6 +44,31 @@ def batch_size_of(batch: PyTree) -> int:
     return next(iter(sizes.values()))
 
 
+_KINDS = {
+    "O": "Python objects",
+    "U": "strings",
+    "S": "bytes",
+    "M": "datetimes",
+    "m": "timedeltas",
+    "V": "raw records",
+}
+
+
+def check_numeric(batch: PyTree, what: str = "batch") -> None:
+    """Raise `TypeError` naming the first leaf of `batch` that is not numbers or booleans
+    (strings, Python objects, ...), which cannot go to the devices."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+        dtype = getattr(leaf, "dtype", None)
+        dtype = np.asarray(leaf).dtype if dtype is None else np.dtype(dtype)
+        if dtype.kind not in "biufc":
+            raise TypeError(
+                f"`{what}{jax.tree_util.keystr(path)}` has dtype {dtype} "
+                f"({_KINDS.get(dtype.kind, 'not numbers')}): only numbers and booleans can go "
+                "to the devices. Convert it (e.g. string labels to class indices with "
+                "`np.unique(labels, return_inverse=True)[1]`) or leave it out of the batch."
+            )
+
+
 def pad_rows(batch: PyTree, size: int) -> PyTree:
     """Pad every leaf of a pytree batch with zero rows up to `size` rows.
 

@@ -25,18 +25,21 @@ def _select(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
-def _advance_guard(first_bad: PyTree, m_dyn: PyTree, step: jax.Array) -> PyTree:
-    """Remember the first step whose metrics hold a non-finite value.
+def _advance_guard(
+    first_bad: PyTree, m_dyn: PyTree, step: jax.Array, batch: PyTree = None
+) -> PyTree:
+    """Remember the first step whose metrics (and `batch`, if given: `detect_anomaly`) hold a
+    non-finite value.
 
     `first_bad` is an int32 scalar: the (1-based) global step whose metrics first were not
     finite, or -1; `step` is the (1-based) number of the step just taken. `None` (no
-    `TerminateOnNaN`) passes through and costs nothing.
+    `TerminateOnNaN`, no `detect_anomaly`) passes through and costs nothing.
     """
     if first_bad is None:
         return None
     checks = [
         jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(m_dyn)
+        for x in jax.tree.leaves((m_dyn, batch))
         if jnp.issubdtype(x.dtype, jnp.inexact)
     ]
     if not checks:
@@ -176,6 +179,41 @@ def _check_metrics(out: Any, experiment: Experiment, method: str) -> Metrics:
     return out
 
 
+def _call_step(experiment: Experiment, method: str, batch: PyTree) -> Any:
+    """`experiment.<method>(batch)` while tracing; an error it raises (a shape the model
+    rejects, say) gets a note listing the batch's leaves, by path, with their shapes."""
+    try:
+        return getattr(experiment, method)(batch)
+    except Exception as error:
+        add_note = getattr(error, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            leaves = ", ".join(
+                f"`batch{jax.tree_util.keystr(path)}`: {getattr(x, 'dtype', type(x).__name__)}"
+                f"{list(getattr(x, 'shape', ()))}"
+                for path, x in jax.tree_util.tree_leaves_with_path(batch)
+            )
+            add_note(
+                f"(Solstice) raised while tracing `{type(experiment).__name__}.{method}` on a "
+                f"batch with leaves {leaves}. If a size does not match what the model "
+                "expects, that batch leaf (or the model's size) is the one to fix."
+            )
+        raise
+
+
+def _scalar_metrics(values: dict[str, Any], stage: str) -> dict[str, Any]:
+    """`compute()`'s values, checked (while tracing) to be scalars: loggers take numbers."""
+    for name, value in values.items():
+        shape = getattr(value, "shape", ())
+        if shape != ():
+            raise ValueError(
+                f"The {stage} metric `{name}` has shape {tuple(shape)}, but every value "
+                "`Metrics.compute()` returns must be a scalar (loggers record numbers). Reduce "
+                f"it (e.g. `jnp.mean`), or return each element under its own name "
+                f"(`{{f'{name}_{{i}}': v for i, v in enumerate(values)}}`)."
+            )
+    return values
+
+
 def _check_metric_leaves(metrics: Metrics, method: str) -> None:
     """Every leaf of a step's `Metrics` must be an array: anything else is not traced, so it
     would keep its first value for the whole run (a silent wrong number)."""
@@ -217,6 +255,8 @@ class CompiledSteps:
       needs them).
     - `dyn_shardings`: a pytree of shardings for the experiment's arrays (see
       `Trainer(sharding_rules=)`), or `None` to keep them `replicated`.
+    - `detect_anomaly`: the guard (below) also covers every floating leaf of each training
+      batch, and is tracked whether or not a `TerminateOnNaN` asks for it.
     - `track_nonfinite`: the training steps also carry a guard `(steps, first_bad)` that
       records, on the device, the first step whose metrics were not finite (only when a
       `TerminateOnNaN` callback asks for it). Otherwise the guard argument is `None`.
@@ -230,6 +270,7 @@ class CompiledSteps:
         keep_step_metrics: bool = False,
         track_nonfinite: bool = False,
         dyn_shardings: PyTree = None,
+        detect_anomaly: bool = False,
     ):
         _, self.static = eqx.partition(experiment, eqx.is_array)
         template, self._full_def = jax.tree.flatten(experiment)
@@ -239,7 +280,8 @@ class CompiledSteps:
         self.dyn_shardings = dyn_shardings
         self.trace_log = trace_log or TraceLog()
         self.keep_step_metrics = keep_step_metrics
-        self.track_nonfinite = track_nonfinite
+        self.track_nonfinite = track_nonfinite or detect_anomaly
+        self.detect_anomaly = detect_anomaly
         self.metrics_static: dict[str, PyTree] = {}
         self.packed_names: dict[str, tuple[str, ...]] = {}
         self._accumulator_shapes: dict[Any, PyTree] = {}
@@ -299,14 +341,14 @@ class CompiledSteps:
     # ---- single steps (traced bodies)
     def _train_core(self, dyn, batch):
         exp = self.combine(dyn)
-        new, metrics = _check_train_output(exp.train_step(batch), exp)
+        new, metrics = _check_train_output(_call_step(exp, "train_step", batch), exp)
         new_dyn = self._split_new(new, dyn)
         _warn_if_unchanged(new, dyn)
         return new_dyn, self._metrics_parts("train", metrics)
 
     def _eval_core(self, dyn, batch):
         exp = self.combine(dyn)
-        metrics = _check_metrics(exp.eval_step(batch), exp, "eval_step")
+        metrics = _check_metrics(_call_step(exp, "eval_step", batch), exp, "eval_step")
         return self._metrics_parts("eval", metrics)
 
     def _accumulate(self, stage, acc, m_dyn, reset):
@@ -342,7 +384,7 @@ class CompiledSteps:
         interval folded into `total`."""
         interval = self.metrics(stage, acc)
         merged = self.metrics(stage, total).merge(interval)
-        names, vector, rest = pack_scalars(interval.compute())
+        names, vector, rest = pack_scalars(_scalar_metrics(interval.compute(), stage))
         self.packed_names[stage] = names
         return (vector, rest), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
 
@@ -369,7 +411,7 @@ class CompiledSteps:
             batch = decode(batch)
         batch = self._transformed(batch, step)
         dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
-        guard = _advance_guard(guard, m_dyn, step + 1)
+        guard = _advance_guard(guard, m_dyn, step + 1, batch if self.detect_anomaly else None)
         return dyn, acc, (m_dyn if self.keep_step_metrics else None), guard, step + 1
 
     def train(
@@ -507,7 +549,7 @@ class CompiledSteps:
                 self.trace_log.record(name, {"batch": batch}, self._user_function("predict_step"))
                 if decode is not None:
                     batch = decode(batch)
-                return self.combine(dyn).predict_step(batch)
+                return _call_step(self.combine(dyn), "predict_step", batch)
 
             fn_name = "predict_step_last_batch" if short else "predict_step"
             return jax.jit(self._named(step, fn_name))
@@ -563,5 +605,6 @@ class CompiledSteps:
     def compute(self, stage: str, acc) -> dict[str, jax.Array]:
         """`compute()` of an accumulator, on the device."""
         return self._get(
-            f"compute_{stage}", lambda: jax.jit(lambda a: self.metrics(stage, a).compute())
+            f"compute_{stage}",
+            lambda: jax.jit(lambda a: _scalar_metrics(self.metrics(stage, a).compute(), stage)),
         )(acc)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..datamodules._batching import MASK_KEY, batch_size_of, pad_batch, pad_rows
+from ..datamodules._batching import MASK_KEY, batch_size_of, check_numeric, pad_batch, pad_rows
 from ._placement import Placement, is_device_batch
 
 PyTree = Any
@@ -140,6 +140,7 @@ class EvalPreparer:
             self.validate(batch)
         short = size < full
         if first:
+            check_numeric(batch)
             self.masked = self.honours_mask and isinstance(batch, Mapping)
             single = not placement.multi_process
             if single and last and not short and size % placement.num_local_devices:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..datamodules._batching import batch_size_of, stack_length
+from ..datamodules._batching import batch_size_of, check_numeric, stack_length
 from ._placement import Placement, aligned_empty, is_device_batch
 
 PyTree = Any
@@ -112,6 +112,7 @@ class BatchPreparer:
     def __call__(self, batch: PyTree) -> PyTree:
         size = batch_size_of(batch)
         if self.expected_size is None:
+            check_numeric(batch)
             self.expected_size = size
             self.placement.check_local_batch_size(size)
         elif size != self.expected_size:

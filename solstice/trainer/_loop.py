@@ -141,13 +141,16 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
     fused = trainer.steps_per_execution
     batch_start = hooks.active("on_train_batch_start")
     batch_end = hooks.active("on_train_batch_end")
+    # Per-batch hooks, and `detect_anomaly`'s check, need each step's own batch on the host
+    # side of the step: no gathering inside the step, no chunks, no decode inside it.
+    need_batches = batch_start or batch_end or trainer.detect_anomaly
     if trainer.max_steps is not None:
         remaining = progress.batch_idx + max(0, trainer.max_steps - progress.global_step)
         count = remaining if count is None else min(count, remaining)
     prepare = BatchPreparer(trainer._placement, validate=trainer.experiment.validate_batch)
     state = trainer._train_state
     inflight = InflightLimit()
-    source = _device_epoch(trainer, loader, batch_start or batch_end)
+    source = _device_epoch(trainer, loader, need_batches)
     decode = None
     if source is not None:  # gathered inside the compiled step: no feeder, no per-step upload
         gather, data = source
@@ -155,12 +158,12 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
         items = _device_schedule(data, progress, total_batches, fused)
         feeder = contextlib.nullcontext()
     else:
-        loader, decode = _split_transform(loader, batch_start or batch_end)
+        loader, decode = _split_transform(loader, need_batches)
         # Single steps on host data upload small batches in chunks (one transfer for
         # several steps); each step takes its batch from the chunk on the device.
         chunked = (
             fused == 1
-            and not (batch_start or batch_end)
+            and not need_batches
             and not trainer._placement.multi_process
             and not hasattr(loader, "device_epoch")
         )
@@ -253,6 +256,8 @@ def run_train_epoch(trainer: "Trainer", loader: Iterable, count: int | None) -> 
             if close_inside:
                 packed, state.total_flat.leaves = out[5:]
             inflight.add(trainer._step_counter)
+            if trainer.detect_anomaly:
+                trainer._check_anomaly(batch, n, progress.global_step)
             state.steps_in_interval += n
             for i in range(n):
                 progress.global_step += 1

@@ -13,6 +13,9 @@ class Progress:
     - `batch_idx`: training batches completed in the current epoch (non-zero only while an
       epoch is running, or when resuming mid-epoch).
     - `validation_runs`: validation runs completed during fit.
+    - `epoch_logged`: the current epoch's training metrics are published (its batches are
+      done; a signal may still stop its validation, which a resume then runs again without
+      publishing them twice).
     - `stage`: what the Trainer is doing: `"train"`, `"validation"`, `"test"`, `"predict"`
       or `None`.
     """
@@ -21,6 +24,7 @@ class Progress:
     global_step: int = 0
     batch_idx: int = 0
     validation_runs: int = 0
+    epoch_logged: bool = False
     stage: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -31,3 +35,4 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for field in ("epoch", "global_step", "batch_idx", "validation_runs"):
             setattr(self, field, int(state[field]))
+        self.epoch_logged = bool(state.get("epoch_logged", False))

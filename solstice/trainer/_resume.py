@@ -86,6 +86,7 @@ def capture(trainer: "Trainer", extra: dict[str, Any]) -> tuple[dict[str, Any], 
     if trainer._epoch_complete:
         progress["epoch"] += 1
         progress["batch_idx"] = 0
+        progress["epoch_logged"] = False
     elif progress["batch_idx"] > 0 and state.acc is not None:
         items["train_accumulators"], trees["train_accumulators"] = to_storage(
             {"acc": state.acc, "total": state.total}
@@ -107,16 +108,85 @@ def capture(trainer: "Trainer", extra: dict[str, Any]) -> tuple[dict[str, Any], 
         "history": trainer.history.state_dict(),
         "callback_metrics": dict(trainer.callback_metrics),
         "nonfinite_step": trainer.nonfinite_step,
-        "trainer": {
-            "devices": trainer._placement.num_devices,
-            "processes": jax.process_count(),
-            "seed": trainer.seed,
-            "steps_per_execution": trainer.steps_per_execution,
-            "log_every_n_steps": trainer.log_every_n_steps,
-        },
+        "stopped": trainer.stop_record(),
+        "trainer": run_settings(trainer),
         **extra,
     }
     return items, _jsonable(metadata)
+
+
+def run_settings(trainer: "Trainer") -> dict[str, Any]:
+    """The settings a checkpoint records, which an exact resume needs unchanged (and the
+    limits, to tell whether a resumed run that had stopped should train on)."""
+    datamodule = trainer.datamodule
+    return {
+        "devices": trainer._placement.num_devices,
+        "processes": jax.process_count(),
+        "seed": trainer.seed,
+        "steps_per_execution": trainer.steps_per_execution,
+        "log_every_n_steps": trainer.log_every_n_steps,
+        "train_batch_size": trainer.train_batch_size,
+        "datamodule": None if datamodule is None else type(datamodule).__qualname__,
+        "max_epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+    }
+
+
+# What a changed setting means for the resumed run (see `check_settings`).
+_CONSEQUENCES = {
+    "seed": "the seed keys the Trainer's randomness (on-device augmentation): the resumed run "
+    "is not the run that was interrupted",
+    "devices": "reductions over the batch run in another order: the result matches to float "
+    "tolerance, not bit for bit",
+    "processes": "each process feeds another share: the result matches to float tolerance, "
+    "not bit for bit",
+    "steps_per_execution": "the steps are compiled differently: the result matches to float "
+    "tolerance, not bit for bit",
+    "datamodule": "another DataModule gives other batches: the resumed run is not the run "
+    "that was interrupted",
+    "train_batch_size": "other batches, and schedules counted in steps advance at another "
+    "pace: the resumed run is not the run that was interrupted",
+}
+
+
+def check_settings(
+    saved: dict[str, Any], now: dict[str, Any], source: Any, *, mid_epoch: bool
+) -> None:
+    """Warn naming every setting that differs from the checkpoint's, with what it means;
+    raise `ValueError` where an exact resume is impossible (another batch size mid-epoch:
+    the position in the epoch counts batches). Settings unknown on either side are skipped."""
+    differences = []
+    for key, consequence in _CONSEQUENCES.items():
+        old, new = saved.get(key), now.get(key)
+        if old is None or new is None or old == new:
+            continue
+        if key == "train_batch_size" and mid_epoch:
+            raise ValueError(
+                f"`{source}` was taken mid-epoch with a global batch size of {old}; this run's "
+                f"is {new}. The position it records counts batches of {old}, so an exact "
+                f"resume is impossible. Resume with batch size {old}, or from a checkpoint "
+                "taken at the end of an epoch."
+            )
+        differences.append(f"`{key}` {old} in the checkpoint, {new} now: {consequence}")
+    if differences:
+        warnings.warn(
+            f"Resuming from `{source}` with other settings than it was written with. "
+            + "; ".join(differences)
+            + ".",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
+def _limits_raised(saved: dict[str, Any], trainer: "Trainer") -> bool:
+    """Whether this Trainer may train further than the run that wrote the checkpoint."""
+    for key, now in (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps)):
+        old = saved.get(key)
+        if now is not None and (old is None or now > old):
+            if old is None and key == "max_steps" and saved.get("max_epochs") is not None:
+                continue  # a new step limit alone never extends an epoch-limited run
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------- finding checkpoints
@@ -224,7 +294,9 @@ def resolve(trainer: "Trainer", ckpt_path: str | os.PathLike) -> tuple[Path, dic
 
 
 # ---------------------------------------------------------------------- resuming
-def resume_from(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path | None:
+def resume_from(
+    trainer: "Trainer", ckpt_path: str | os.PathLike, *, continue_stopped: bool = False
+) -> Path | None:
     """Restore the trainer's state from a checkpoint (called by `fit(ckpt_path=...)`)."""
     result = resolve(trainer, ckpt_path)
     if result is None:
@@ -277,6 +349,10 @@ def resume_from(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path | None
     trainer.history.load_state_dict(document["history"])
     trainer.callback_metrics = {k: float(v) for k, v in document["callback_metrics"].items()}
     trainer.nonfinite_step = document.get("nonfinite_step")
+    saved = document.get("trainer", {})
+    check_settings(saved, run_settings(trainer), path, mid_epoch=trainer.progress.batch_idx > 0)
+    trainer._resumed_from = (path, saved)  # the batch size is compared at the first batch
+    _restore_stop(trainer, document.get("stopped"), saved, path, continue_stopped)
     p = trainer.progress
     log.info(
         "Resumed from %s: epoch %d, batch %d, global step %d.",
@@ -286,3 +362,47 @@ def resume_from(trainer: "Trainer", ckpt_path: str | os.PathLike) -> Path | None
         p.global_step,
     )
     return path
+
+
+def _restore_stop(
+    trainer: "Trainer",
+    stopped: dict[str, Any] | None,
+    saved: dict[str, Any],
+    path: Path,
+    continue_stopped: bool,
+) -> None:
+    """A run that was stopped stays stopped (see `Trainer.fit`); one that had completed says
+    so."""
+    p = trainer.progress
+    if stopped is not None and stopped.get("final", True):
+        if continue_stopped or _limits_raised(saved, trainer):
+            log.info(
+                "Resuming a run that %s stopped at epoch %s (step %s), as asked.",
+                stopped.get("by"),
+                stopped.get("epoch"),
+                stopped.get("global_step"),
+            )
+            return
+        trainer.should_stop = True
+        trainer.stopped = dict(stopped)
+        warnings.warn(
+            f"The run in `{path}` was stopped by {stopped.get('by')} at epoch "
+            f"{stopped.get('epoch')} (global step {stopped.get('global_step')}): "
+            f"{stopped.get('reason')} `fit` returns its experiment without training. To "
+            "train on, raise `max_epochs`/`max_steps`, or pass `continue_stopped=True`.",
+            UserWarning,
+            stacklevel=5,
+        )
+        return
+    done = (trainer.max_epochs is not None and p.epoch >= trainer.max_epochs) or (
+        trainer.max_steps is not None and p.global_step >= trainer.max_steps
+    )
+    if done:
+        warnings.warn(
+            f"`{path}` is at epoch {p.epoch}, global step {p.global_step}: this Trainer's "
+            f"limits (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}) are "
+            "reached, so `fit` returns its experiment without training. Raise them to train "
+            "on.",
+            UserWarning,
+            stacklevel=5,
+        )

@@ -92,6 +92,11 @@ class Trainer:
     - `compilation_cache`: keep compiled steps in JAX's persistent cache (`True`: the
       per-user `~/.cache/solstice/jax`; a path; `False` to opt out). A cache directory the
       user configured in JAX already is left as it is.
+    - `detect_anomaly`: for debugging (Lightning's name): after every training step, check
+      that its batch and its metrics (the loss) are finite, and raise `FloatingPointError`
+      at the first step where they are not, naming the step and the batch leaf (or the
+      metrics). It reads a flag back from the device after every (fused) call and feeds
+      batches one upload each: slow, so off by default. Training only.
 
     SIGINT (Ctrl-C) and SIGTERM (preemption) during `fit` stop the run at the next step
     boundary, or before the next batch of a validation run (which a resume then reruns);
@@ -132,6 +137,7 @@ class Trainer:
         prefetch: int = 2,
         compilation_cache: "bool | str" = True,
         sharding_rules: Sequence[ShardingRule] = (),
+        detect_anomaly: bool = False,
     ):
         max_epochs, max_steps, limits = check_arguments(
             max_epochs=max_epochs,
@@ -163,6 +169,9 @@ class Trainer:
         self.fast_dev_run = int(fast_dev_run)
         self.log_every_n_steps = log_every_n_steps
         self.seed = seed
+        if not isinstance(detect_anomaly, bool):
+            raise TypeError(f"`detect_anomaly` must be True or False, got {detect_anomaly!r}.")
+        self.detect_anomaly = detect_anomaly
         self.steps_per_execution = steps_per_execution
         self.prefetch = prefetch
         self.loggers = [] if self.fast_dev_run else loggers
@@ -193,6 +202,7 @@ class Trainer:
         self.trace_log = TraceLog()
         self.progress = Progress()
         self.should_stop = False
+        self.stopped: dict[str, Any] | None = None  # why and where `fit` stopped (see `stop`)
         self.callback_metrics: dict[str, float] = {}
         self._logged: dict[tuple[str, ...], Mapping[str, Any]] = {}  # see logged_metrics
         self.num_training_batches: int | None = None
@@ -215,6 +225,7 @@ class Trainer:
         self._recompile_warned: set[tuple[str, tuple[str, ...]]] = set()
         self._val_metric_names: set[str] | None = None  # known after the sanity check
         self._required_checked = False
+        self._resumed_from: tuple[Any, dict[str, Any]] | None = None  # (path, its settings)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -277,7 +288,7 @@ class Trainer:
             )
         self._hooks = Hooks(self.callbacks, experiment)
         keep = any(self._hooks.active(f"on_{s}_batch_end") for s in ("train", "validation", "test"))
-        track = any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
+        track = self.detect_anomaly or any(isinstance(cb, TerminateOnNaN) for cb in self.callbacks)
         self._step_savers = [cb for cb in self.checkpoint_callbacks if cb.saves_on_steps]
         dyn, static = eqx.partition(experiment, eqx.is_array)
         if (
@@ -296,6 +307,7 @@ class Trainer:
                 keep_step_metrics=keep,
                 track_nonfinite=track,
                 dyn_shardings=self._dyn_shardings(dyn),
+                detect_anomaly=self.detect_anomaly,
             )
         self._dyn = self._place_experiment(dyn)
         self._experiment_cache = None
@@ -345,6 +357,7 @@ class Trainer:
                 keep_step_metrics=self._steps.keep_step_metrics,
                 track_nonfinite=self._steps.track_nonfinite,
                 dyn_shardings=self._dyn_shardings(dyn),
+                detect_anomaly=self.detect_anomaly,
             )
             self.trace_log.new_generation()  # its first traces are not retraces
         self._hooks.refresh(new)
@@ -417,6 +430,46 @@ class Trainer:
         if provided:
             self._update_callback_metrics(provided)
 
+    def stop(self, reason: str, *, by: str) -> None:
+        """Ask `fit` to stop: after the current step, and after the current epoch's
+        end-of-epoch work (its metrics, validation, `on_train_epoch_end` and checkpoints).
+
+        Why and where (`by`, `reason`, the epoch and global step) is kept in
+        `trainer.stopped` and in the checkpoints taken from now on, so that a run resumed
+        from them stays stopped: `fit(..., ckpt_path=...)` then returns the experiment
+        without training, unless `max_epochs`/`max_steps` are raised or
+        `continue_stopped=True` is passed. `EarlyStopping` and `TerminateOnNaN` stop this way;
+        setting `trainer.should_stop = True` directly is recorded as `by="should_stop"`.
+
+        **Arguments:**
+
+        - `reason`: a sentence saying why (logged, and shown when a resume stays stopped).
+        - `by`: who asks, e.g. `"EarlyStopping"`.
+        """
+        self.should_stop = True
+        if self.stopped is None:
+            self.stopped = {
+                "by": by,
+                "reason": reason,
+                "epoch": self.progress.epoch,
+                "global_step": self.progress.global_step,
+                "final": True,
+            }
+
+    def stop_record(self) -> dict[str, Any] | None:
+        """What a checkpoint taken now records of a stop (see `stop`), or `None`."""
+        if self.stopped is not None:
+            return dict(self.stopped)
+        if self.should_stop:
+            return {
+                "by": "should_stop",
+                "reason": "`trainer.should_stop` was set to True.",
+                "epoch": self.progress.epoch,
+                "global_step": self.progress.global_step,
+                "final": True,
+            }
+        return None
+
     def _provided_metrics(self) -> set[str]:
         return {name for cb in self.callbacks for name in cb.provided_metrics()}
 
@@ -460,6 +513,32 @@ class Trainer:
             first_bad = int(self._guard)
             if first_bad >= 0:
                 self.nonfinite_step = first_bad
+
+    def _check_anomaly(self, batch: PyTree, n: int, first_step: int) -> None:
+        """`detect_anomaly`: after a call of `n` steps that began after global step
+        `first_step`, raise at the first step whose batch or metrics were not finite."""
+        bad = int(self._guard)  # the one read per step that this debugging option costs
+        if bad < 0:
+            return
+        one = batch if n == 1 else jax.tree.map(lambda x: x[bad - first_step - 1], batch)
+        host = jax.device_get(one)
+        leaves = [
+            f"`batch{jax.tree_util.keystr(path)}`"
+            for path, x in jax.tree_util.tree_leaves_with_path(host)
+            if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all()
+        ]
+        where = f"training step {bad} (epoch {self.progress.epoch}, counting steps from 1)"
+        if leaves:
+            raise FloatingPointError(
+                f"detect_anomaly: the input of {where} is not finite: {', '.join(leaves)} "
+                "holds NaN or inf. Clean the data (or the DataModule's transform) that "
+                "produces it."
+            )
+        raise FloatingPointError(
+            f"detect_anomaly: the metrics (the loss) of {where} are not finite, with finite "
+            "inputs: the step itself produced NaN or inf (a learning rate too high, a log or "
+            "division of 0, an overflow in low precision...)."
+        )
 
     def _start_guard(self) -> None:
         if not self._steps.track_nonfinite:
@@ -514,6 +593,13 @@ class Trainer:
             self.progress.epoch,
             self.progress.batch_idx,
         )
+        self.stopped = {
+            "by": name,
+            "reason": f"{name} received: the run was interrupted (a resume continues it).",
+            "epoch": self.progress.epoch,
+            "global_step": self.progress.global_step,
+            "final": False,
+        }
         checkpoints = self.checkpoint_callbacks
         for cb in checkpoints:
             cb.plan_interrupt_save(self)
@@ -531,7 +617,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
     def fit(
-        self, experiment: Experiment, datamodule: DataModule, ckpt_path: str | None = None
+        self,
+        experiment: Experiment,
+        datamodule: DataModule,
+        ckpt_path: str | None = None,
+        *,
+        continue_stopped: bool = False,
     ) -> Experiment:
         """Train `experiment` on `datamodule`; return the trained experiment.
 
@@ -546,7 +637,15 @@ class Trainer:
           and PRNG state, the position in the epoch, metric accumulators, data order,
           callback states and history continue as if the run had never stopped. A
           corrupted newest checkpoint is reported and skipped for the previous one.
-          `experiment` is the template: its non-array parts are used as they are.
+          `experiment` is the template: its non-array parts are used as they are. A run
+          that was stopped (`EarlyStopping`, `TerminateOnNaN`, `trainer.stop`) or had
+          completed stays so: `fit` returns the checkpoint's experiment without training,
+          with a warning saying why, unless `max_epochs`/`max_steps` are larger than that
+          run's or `continue_stopped=True`. A checkpoint written with other settings
+          (batch size, seed, `steps_per_execution`, devices, datamodule) warns naming each
+          difference, or raises where exact resume is impossible (another batch size
+          mid-epoch).
+        - `continue_stopped`: train on from a checkpoint of a stopped run (see above).
 
         **Returns:** the trained experiment. `validate`, `test` and `predict` called without
         an experiment use it.
@@ -569,10 +668,12 @@ class Trainer:
         self._fit_input = weakref.ref(experiment)
         self._prepare_data(datamodule, "fit")
         self.should_stop = False
+        self.stopped = None
+        self._resumed_from = None
         self._epoch_complete = False
         self.nonfinite_step = None
         if ckpt_path is not None:
-            self._resume(ckpt_path)
+            self._resume(ckpt_path, continue_stopped=continue_stopped)
         self._start_guard()
         self._step_counter = jax.device_put(
             np.int32(self.progress.global_step), self._placement.replicated
@@ -581,7 +682,8 @@ class Trainer:
         try:
             with self._run("train"), SignalWatch() as self._signals:
                 self._agreement = Agreement(self._placement, self.progress.global_step)
-                self._preflight(datamodule)
+                if not self._fit_done():
+                    self._preflight(datamodule)
                 hooks = self._hooks
                 hooks.call(self, "on_fit_start")
                 hooks.call(self, "on_train_start")
@@ -626,10 +728,19 @@ class Trainer:
 
     def _at_first_batch(self, train_batch: PyTree) -> None:
         """Once per `fit`, at its first training batch (before the step runs): every metric
-        a callback requires must be one this run produces."""
-        if not self._required_checked:
-            self._required_checked = True
-            self._check_required_metrics(self._steps.metric_names("train", self._dyn, train_batch))
+        a callback requires must be one this run produces, and a resumed run's batch size
+        must be its checkpoint's (see `check_settings`)."""
+        if self._required_checked:
+            return
+        self._required_checked = True
+        self._check_required_metrics(self._steps.metric_names("train", self._dyn, train_batch))
+        if self._resumed_from is not None:
+            from ._resume import check_settings
+
+            path, saved = self._resumed_from
+            size = {"train_batch_size": saved.get("train_batch_size")}
+            now = {"train_batch_size": self.train_batch_size}
+            check_settings(size, now, path, mid_epoch=self.progress.batch_idx > 0)
 
     def _check_required_metrics(self, train_names: set[str] | None) -> None:
         """Raise `ValueError` naming a required metric no stage produces. `None`: the
@@ -711,12 +822,13 @@ class Trainer:
                 f"The training dataloader of `{type(datamodule).__name__}` yielded no batches "
                 f"in epoch {progress.epoch}; an empty training split cannot be fitted."
             )
-        epoch_metrics = self._steps.compute("train", self._train_state.total)
-        self._read_nonfinite()
-        self._publish(
-            {f"train/{k}_epoch": v for k, v in epoch_metrics.items()}, progress.global_step
-        )
-        self._update_callback_metrics({f"train/{k}_epoch": v for k, v in epoch_metrics.items()})
+        if not progress.epoch_logged:  # (a run resumed in this epoch's validation has)
+            epoch_metrics = self._steps.compute("train", self._train_state.total)
+            self._read_nonfinite()
+            epoch_metrics = {f"train/{k}_epoch": v for k, v in epoch_metrics.items()}
+            self._publish(epoch_metrics, progress.global_step)
+            self._update_callback_metrics(epoch_metrics)
+            progress.epoch_logged = True
         if (progress.epoch + 1) % self.check_val_every_n_epoch == 0:
             if not self._validate_during_fit(datamodule):
                 # A signal stopped validation: the epoch stays open (all its batches done),
@@ -727,6 +839,7 @@ class Trainer:
         self._write_checkpoints(self.checkpoint_callbacks)
         progress.epoch += 1
         progress.batch_idx = 0
+        progress.epoch_logged = False
         self._epoch_complete = False
         self._train_state.new_epoch()
 
@@ -759,10 +872,10 @@ class Trainer:
         hooks.call(self, f"on_{stage}_end")
         return host
 
-    def _resume(self, ckpt_path: str) -> None:
+    def _resume(self, ckpt_path: str, *, continue_stopped: bool) -> None:
         from ._resume import resume_from
 
-        resume_from(self, ckpt_path)
+        resume_from(self, ckpt_path, continue_stopped=continue_stopped)
 
     # ------------------------------------------------------------------ evaluation
     def validate(
