@@ -83,7 +83,7 @@ def _fit(root: Path, case: str, max_epochs: int, stop=None, ckpt_path=None):
 
 
 def _names(dirpath: Path) -> list[str]:
-    return sorted(p.name for p in dirpath.iterdir())
+    return sorted(p.name for p in dirpath.iterdir() if p.is_dir())  # (not history.jsonl)
 
 
 def _books(checkpoints, root: Path) -> list[dict]:

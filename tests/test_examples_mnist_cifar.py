@@ -133,7 +133,7 @@ def test_mnist_smoke_trains_checkpoints_and_resumes(tmp_path, mnist_example):
     assert metrics["test/accuracy"] > 0.4, metrics
     assert metrics["test/loss"] < first["test/loss"]
 
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert any(name.startswith("epoch=1-") for name in checkpoints), checkpoints
     rows = read_csv(out / "logs" / "metrics.csv")
     epochs = {row["epoch"] for row in rows if row.get("val/accuracy")}
@@ -204,7 +204,7 @@ def test_cifar_smoke_data_parallel_with_checkpoints(tmp_path, cifar_example):
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
 
-    (checkpoint,) = (tmp_path / "checkpoints").iterdir()
+    (checkpoint,) = [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]
     assert checkpoint.name.startswith("epoch=0-step=4")  # smoke: 4 training batches
     solstice.checkpointing.verify(checkpoint)
     rows = read_csv(tmp_path / "logs" / "metrics.csv")

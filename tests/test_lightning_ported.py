@@ -313,7 +313,7 @@ def _saved(dirpath) -> list[int]:
     if not dirpath.exists():
         return []
     epochs = []
-    for path in dirpath.iterdir():
+    for path in (p for p in dirpath.iterdir() if p.is_dir()):  # (not history.jsonl)
         epoch, step = (int(part.split("=")[1]) for part in path.name.split("-"))
         assert step == STEPS_PER_EPOCH * (epoch + 1), path.name
         epochs.append(epoch)
@@ -485,7 +485,7 @@ def test_ckpt_every_n_train_steps(tmp_path):
         max_epochs=max_epochs, devices=1, enable_progress_bar=False, callbacks=[checkpoint]
     )
     trainer.fit(Scripted(), _data(validation=False, train_batches=epoch_length))
-    steps = sorted(int(p.name.split("step=")[1]) for p in tmp_path.iterdir())
+    steps = sorted(int(p.name.split("step=")[1]) for p in tmp_path.iterdir() if p.is_dir())
     assert steps == list(
         range(every_n_train_steps, max_epochs * epoch_length + 1, every_n_train_steps)
     )

@@ -825,7 +825,7 @@ def test_wandb_closed_before_starting_starts_nothing(tmp_path):
 # ----------------------------------------------------------------------------- History
 
 
-def test_history_layout_and_state_dict():
+def test_history_layout_records_and_state_dict():
     history = History()
     history.log_hyperparams({"lr": 0.1})
     history.log_metrics({"train/loss": 0.9, "epoch": 0}, 10)
@@ -835,13 +835,36 @@ def test_history_layout_and_state_dict():
     assert history.steps == {"train/loss": [10, 20], "val/loss": [20], "lr": [20]}
     assert history.epochs == {"train/loss": [0, 1], "val/loss": [1], "lr": [None]}
     assert history.hparams == {"lr": 0.1}
+    records = [
+        (10, {"train/loss": 0.9, "epoch": 0.0}),
+        (20, {"train/loss": 0.5, "val/loss": 0.75, "epoch": 1.0}),
+        (20, {"lr": 0.01}),
+    ]
+    assert list(history.iter_records()) == records and history.num_records == 3
+    assert list(history.iter_records(1, 2)) == records[1:2]
 
-    state = json.loads(json.dumps(history.state_dict()))
+    # Not persisted to a file: the state holds the records (in order, whatever sorts keys).
+    state = json.loads(json.dumps(history.state_dict(), sort_keys=True))
+    assert state["records"] == 3 and state["path"] is None
     restored = History()
     restored.load_state_dict(state)
+    assert list(restored.iter_records()) == records
     assert restored.state_dict() == history.state_dict()
-    with pytest.raises(ValueError, match=r"missing \['epochs', 'hparams'\]"):
-        restored.load_state_dict({"metrics": {}, "steps": {}})
+    with pytest.raises(ValueError, match=r"missing \['path', 'records'\]"):
+        restored.load_state_dict({"hparams": {}})
+
+    # A state written by an older Solstice (the lists themselves) is still accepted.
+    legacy = History()
+    legacy.load_state_dict(
+        {
+            "metrics": history.metrics,
+            "steps": history.steps,
+            "epochs": history.epochs,
+            "hparams": history.hparams,
+        }
+    )
+    assert list(legacy.iter_records()) == records
+    assert legacy.metrics == history.metrics and legacy.epochs == history.epochs
 
 
 def test_history_plot_writes_a_png(tmp_path):

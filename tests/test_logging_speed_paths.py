@@ -321,7 +321,10 @@ class _Trainer:
         trainer = self
 
         class _Logging:
-            def flush(self):
+            def flush(self, timeout=None):
+                trainer.flushes += 1
+
+            def flush_history(self):
                 trainer.flushes += 1
 
         self._logging = _Logging()

@@ -4,13 +4,14 @@ import atexit
 import collections
 import threading
 import traceback
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from ._closed import check_open
 from ._convert import check_scalars, many_to_floats, to_floats
-from ._failures import LoggerFailure, deferred_failures
+from ._failures import Reportable, deferred_failures
 from ._fanout import FanoutLogger
 from ._hparams import check_hparams
 from ._logger import Logger
@@ -56,8 +57,9 @@ class AsyncLogger(Logger):
 
     `flush()` returns once everything queued before it has been written and the inner
     logger flushed. `close()` does the same, closes the inner logger and stops the thread; it
-    is safe to call more than once. A logger that was never closed is closed when the
-    interpreter exits.
+    is safe to call more than once; with a `timeout` it gives up waiting after that long. A
+    logger that was never closed is closed when the interpreter exits (waiting at most 30 s,
+    so that a stuck inner logger never keeps the process alive).
 
     **Arguments:**
 
@@ -75,6 +77,8 @@ class AsyncLogger(Logger):
     logger.close()  # everything written
     ```
     """
+
+    _hint_fanout = True  # an error's message suggests a `FanoutLogger`
 
     def __init__(self, logger: Logger, *, max_queue_size: int = 1024, max_delay: float = 0.05):
         if not isinstance(logger, Logger):
@@ -112,7 +116,7 @@ class AsyncLogger(Logger):
         self._urgent = False  # a flush/close (or a half-full queue) ends the rest
         self._lock = threading.Lock()
         self._errors: list[tuple[str, BaseException]] = []
-        self._failures: list[LoggerFailure] = []
+        self._failures: list[Reportable] = []
         self._closed = False
         self._close_queued = False
         self._thread = threading.Thread(
@@ -207,7 +211,7 @@ class AsyncLogger(Logger):
             with self._lock:
                 self._errors.append((method, error))
 
-    def _defer_failure(self, failure: LoggerFailure) -> None:
+    def _defer_failure(self, failure: Reportable) -> None:
         with self._lock:
             self._failures.append(failure)
 
@@ -227,7 +231,7 @@ class AsyncLogger(Logger):
             detail = "".join(traceback.format_exception_only(type(error), error)).strip()
             hint = (
                 ""
-                if isinstance(self.logger, FanoutLogger)
+                if isinstance(self.logger, FanoutLogger) or not self._hint_fanout
                 else " Wrap loggers in a `FanoutLogger` to disable a failing one with a warning "
                 "instead."
             )
@@ -281,14 +285,30 @@ class AsyncLogger(Logger):
                 break
         self._surface()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Write everything queued, close the inner logger and stop the thread.
+
+        With a `timeout` (seconds), give up waiting after that long (the inner logger is
+        stuck or slow) with a `RuntimeWarning` saying how many calls were not handled; the
+        background thread is left to finish on its own (it never keeps the interpreter
+        alive). Without one, wait as long as it takes.
+        """
         # Written so that a `close()` interrupted (Ctrl-C) can be completed by calling it again
         # (the exit handler does): nothing queued is lost.
         self._closed = True
         if not self._close_queued:
             self._put(_CLOSE, urgent=True)
             self._close_queued = True
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            warnings.warn(
+                f"{self!r} did not finish within {timeout} s: {self._waiting} queued call(s) "
+                "were not handled yet (the inner logger is stuck or slow). They are still "
+                "being handled in the background, and are lost if the process exits first.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         _open_loggers.discard(self)
         self._surface()
 
@@ -305,10 +325,13 @@ class AsyncLogger(Logger):
 _open_loggers: "weakref.WeakSet[AsyncLogger]" = weakref.WeakSet()
 
 
+_EXIT_TIMEOUT = 30.0  # seconds the exit handler waits for each logger still open
+
+
 @atexit.register
 def _close_open_loggers() -> None:
     for logger in list(_open_loggers):
         try:
-            logger.close()
+            logger.close(timeout=_EXIT_TIMEOUT)  # a stuck logger never keeps the process alive
         except Exception:
             traceback.print_exc()

@@ -1,6 +1,7 @@
 """`CSVLogger`: metrics as one CSV table, hyperparameters as JSON."""
 
 import csv
+import io
 import json
 import math
 import os
@@ -32,6 +33,27 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def _complete_size(path: str) -> int:
+    """The size of the file `path` without a last line cut short (by a crash or a full disk
+    mid-write): up to and including its last newline."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            end = start
+    return 0
+
+
+def _is_row(row: list[str], width: int) -> bool:
+    """Whether `row` is a data row as this logger writes them under a `width`-column header
+    (rows merged by appending to a line cut short are not)."""
+    return len(row) == width and row[0].lstrip("-").isdigit()
+
+
 class CSVLogger(Logger):
     """Writes metrics to one CSV table and hyperparameters to a JSON file.
 
@@ -42,7 +64,10 @@ class CSVLogger(Logger):
     then `os.replace`), so no row is lost and the file is always a valid table. Rows are
     appended between header changes; `flush()` makes them visible to readers.
 
-    If the file already exists (a resumed run), new rows are appended to it.
+    If the file already exists, new rows are appended to it (after cutting off a last row
+    left incomplete by a crash). When the Trainer resumes a run from a checkpoint,
+    `resume_at` first brings the table back to the rows that checkpoint counts (see there),
+    so a resumed run's table equals the one of a run that never stopped.
 
     `<log_dir>/hparams.json` holds the hyperparameters (nested as given; values that are not
     numbers, bools or strings are stored as strings), updated by each `log_hyperparams`.
@@ -100,6 +125,10 @@ class CSVLogger(Logger):
         logger built on every process of a multi-process run (where only process 0 writes)
         leaves nothing behind on the others."""
         os.makedirs(self.log_dir, exist_ok=True)
+        if os.path.exists(self.path):
+            size = _complete_size(self.path)
+            if size < os.path.getsize(self.path):  # never append to a row cut short
+                os.truncate(self.path, size)
         if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
             _atomic_write(self.path, lambda f: csv.writer(f).writerow(self._columns))
         self._open()
@@ -149,6 +178,55 @@ class CSVLogger(Logger):
                 str(int(value)) if value.is_integer() and math.isfinite(value) else repr(value)
             )
         self._writerow(row)
+
+    def resume_at(self, run_id: str | None, records: int) -> int:
+        """Bring the table back to its first `records` data rows (one per record), for a run
+        resuming from a checkpoint that counts that many records; returns how many it holds.
+
+        Rows written after the checkpoint are removed (the resumed run writes them again), a
+        last row cut short by a crash or a full disk is removed, and so is anything after a
+        malformed row. The header keeps only the columns those rows use, as a run that never
+        stopped would have it. If the table holds fewer rows (some were still buffered when
+        the process was killed), it returns that number: the Trainer replays the others.
+        The table is rewritten atomically, only when something changes.
+        """
+        check_open(self, self._closed)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._columns = list(_FIXED)
+        if not os.path.exists(self.path):
+            self._index = {column: i for i, column in enumerate(self._columns)}
+            return 0
+        with open(self.path, newline="", encoding="utf-8") as f:
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]
+        table = list(csv.reader(io.StringIO(complete)))
+        header = table[0] if table else list(_FIXED)
+        if tuple(header[:2]) != _FIXED:
+            raise ValueError(
+                f"{self.path!r} exists but is not a CSVLogger table: its header {header!r} "
+                "does not start with 'step,epoch'. Choose another `log_dir` or `filename`."
+            )
+        kept = []
+        for row in table[1 : records + 1]:
+            if not _is_row(row, len(header)):
+                break
+            kept.append(row)
+        used = [i for i in range(2, len(header)) if any(row[i] for row in kept)]
+        keep = [0, 1, *used]
+        columns = [header[i] for i in keep]
+        if len(complete) != len(text) or columns != header or len(kept) != len(table) - 1:
+
+            def write(f) -> None:
+                writer = csv.writer(f)
+                writer.writerow(columns)
+                writer.writerows([row[i] for i in keep] for row in kept)
+
+            _atomic_write(self.path, write)
+        self._columns = columns
+        self._index = {column: i for i, column in enumerate(columns)}
+        return len(kept)
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         check_open(self, self._closed)

@@ -12,9 +12,15 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ._logger import Logger
+
+
+class Reportable(Protocol):
+    """Something to report with a warning: a `LoggerFailure` or a `Notice`."""
+
+    def warn(self, stacklevel: int = 2) -> None: ...
 
 
 class LoggerFailure(NamedTuple):
@@ -40,12 +46,25 @@ class LoggerFailure(NamedTuple):
         warnings.warn(self.message(), RuntimeWarning, stacklevel=stacklevel + 1)
 
 
+class Notice(NamedTuple):
+    """A problem that does not disable anything (e.g. a history file that could not be
+    written yet), reported the same way as a `LoggerFailure`."""
+
+    text: str
+
+    def message(self) -> str:
+        return self.text
+
+    def warn(self, stacklevel: int = 2) -> None:
+        warnings.warn(self.text, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 _local = threading.local()
 
 
-def report_failure(failure: LoggerFailure) -> None:
+def report_failure(failure: Reportable) -> None:
     """Warn about `failure` now, or hand it to the `AsyncLogger` running this thread."""
-    sink: Callable[[LoggerFailure], None] | None = getattr(_local, "sink", None)
+    sink: Callable[[Reportable], None] | None = getattr(_local, "sink", None)
     if sink is None:
         # Points at the caller of the reporting logger's method (e.g. `FanoutLogger.log_metrics`).
         failure.warn(stacklevel=4)
@@ -54,7 +73,7 @@ def report_failure(failure: LoggerFailure) -> None:
 
 
 @contextlib.contextmanager
-def deferred_failures(sink: Callable[[LoggerFailure], None]) -> Iterator[None]:
+def deferred_failures(sink: Callable[[Reportable], None]) -> Iterator[None]:
     """Within this context (on this thread only), `report_failure` calls `sink` instead of
     warning."""
     previous = getattr(_local, "sink", None)

@@ -11,12 +11,18 @@ from ._hparams import check_hparams
 from ._logger import Logger
 
 
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class FanoutLogger(Logger):
     """Sends every call to each of several loggers, in order.
 
     A logger that raises is reported with a `RuntimeWarning` naming it and its error, and is
     disabled: it receives no more calls, while the other loggers keep logging. Training never
-    stops because of a logger. Inside an `AsyncLogger` (the Trainer uses
+    stops because of a logger. Off the main thread (inside an `AsyncLogger`) this holds for
+    anything a logger raises, `SystemExit` and `KeyboardInterrupt` included; on the main
+    thread those two propagate, as they may come from the user's Ctrl-C. Inside an `AsyncLogger` (the Trainer uses
     `AsyncLogger(FanoutLogger(loggers))`), the warning is issued on the main thread at the
     `AsyncLogger`'s next call.
 
@@ -79,7 +85,13 @@ class FanoutLogger(Logger):
         for logger in self.enabled:
             try:
                 call(logger)
-            except Exception as error:
+            except BaseException as error:  # noqa: B036 -- see below
+                # Off the main thread, anything a logger raises is its own failure (`SystemExit`
+                # and `KeyboardInterrupt` too: a signal only ever raises on the main thread).
+                # On the main thread a `KeyboardInterrupt` may be the user's Ctrl-C: let it
+                # (and `SystemExit`) end the program as usual.
+                if not isinstance(error, Exception) and _on_main_thread():
+                    raise
                 failure = LoggerFailure(logger, error, method)
                 with self._lock:
                     self._enabled.remove(logger)
@@ -111,8 +123,9 @@ class FanoutLogger(Logger):
         for logger in disabled:
             try:
                 logger.close()
-            except Exception:
-                pass  # already reported as broken when it was disabled
+            except BaseException as error:  # noqa: B036 -- already reported when disabled
+                if not isinstance(error, Exception) and _on_main_thread():
+                    raise
 
     def __repr__(self) -> str:
         return f"FanoutLogger([{', '.join(repr(logger) for logger in self._loggers)}])"

@@ -11,7 +11,12 @@ class Logger(abc.ABC):
     `log_metrics` is the one method to implement. Values may be Python numbers, numpy
     scalars or 0-d JAX arrays; a logger converts them with `float(...)` itself. Wrap any logger
     in `solstice.loggers.AsyncLogger` to move that conversion (a device-to-host copy) and the
-    I/O off the training thread; the Trainer does this for every logger it is given.
+    I/O off the training thread.
+
+    The Trainer runs each logger it is given on a thread of its own and hands it plain
+    `float`s; a logger that raises (anything, `SystemExit` included), hangs or cannot keep
+    up never stops or stalls training (see `solstice.callbacks.LoggingCallback`). To resume
+    its log exactly after a restart, a logger overrides `resume_at`.
 
     **Example:**
 
@@ -39,13 +44,43 @@ class Logger(abc.ABC):
     def resume_from(self, run_id: str) -> "Logger":
         """Continue the run `run_id` (saved in a checkpoint) instead of starting a new one.
 
-        Called by the Trainer when resuming, before anything is logged. Default: nothing to
-        continue (file loggers append to their directory anyway). Returns `self`.
+        Called by the default `resume_at`. Default: nothing to continue (file loggers append
+        to their directory anyway). Returns `self`.
         """
         return self
+
+    def resume_at(self, run_id: str | None, records: int) -> int:
+        """Continue the run `run_id` where a checkpoint left it: after its first `records`
+        records (`log_metrics` calls).
+
+        Called by the Trainer when it resumes from a checkpoint, before anything else reaches
+        this logger, on the logger's own thread. The run that wrote the checkpoint may have
+        gone on logging after it (those records are published again by the resumed run), or
+        may have lost some (rows still buffered when the process was killed). Keep at most
+        the first `records` records (drop the ones after them) and return how many you hold:
+        the Trainer replays the missing ones, `records[held:records]` from its `History`,
+        through `log_metrics` before any new record. So the log ends up holding every record
+        exactly once, as if the run had never stopped.
+
+        **Arguments:**
+
+        - `run_id`: what `run_id` returned when the checkpoint was taken (`None` if nothing).
+        - `records`: how many records had been published when the checkpoint was taken.
+
+        **Returns:** how many of those records this logger holds (`0` to `records`).
+
+        Default: calls `resume_from(run_id)` (unless `run_id` is `None`) and returns
+        `records`: a logger that cannot look back at what it wrote is taken to hold everything
+        (it may then show the records written after the checkpoint twice). `CSVLogger`,
+        `TensorBoardLogger` and `WandBLogger` override it to be exact.
+        """
+        if run_id is not None:
+            self.resume_from(run_id)
+        return records
 
     @property
     def run_id(self) -> str | None:
         """An identifier of the run this logger writes to, saved in checkpoints so a resumed
-        run continues it (W&B run id, log directory, ...). Default: `None`."""
+        run continues it (W&B run id, log directory, ...): a `str` (an `os.PathLike` is
+        stored as its path) or `None`. Default: `None`."""
         return None

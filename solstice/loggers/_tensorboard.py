@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -11,8 +12,23 @@ from ._closed import check_open
 from ._convert import to_floats
 from ._hparams import flatten_hparams
 from ._logger import Logger
+from ._tfrecord import RecordFile, read_records
 
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
+_HPARAMS_TAG = "_hparams_/"
+_SCRATCH = ".solstice-tb-"  # names of files a resume rewrites through (no "tfevents" in them:
+# TensorBoard reads every file whose name holds "tfevents")
+
+
+def _is_event_file(name: str) -> bool:
+    return "tfevents" in name and not name.startswith(_SCRATCH)
+
+
+def _is_record(event: Any) -> bool:
+    """Whether `event` was written by `log_metrics` (one per call)."""
+    return event.HasField("summary") and not any(
+        value.tag.startswith(_HPARAMS_TAG) for value in event.summary.value
+    )
 
 
 def _tag(name: str) -> str:
@@ -31,13 +47,15 @@ class TensorBoardLogger(Logger):
     `tensorboard --logdir <log_dir>`.
 
     Events are written on the calling thread (wrap the logger in `AsyncLogger` to take that
-    off the training thread; the Trainer does) and reach the disk every `flush_secs` seconds,
-    at `flush()` and at `close()`: after `flush()` returns, TensorBoard sees everything
-    logged before it.
+    off the training thread; the Trainer runs it on a thread of its own) and reach the disk
+    every `flush_secs` seconds, at `flush()` and at `close()`: after `flush()` returns,
+    TensorBoard sees everything logged before it.
 
-    To resume a run, point a new logger at the same `log_dir` (its `run_id`), with
-    `purge_step=<resumed step>` so that TensorBoard hides what the old run wrote after its
-    last checkpoint.
+    When the Trainer resumes a run from a checkpoint, `resume_at` brings `log_dir` back to
+    exactly the events that checkpoint counts (see there): TensorBoard then shows each record
+    once, as if the run had never stopped. By hand, a new logger pointed at the same `log_dir`
+    with `purge_step=<resumed step>` makes TensorBoard hide what the old run wrote from that
+    step on (a cruder cut: it is by step, and several records can share a step).
 
     Needs `tensorboardX` (`pip install 'solstice[tensorboard]'`).
 
@@ -62,7 +80,6 @@ class TensorBoardLogger(Logger):
         self, log_dir: str | os.PathLike, *, flush_secs: float = 10.0, purge_step: int | None = None
     ):
         try:
-            from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event, SessionLog
             from tensorboardX.proto.summary_pb2 import Summary
         except ImportError as error:
@@ -77,33 +94,47 @@ class TensorBoardLogger(Logger):
         self.log_dir = os.fspath(log_dir)
         self.flush_secs = flush_secs
         self.purge_step = purge_step
-        self._EventsWriter = EventsWriter
         self._SessionLog = SessionLog
         self._Event = Event
         self._Summary = Summary
-        self._events: Any = None  # the event file, created by the first write
+        self._events: RecordFile | None = None  # the event file, created by the first write
+        self._resumed_file: str | None = None  # the file `resume_at` left, to append to
         self._templates: dict[tuple[str, ...], tuple[Any, list[Any]]] = {}
         self._last_flush = time.monotonic()
         self._closed = False
 
-    def _writer(self) -> Any:
+    def _new_file_name(self) -> str:
+        # tensorboardX's pattern, with a unique suffix: two files started in the same second
+        # never share a name.
+        return (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        )
+
+    def _writer(self) -> RecordFile:
         """The event file, created at the first write, not at construction: a logger built
         on every process of a multi-process run (where only process 0 writes) leaves nothing
         behind on the others."""
         if self._events is None:
+            if self._resumed_file is not None:
+                self._events = RecordFile(self._resumed_file, append=True)
+                return self._events
             os.makedirs(self.log_dir, exist_ok=True)
-            # A unique suffix: two writers started in the same second never share a file.
-            suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            self._events = self._EventsWriter(os.path.join(self.log_dir, "events"), suffix)
+            self._events = RecordFile(os.path.join(self.log_dir, self._new_file_name()))
+            self._events.write(self._file_version())
             if self.purge_step is not None:
                 start = self._SessionLog(status=self._SessionLog.START)
-                self._events.write_event(
-                    self._Event(step=int(self.purge_step), wall_time=time.time(), session_log=start)
-                )
+                event = self._Event(step=int(self.purge_step), wall_time=time.time())
+                event.session_log.CopyFrom(start)
+                self._events.write(event.SerializeToString())
         return self._events
 
+    def _file_version(self) -> bytes:
+        return self._Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
+
     def _write(self, summary: Any, step: int) -> None:
-        self._writer().write_event(self._Event(summary=summary, step=step, wall_time=time.time()))
+        event = self._Event(summary=summary, step=step, wall_time=time.time())
+        self._writer().write(event.SerializeToString())
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_secs:
@@ -119,6 +150,7 @@ class TensorBoardLogger(Logger):
             event = self._Event(
                 summary=self._Summary(value=[Value(tag=tag, simple_value=0.0) for tag in tags])
             )
+            event.summary.SetInParent()  # present even with no values
             template = event, list(event.summary.value)
             if len(self._templates) >= 64:  # metric names keep changing: do not pile up
                 self._templates.clear()
@@ -128,15 +160,15 @@ class TensorBoardLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         check_open(self, self._closed)
         values = to_floats(metrics)
-        if values:
-            # One event per call, its summary holding every value (TensorBoard reads each
-            # value as its own series), rather than one event (and record) per metric.
-            event, fields = self._template(tuple(values))
-            for field, value in zip(fields, values.values()):
-                field.simple_value = value
-            event.step = int(step)
-            event.wall_time = time.time()
-            self._writer().write_event(event)
+        # One event per call (even an empty one, so that events count records), its summary
+        # holding every value (TensorBoard reads each value as its own series), rather than
+        # one event per metric.
+        event, fields = self._template(tuple(values))
+        for field, value in zip(fields, values.values()):
+            field.simple_value = value
+        event.step = int(step)
+        event.wall_time = time.time()
+        self._writer().write(event.SerializeToString())
         self._maybe_flush()
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
@@ -160,6 +192,84 @@ class TensorBoardLogger(Logger):
             self._closed = True
             if self._events is not None:
                 self._events.close()
+
+    def resume_at(self, run_id: str | None, records: int) -> int:
+        """Bring `log_dir` back to its first `records` records (one event per `log_metrics`
+        call), for a run resuming from a checkpoint that counts that many; returns how many
+        it holds.
+
+        The event files of `log_dir` are read in the order they were written. Events after
+        the first `records` records (written after the checkpoint, which the resumed run
+        writes again), a last event cut short by a crash, and `purge_step` markers are
+        dropped: the events kept are rewritten into one file (atomically: a temporary file,
+        hidden from TensorBoard until complete), which this logger then appends to. Nothing
+        is rewritten when `log_dir` holds one clean file with no more than `records` records.
+        If it holds fewer (still buffered when the process was killed), it returns that
+        number: the Trainer replays the others.
+        """
+        check_open(self, self._closed)
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        self._resumed_file = None
+        if not os.path.isdir(self.log_dir):
+            return 0
+        for name in os.listdir(self.log_dir):  # left by a resume that was itself interrupted
+            if name.startswith(_SCRATCH):
+                os.remove(os.path.join(self.log_dir, name))
+        files = []
+        for name in os.listdir(self.log_dir):
+            if _is_event_file(name):
+                events, clean = read_records(os.path.join(self.log_dir, name))
+                first = self._Event.FromString(events[0]).wall_time if events else 0.0
+                files.append((first, name, events, clean))
+        files.sort(key=lambda f: f[:2])
+        kept: list[bytes] = []
+        count = 0
+        exact = len(files) == 1  # nothing to rewrite (so far)
+        stop = False
+        for _, _, events, clean in files:
+            exact = exact and clean
+            for data in events:
+                event = self._Event.FromString(data)
+                if event.HasField("file_version"):
+                    continue
+                if event.HasField("session_log"):
+                    exact = False
+                    continue
+                if _is_record(event):
+                    if count == records:  # the first record after the checkpoint
+                        exact, stop = False, True
+                        break
+                    count += 1
+                kept.append(data)
+            if stop:
+                break
+        if not files:
+            return 0
+        if exact:
+            self._resumed_file = os.path.join(self.log_dir, files[0][1])
+            return count
+        tmp = os.path.join(self.log_dir, f"{_SCRATCH}rewrite")
+        rewritten = RecordFile(tmp)
+        try:
+            rewritten.write(self._file_version())
+            for data in kept:
+                rewritten.write(data)
+        finally:
+            rewritten.close()
+        # The old files leave TensorBoard's sight before the new one enters it: a crash in
+        # between shows fewer records (replayed at the next resume), never records twice.
+        for i, (_, name, _, _) in enumerate(files):
+            os.replace(
+                os.path.join(self.log_dir, name), os.path.join(self.log_dir, f"{_SCRATCH}old{i}")
+            )
+        final = os.path.join(self.log_dir, self._new_file_name())
+        os.replace(tmp, final)
+        for i in range(len(files)):
+            os.remove(os.path.join(self.log_dir, f"{_SCRATCH}old{i}"))
+        self._resumed_file = final
+        return count
 
     @property
     def run_id(self) -> str:

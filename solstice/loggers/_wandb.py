@@ -1,5 +1,8 @@
 """`WandBLogger`: metrics and hyperparameters to a Weights & Biases run."""
 
+import logging
+import secrets
+import string
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +13,15 @@ from ._hparams import jsonable_hparams
 from ._logger import Logger
 
 _STEP = "trainer/global_step"
+_ID_CHARACTERS = string.ascii_lowercase + string.digits
+
+log = logging.getLogger("solstice")
+
+
+def _new_run_id() -> str:
+    """A W&B-style run id (8 lowercase letters and digits), chosen before the run starts so
+    that checkpoints can record it without starting the run."""
+    return "".join(secrets.choice(_ID_CHARACTERS) for _ in range(8))
 
 
 class WandBLogger(Logger):
@@ -22,6 +34,12 @@ class WandBLogger(Logger):
     `_step` counts calls and never goes backwards, which a resumed run may need to do).
     Hyperparameters go to the run's config (nested as given; values that are not numbers,
     bools or strings are stored as strings). `close()` finishes the run.
+
+    The run id is chosen when the logger is built (unless `id`, `resume`, `resume_from` or
+    `fork_from` is given), so `run_id` never starts the run. When the Trainer resumes from a
+    checkpoint, `resume_at` continues the same run rewound to the records that checkpoint
+    counts (W&B's `resume_from="<id>?_step=<n>"`: each record is one `run.log` call, one W&B
+    `_step`), so records logged after the checkpoint are not shown twice.
 
     Works offline with `mode="offline"` (sync later with `wandb sync`). W&B's own service
     process writes the run's files: it completes them shortly after `close()` returns, and
@@ -55,6 +73,8 @@ class WandBLogger(Logger):
                 "`pip install 'solstice[wandb]'`."
             ) from error
         self.init_kwargs = dict(wandb_init_kwargs)
+        if not any(k in self.init_kwargs for k in ("id", "resume", "resume_from", "fork_from")):
+            self.init_kwargs["id"] = _new_run_id()
         self._run: Any = None
         self._lock = threading.Lock()
         self._closed = False
@@ -76,9 +96,57 @@ class WandBLogger(Logger):
                     f"Cannot resume W&B run {run_id!r}: {self!r} has already started run "
                     f"{self._run.id!r}. Call `resume_from` before logging anything."
                 )
+            self.init_kwargs.pop("resume_from", None)
+            self.init_kwargs.pop("fork_from", None)
             self.init_kwargs["id"] = run_id
             self.init_kwargs.setdefault("resume", "allow")
         return self
+
+    def resume_at(self, run_id: str | None, records: int) -> int:
+        """Continue the W&B run `run_id` right after its first `records` records (a checkpoint
+        that counts that many): starts the run now with `resume_from=f"{run_id}?_step={records
+        - 1}"`, which rewinds it there (W&B keeps the records logged after it aside, out of
+        the run's history). Returns `records`. With `records=0` (nothing to keep: no step to
+        rewind to), or if the W&B server refuses to rewind (a preview feature on some
+        servers; logged as a warning), the run is continued as it is (`resume="allow"`),
+        which may show records logged after the checkpoint twice. With no `run_id`, a new
+        run starts, and returns 0: every record is replayed to it.
+        """
+        if run_id is None:
+            return 0
+        with self._lock:
+            if self._run is not None:
+                if self._run.id == run_id:
+                    return records  # this very run is live: it holds what it logged
+                raise RuntimeError(
+                    f"Cannot resume W&B run {run_id!r}: {self!r} has already started run "
+                    f"{self._run.id!r}. Call `resume_at` before logging anything."
+                )
+            for key in ("resume", "resume_from", "fork_from"):
+                self.init_kwargs.pop(key, None)
+            self.init_kwargs["id"] = run_id
+            if records:
+                self.init_kwargs["resume_from"] = f"{run_id}?_step={records - 1}"
+            else:
+                self.init_kwargs["resume"] = "allow"
+        try:
+            _ = self.run  # start it now: a server that cannot rewind says so here
+        except Exception as error:
+            if not records:
+                raise
+            log.warning(
+                "W&B could not rewind run %r to its record %d (%s: %s); continuing it as it "
+                "is, so records logged after the checkpoint may show twice.",
+                run_id,
+                records,
+                type(error).__name__,
+                error,
+            )
+            with self._lock:
+                self.init_kwargs.pop("resume_from", None)
+                self.init_kwargs["resume"] = "allow"
+            _ = self.run
+        return records
 
     @property
     def run(self) -> Any:
@@ -118,10 +186,11 @@ class WandBLogger(Logger):
     def run_id(self) -> str | None:
         """The W&B run id: of the started run, else the `id` this logger will use (starting
         the run if none was chosen yet); `None` if closed before any run started."""
-        if self._run is None and self.init_kwargs.get("id"):
-            return self.init_kwargs["id"]
-        if self._run is None and self._closed:
-            return None
+        if self._run is None:
+            if self._closed:
+                return None
+            if self.init_kwargs.get("id"):
+                return self.init_kwargs["id"]
         return self.run.id
 
     def __repr__(self) -> str:

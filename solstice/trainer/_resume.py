@@ -92,7 +92,7 @@ def capture(trainer: "Trainer", extra: dict[str, Any]) -> tuple[dict[str, Any], 
             {"acc": state.acc, "total": state.total}
         )
         accumulators = state.state_dict()
-    trainer._logging.flush()  # the history must hold everything published so far
+    trainer._logging.flush_history()  # the history file must hold every record it counts
     trainer._read_nonfinite()
     metadata = {
         "kind": "trainer",

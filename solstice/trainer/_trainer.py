@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import os
 import signal
 import warnings
 import weakref
@@ -21,7 +22,7 @@ from ..callbacks._progress_bar import ProgressBar
 from ..callbacks._terminate_on_nan import TerminateOnNaN
 from ..datamodules._datamodule import DataModule
 from ..loggers import History, Logger
-from ..loggers._convert import check_scalars
+from ..loggers._convert import check_scalars, to_floats
 from ..loggers._packed import PackedMetrics
 from ._agreement import Agreement
 from ._arguments import check_arguments, check_objects, check_stopping
@@ -176,7 +177,7 @@ class Trainer:
         self.prefetch = prefetch
         self.loggers = [] if self.fast_dev_run else loggers
         self.history = History()
-        self._logging = LoggingCallback([*self.loggers, self.history])
+        self._logging = LoggingCallback(self.loggers, history=self.history)
         if (
             enable_progress_bar
             and jax.process_index() == 0  # one bar per run, not one per process
@@ -611,7 +612,7 @@ class Trainer:
         self.should_stop = True
 
     def _update_callback_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        host = to_floats(metrics)  # one copy; a non-scalar raises naming the metric
         self.callback_metrics.update(host)
         return host
 
@@ -674,6 +675,11 @@ class Trainer:
         self.nonfinite_step = None
         if ckpt_path is not None:
             self._resume(ckpt_path, continue_stopped=continue_stopped)
+        if self.checkpoint_callbacks and not self.fast_dev_run:
+            # The history file lives beside the checkpoints that count its records; process 0
+            # writes it, the others only name it in their checkpoint state.
+            path = os.path.join(self.checkpoint_callbacks[0].dirpath, "history.jsonl")
+            self.history.persist_to(path, write=jax.process_index() == 0)
         self._start_guard()
         self._step_counter = jax.device_put(
             np.int32(self.progress.global_step), self._placement.replicated
