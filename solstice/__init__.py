@@ -10,12 +10,7 @@ from ._metrics import Metrics as Metrics
 from ._optax_optimizer import OptaxOptimizer as OptaxOptimizer
 from ._optimizer import Optimizer as Optimizer
 from ._sgd import SGDOptimizer as SGDOptimizer
-from .checkpointing import (
-    ResumeReport as ResumeReport,
-)
-from .checkpointing import (
-    check_resume as check_resume,
-)
+from ._version import __version__ as __version__
 from .checkpointing import (
     load as load,
 )
@@ -39,6 +34,6 @@ from .loggers import (
 )
 from .trainer import ByPath as ByPath
 from .trainer import FullySharded as FullySharded
+from .trainer import ResumeReport as ResumeReport
 from .trainer import Trainer as Trainer
-
-__version__ = "0.1.0"
+from .trainer import check_resume as check_resume

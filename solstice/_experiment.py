@@ -9,7 +9,7 @@ from ._hook_names import check_hook_spelling
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
-    from .trainer import Trainer
+    from ._view import TrainerView
 
 PyTree = Any
 
@@ -96,104 +96,106 @@ class Experiment(eqx.Module):
         """
 
     # ---- hooks: same names as `solstice.callbacks.Callback`; return a new experiment or None.
-    def on_fit_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_fit_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called once when `fit` begins, before the first epoch."""
 
-    def on_fit_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_fit_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called once when `fit` ends."""
 
-    def on_train_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_train_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when the training loop starts."""
 
-    def on_train_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_train_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when the training loop ends."""
 
-    def on_train_epoch_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_train_epoch_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called at the start of every training epoch."""
 
-    def on_train_epoch_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_train_epoch_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called at the end of every training epoch (after validation, if any)."""
 
     def on_train_batch_start(
-        self, trainer: "Trainer", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called before each training step (a per-batch hook: costs a call per batch)."""
 
     def on_train_batch_end(
-        self, trainer: "Trainer", metrics: Metrics, batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", metrics: Metrics, batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called after each training step with its (on-device) metrics."""
 
-    def on_validation_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_validation_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when a validation run starts."""
 
-    def on_validation_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_validation_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when a validation run ends."""
 
-    def on_validation_epoch_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_validation_epoch_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called before the first validation batch."""
 
-    def on_validation_epoch_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_validation_epoch_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called after the last validation batch, once `val/*` metrics are computed."""
 
     def on_validation_batch_start(
-        self, trainer: "Trainer", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called before each validation batch."""
 
     def on_validation_batch_end(
-        self, trainer: "Trainer", metrics: Metrics, batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", metrics: Metrics, batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called after each validation batch with its (on-device) metrics."""
 
-    def on_test_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_test_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when a test run starts."""
 
-    def on_test_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_test_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when a test run ends."""
 
-    def on_test_epoch_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_test_epoch_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called before the first test batch."""
 
-    def on_test_epoch_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_test_epoch_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called after the last test batch, once `test/*` metrics are computed."""
 
     def on_test_batch_start(
-        self, trainer: "Trainer", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called before each test batch."""
 
     def on_test_batch_end(
-        self, trainer: "Trainer", metrics: Metrics, batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", metrics: Metrics, batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called after each test batch with its (on-device) metrics."""
 
-    def on_predict_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_predict_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when a predict run starts."""
 
-    def on_predict_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_predict_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called when a predict run ends."""
 
-    def on_predict_epoch_start(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_predict_epoch_start(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called before the first predict batch."""
 
-    def on_predict_epoch_end(self, trainer: "Trainer") -> Optional["Experiment"]:
+    def on_predict_epoch_end(self, trainer: "TrainerView") -> Optional["Experiment"]:
         """Called after the last predict batch."""
 
     def on_predict_batch_start(
-        self, trainer: "Trainer", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called before each predict batch."""
 
     def on_predict_batch_end(
-        self, trainer: "Trainer", outputs: PyTree, batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", outputs: PyTree, batch: PyTree, batch_idx: int
     ) -> Optional["Experiment"]:
         """Called after each predict batch with its (on-device) outputs."""
 
     def on_log(
-        self, trainer: "Trainer", metrics: dict[str, Any], step: int
+        self, trainer: "TrainerView", metrics: dict[str, Any], step: int
     ) -> Optional["Experiment"]:
         """Called whenever the Trainer publishes metrics (log intervals, epoch ends)."""
 
-    def on_exception(self, trainer: "Trainer", exception: BaseException) -> Optional["Experiment"]:
+    def on_exception(
+        self, trainer: "TrainerView", exception: BaseException
+    ) -> Optional["Experiment"]:
         """Called when fit/validate/test/predict raises, before the exception propagates."""

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -170,10 +171,16 @@ def agreement_stage(out_dir: str, result: dict) -> None:
     info["signal_step"] = trainer.global_step
     info["signal_last"] = trainer.checkpoint_callbacks[0].last_model_path
 
-    timed = ModelCheckpoint(os.path.join(out_dir, "ckpt_timed"), train_time_interval=3600)
+    clock = time.monotonic
     if jax.process_index() == 1:  # an hour passes on this clock between any two readings
         hours = itertools.count()
-        timed._clock = lambda: 3600.0 * next(hours)
+
+        def clock():
+            return 3600.0 * next(hours)
+
+    timed = ModelCheckpoint(
+        os.path.join(out_dir, "ckpt_timed"), train_time_interval=3600, clock=clock
+    )
     trainer = solstice.Trainer(**TRAINER_KW, callbacks=[timed])
     trainer.fit(experiment(), datamodule())
     info["timed_last"] = timed.last_model_path

@@ -17,7 +17,7 @@ import solstice
 import solstice.checkpointing._orbax as orbax_io
 from solstice.callbacks import Callback, ModelCheckpoint
 from solstice.checkpointing import CheckpointError, verify
-from solstice.trainer._resume import find_last
+from solstice.checkpointing._find import find_last
 
 
 def _exp(seed=0, width=32):
@@ -179,8 +179,9 @@ def test_time_trigger_with_injected_clock_and_fast_dev_run(tmp_path):
         def on_train_batch_start(self, trainer, experiment, batch, batch_idx):
             now[0] += 10.0
 
-    ckpt = ModelCheckpoint(tmp_path, train_time_interval=25, every_n_epochs=None, save_top_k=-1)
-    ckpt._clock = lambda: now[0]
+    ckpt = ModelCheckpoint(
+        tmp_path, train_time_interval=25, every_n_epochs=None, save_top_k=-1, clock=lambda: now[0]
+    )
     _trainer(max_epochs=1, callbacks=[Tick(), ckpt]).fit(_exp(), blobs_datamodule())
     assert _checkpoints(tmp_path) == ["epoch=0-step=3", "epoch=0-step=6"]
 
@@ -282,7 +283,7 @@ class _PoisonAt(Callback):
                 eqx.filter(experiment.model, eqx.is_array),
             )
             new = eqx.tree_at(lambda e: e.model, experiment, eqx.combine(bad, experiment.model))
-            trainer._replace_experiment(new, "test")
+            trainer.replace_experiment(new, by="test")
 
 
 def test_terminate_on_nan_keeps_last_finite_checkpoint(tmp_path):
@@ -290,7 +291,7 @@ def test_terminate_on_nan_keeps_last_finite_checkpoint(tmp_path):
     trainer = _trainer(
         max_epochs=3,
         log_every_n_steps=4,
-        callbacks=[_PoisonAt(6), solstice.callbacks.TerminateOnNaN(), ckpt],
+        callbacks=[_PoisonAt(6), terminate := solstice.callbacks.TerminateOnNaN(), ckpt],
     )
     with pytest.warns(RuntimeWarning) as record:
         trainer.fit(_exp(), blobs_datamodule())
@@ -299,18 +300,20 @@ def test_terminate_on_nan_keeps_last_finite_checkpoint(tmp_path):
     nan_warning = [m for m in messages if "TerminateOnNaN" in m]
     assert len(nan_warning) == 1 and "at training step 6" in nan_warning[0]
     assert "epoch=0-step=5" in nan_warning[0]
-    assert trainer.nonfinite_step == 6 and trainer.global_step == 8 and trainer.current_epoch == 1
+    assert terminate.nonfinite_step == 6 and trainer.global_step == 8
+    assert trainer.current_epoch == 1 and trainer.stopped["by"] == "TerminateOnNaN"
     assert _checkpoints(tmp_path) == ["epoch=0-step=5"]
     restored = solstice.load(tmp_path / "epoch=0-step=5", like=_exp())
     assert all(
         np.isfinite(np.asarray(x)).all()
         for x in jax.tree.leaves(eqx.filter(restored.model, eqx.is_array))
     )
-    # the check is compiled in only when the callback is there
-    assert trainer._steps.track_nonfinite
+    # the check is the callback's own in-step state, carried only when it is there
+    assert int(trainer.in_step_value(terminate)) == 6
     plain = _trainer(max_epochs=1)
     plain.fit(_exp(), blobs_datamodule())
-    assert not plain._steps.track_nonfinite and plain._guard is None
+    with pytest.raises(ValueError, match="not a callback of this Trainer"):
+        plain.in_step_value(terminate)
 
 
 def test_terminate_on_nan_reads_the_device_only_at_log_intervals(monkeypatch):

@@ -7,7 +7,7 @@ from helpers import blobs, make_mlp_experiment, params_of
 
 import solstice
 from solstice.datamodules import ArrayDataModule
-from solstice.trainer import _feeder, _loop
+from solstice.trainer import _feeder, _train_input
 from solstice.trainer._placement import Placement, aligned_empty
 
 
@@ -28,19 +28,19 @@ def _fit(callbacks=(), **kw):
         enable_progress_bar=False, devices=1, log_every_n_steps=4, callbacks=list(callbacks), **kw
     )
     exp = trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), dm)
-    trainer._logging.flush()
+    trainer.flush_logs()
     return trainer, exp
 
 
 def _record_feeders(monkeypatch):
     made = []
-    real = _loop.Feeder
+    real = _train_input.Feeder
 
     def recording(batches, prepare, placement, **kw):
         made.append(kw.get("chunked", False))  # (evaluation has a feed of its own)
         return real(batches, prepare, placement, **kw)
 
-    monkeypatch.setattr(_loop, "Feeder", recording)
+    monkeypatch.setattr(_train_input, "Feeder", recording)
     return made
 
 

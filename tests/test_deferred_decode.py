@@ -13,7 +13,7 @@ import solstice
 from solstice.datamodules import ArrayDataModule
 from solstice.datamodules._decode import PixelDecode
 from solstice.datamodules._loader import BatchLoader
-from solstice.trainer import _loop
+from solstice.trainer import _train_input
 
 
 def _pixels(n, seed):
@@ -73,7 +73,7 @@ def _run(transform, callbacks=()):
 
 def _uploaded_dtypes(monkeypatch):
     seen = []
-    real = _loop.Feeder
+    real = _train_input.Feeder
 
     def recording(batches, prepare, placement, **kw):
         def spy():
@@ -84,7 +84,7 @@ def _uploaded_dtypes(monkeypatch):
 
         return real(spy(), prepare, placement, **kw)
 
-    monkeypatch.setattr(_loop, "Feeder", recording)
+    monkeypatch.setattr(_train_input, "Feeder", recording)
     return seen
 
 
@@ -104,14 +104,16 @@ def test_pixels_are_decoded_inside_the_compiled_steps(monkeypatch):
     assert tested["test/accuracy"] > 0.5
 
 
-def test_a_numpy_only_transform_stays_on_the_host(monkeypatch):
+def test_a_numpy_only_transform_is_an_error_naming_the_contract(monkeypatch):
     def numpy_only(batch):  # breaks ArrayDataModule's contract: fails on traced arrays
         return {**batch, "image": np.asarray(batch["image"], np.float32) / 255.0}
 
-    uploaded = _uploaded_dtypes(monkeypatch)
-    _, _, tested, _ = _run(numpy_only)
-    assert set(uploaded) == {np.dtype(np.float32)}
-    assert tested["test/accuracy"] > 0.5
+    # It used to fall back to decoding on the host silently; the error now propagates, with
+    # a note saying what the contract is and how to opt out.
+    with pytest.raises(jax.errors.TracerArrayConversionError) as info:
+        _run(numpy_only)
+    assert "declared traceable" in "\n".join(info.value.__notes__)
+    assert BatchLoader(_pixels(8, 1), 4, transform=numpy_only).split_transform() is None
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
@@ -135,4 +137,4 @@ def test_split_transform_yields_the_batches_before_the_transform(drop_last):
         np.testing.assert_array_equal(before["label"], whole["label"])
     # an undeclared transform is not split off
     plain = BatchLoader(data, 16, transform=decode)
-    assert plain.split_transform() == (plain, None)
+    assert plain.split_transform() is None  # nothing to split: the capability is absent

@@ -7,7 +7,7 @@ from helpers import blobs, make_mlp_experiment, params_of
 
 import solstice
 from solstice.datamodules import ArrayDataModule
-from solstice.trainer import _loop
+from solstice.trainer import _train_input
 
 
 def _dm(on_device):
@@ -20,18 +20,18 @@ def _fit(on_device, **kw):
     kw.setdefault("max_epochs", 2)
     trainer = solstice.Trainer(enable_progress_bar=False, devices="auto", **kw)
     exp = trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), _dm(on_device))
-    trainer._logging.flush()
+    trainer.flush_logs()
     return trainer, exp
 
 
 def _forbid_training_feeder(monkeypatch):
-    real = _loop.Feeder
+    real = _train_input.Feeder
 
     def guarded(batches, prepare, placement, **kw):
         assert prepare.evaluation, "device-resident training data must not go through a Feeder"
         return real(batches, prepare, placement, **kw)
 
-    monkeypatch.setattr(_loop, "Feeder", guarded)
+    monkeypatch.setattr(_train_input, "Feeder", guarded)
 
 
 @pytest.mark.parametrize("fused", [1, 3])
@@ -62,7 +62,7 @@ def test_gather_in_step_resumes_exactly_mid_epoch(monkeypatch, tmp_path):
     resumed = resumed_trainer.fit(
         make_mlp_experiment(in_size=8, num_classes=4), _dm(True), ckpt_path="last"
     )
-    resumed_trainer._logging.flush()
+    resumed_trainer.flush_logs()
     assert resumed_trainer.global_step == straight_trainer.global_step == 12
     for a, b in zip(params_of(straight), params_of(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -72,5 +72,7 @@ def test_gather_in_step_resumes_exactly_mid_epoch(monkeypatch, tmp_path):
 def test_device_data_on_other_devices_falls_back_to_the_feeder():
     # the datamodule's mesh spans every device while the Trainer uses one: batches are moved
     trainer = solstice.Trainer(max_epochs=1, enable_progress_bar=False, devices=1)
-    exp = trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), _dm(True))
+    with pytest.warns(RuntimeWarning, match="other devices than the Trainer's") as caught:
+        exp = trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), _dm(True))
+    assert len([w for w in caught if "other devices" in str(w.message)]) == 1  # once
     assert len(params_of(exp)[0].sharding.device_set) == 1

@@ -163,9 +163,9 @@ def test_unused_per_batch_hooks_are_never_called(monkeypatch):
     counts = {}
     real_call = _hooks.Hooks.call
 
-    def counting_call(self, trainer, name, *args):
+    def counting_call(self, name, *args):
         counts[name] = counts.get(name, 0) + 1
-        return real_call(self, trainer, name, *args)
+        return real_call(self, name, *args)
 
     monkeypatch.setattr(_hooks.Hooks, "call", counting_call)
     trainer = solstice.Trainer(max_epochs=2, enable_progress_bar=False, devices=1)

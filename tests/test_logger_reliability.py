@@ -22,9 +22,9 @@ from logger_worker import history_lists, make_experiment, make_loggers, trainer_
 import solstice
 from solstice._classification_metrics import ClassificationMetrics
 from solstice.callbacks import LoggingCallback, ModelCheckpoint
+from solstice.checkpointing._find import find_last
 from solstice.loggers import CSVLogger, FanoutLogger, History, Logger, TensorBoardLogger
 from solstice.loggers._worker import LoggerWorker
-from solstice.trainer._resume import find_last
 
 WORKER = Path(__file__).with_name("logger_worker.py")
 EPOCHS = 4  # of the killed run: 32 steps, 40 records

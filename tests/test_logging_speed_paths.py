@@ -329,6 +329,9 @@ class _Trainer:
 
         self._logging = _Logging()
 
+    def flush_logs(self, *, loggers=True):
+        self._logging.flush_history()
+
 
 def test_progress_bar_redraws_only_when_due(monkeypatch, capsys):
     trainer = _Trainer(total=1000)

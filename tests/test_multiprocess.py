@@ -21,7 +21,7 @@ from helpers import mse_by_hand, params_of, regression, regression_split, run_pr
 from multiprocess_worker import TRAINER_KW, datamodule, experiment, user_datamodule
 
 import solstice
-from solstice.checkpointing import verify
+from solstice.checkpointing import _find, verify
 from solstice.checkpointing._format import (
     DELETING_SUFFIX,
     METADATA_FILE,
@@ -30,7 +30,6 @@ from solstice.checkpointing._format import (
     ORBAX_TMP_SUFFIX,
     write_metadata,
 )
-from solstice.trainer import _resume
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 1
@@ -266,7 +265,7 @@ def test_last_ignores_a_checkpoint_removed_while_it_looks(tmp_path, monkeypatch)
         (path / ORBAX_STEP_FILE).write_text("{}")
         write_metadata(path, {"kind": "trainer", "created_unix_ns": created})
     older = tmp_path / "epoch=0-step=7"
-    read_metadata = _resume.read_metadata
+    read_metadata = _find.read_metadata
 
     def removed_meanwhile(path):
         if path == older and path.exists():  # process 0's `ModelCheckpoint._delete`
@@ -275,8 +274,8 @@ def test_last_ignores_a_checkpoint_removed_while_it_looks(tmp_path, monkeypatch)
             shutil.rmtree(trash)
         return read_metadata(path)
 
-    monkeypatch.setattr(_resume, "read_metadata", removed_meanwhile)
-    found = _resume.find_last(tmp_path)
+    monkeypatch.setattr(_find, "read_metadata", removed_meanwhile)
+    found = _find.find_last(tmp_path)
     assert found is not None and found[0] == tmp_path / "epoch=0-step=14"
 
 

@@ -41,7 +41,7 @@ def test_timer_reports_throughput_and_compile_time_apart():
         max_epochs=3, log_every_n_steps=4, callbacks=[timer], compilation_cache=False
     )
     trainer.fit(make_mlp_experiment(in_size=8, num_classes=4, seed=123), blobs_datamodule())
-    trainer._logging.flush()
+    trainer.flush_logs()
     history = trainer.history.metrics
     assert len(history["time/steps_per_sec"]) == 6 and min(history["time/steps_per_sec"]) > 0
     ratio = np.array(history["time/samples_per_sec"]) / np.array(history["time/steps_per_sec"])
@@ -101,7 +101,7 @@ def test_log_metrics_and_hyperparameters_reach_loggers(tmp_path):
 def test_history_plot_writes_png(tmp_path):
     trainer = _trainer(log_every_n_steps=2)
     trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), blobs_datamodule())
-    trainer._logging.flush()
+    trainer.flush_logs()
     path = trainer.history.plot(tmp_path / "curves.png")
     data = Path(path).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

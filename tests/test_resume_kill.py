@@ -20,8 +20,8 @@ from helpers import blobs_datamodule
 from resume_worker import make_experiment, trainer_kwargs
 
 import solstice
-from solstice.checkpointing._check_resume import _compare_arrays, _compare_metrics
-from solstice.trainer._resume import find_last
+from solstice.checkpointing._find import find_last
+from solstice.trainer._check_resume import _compare_arrays, _compare_metrics
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 KILLS = 5
@@ -61,7 +61,7 @@ def _differences(reference, expected, trainer, got) -> list[str]:
     _compare_metrics(
         "callback_metrics", reference.callback_metrics, trainer.callback_metrics, differences
     )
-    trainer._logging.flush()
+    trainer.flush_logs()
     _compare_metrics(
         "logged metric", reference.history.metrics, trainer.history.metrics, differences
     )
@@ -75,7 +75,7 @@ def test_sigkill_at_random_points_resumes_bit_for_bit(tmp_path):
     ckpts = tmp_path / "ckpts"
     reference = solstice.Trainer(**trainer_kwargs(EPOCHS))
     expected = reference.fit(make_experiment(), blobs_datamodule())
-    reference._logging.flush()
+    reference.flush_logs()
 
     kill_points: list[tuple[int, Path]] = []
     targets = sorted(rng.sample(range(2, 8 * EPOCHS - 4), KILLS))

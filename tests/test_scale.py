@@ -13,8 +13,8 @@ from helpers import blobs, blobs_datamodule, make_mlp_experiment, params_of
 
 import solstice
 from solstice.callbacks import Callback
+from solstice.callbacks._compile_timer import CompileTimer
 from solstice.datamodules import ArrayDataModule
-from solstice.trainer._compile_timer import CompileTimer
 from solstice.trainer._feeder import Feeder
 from solstice.trainer._placement import Placement
 
@@ -32,7 +32,7 @@ def _exp(seed=0):
 def _fit(n_train=256, batch_size=32, **kw):
     trainer = _trainer(**kw)
     exp = trainer.fit(_exp(), blobs_datamodule(n_train=n_train, batch_size=batch_size))
-    trainer._logging.flush()
+    trainer.flush_logs()
     return trainer, exp
 
 

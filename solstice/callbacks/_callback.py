@@ -6,8 +6,9 @@ from .._hook_names import check_hook_spelling
 
 if TYPE_CHECKING:
     from .._experiment import Experiment
+    from .._in_step import InStep
     from .._metrics import Metrics
-    from ..trainer import Trainer
+    from .._view import TrainerView
 
 PyTree = Any
 
@@ -50,6 +51,12 @@ class Callback:
         produces is a `ValueError` listing those it does. Default: none."""
         return ()
 
+    def in_step(self) -> "InStep | None":
+        """A reduction the Trainer computes inside the compiled training step for this
+        callback (see `solstice.InStep`), read with `trainer.in_step_value(self)`; its state
+        is kept in checkpoints. Default: none."""
+        return None
+
     def provided_metrics(self) -> tuple[str, ...]:
         """The metrics this callback logs with `trainer.log_metrics` for others to monitor
         (e.g. `("val/fid",)` logged in `on_validation_end`): they are read into
@@ -66,33 +73,33 @@ class Callback:
         """Restore state produced by `state_dict` when resuming."""
 
     # ---- fit
-    def on_fit_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_fit_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called once when `fit` begins, before the first epoch."""
 
-    def on_fit_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_fit_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called once when `fit` ends (normally or after `should_stop`)."""
 
     # ---- train
-    def on_train_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_train_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when the training loop starts."""
 
-    def on_train_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_train_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when the training loop ends."""
 
-    def on_train_epoch_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_train_epoch_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called at the start of every training epoch."""
 
-    def on_train_epoch_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_train_epoch_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called at the end of every training epoch, after that epoch's validation."""
 
     def on_train_batch_start(
-        self, trainer: "Trainer", experiment: "Experiment", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", experiment: "Experiment", batch: PyTree, batch_idx: int
     ) -> None:
         """Called before each training step."""
 
     def on_train_batch_end(
         self,
-        trainer: "Trainer",
+        trainer: "TrainerView",
         experiment: "Experiment",
         metrics: "Metrics",
         batch: PyTree,
@@ -101,26 +108,26 @@ class Callback:
         """Called after each training step with the step's on-device metrics."""
 
     # ---- validation
-    def on_validation_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_validation_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when a validation run starts."""
 
-    def on_validation_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_validation_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when a validation run ends."""
 
-    def on_validation_epoch_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_validation_epoch_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called before the first validation batch."""
 
-    def on_validation_epoch_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_validation_epoch_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called after the last validation batch; `trainer.callback_metrics` has `val/*`."""
 
     def on_validation_batch_start(
-        self, trainer: "Trainer", experiment: "Experiment", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", experiment: "Experiment", batch: PyTree, batch_idx: int
     ) -> None:
         """Called before each validation batch."""
 
     def on_validation_batch_end(
         self,
-        trainer: "Trainer",
+        trainer: "TrainerView",
         experiment: "Experiment",
         metrics: "Metrics",
         batch: PyTree,
@@ -129,26 +136,26 @@ class Callback:
         """Called after each validation batch with its on-device metrics."""
 
     # ---- test
-    def on_test_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_test_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when a test run starts."""
 
-    def on_test_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_test_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when a test run ends."""
 
-    def on_test_epoch_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_test_epoch_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called before the first test batch."""
 
-    def on_test_epoch_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_test_epoch_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called after the last test batch; `trainer.callback_metrics` has `test/*`."""
 
     def on_test_batch_start(
-        self, trainer: "Trainer", experiment: "Experiment", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", experiment: "Experiment", batch: PyTree, batch_idx: int
     ) -> None:
         """Called before each test batch."""
 
     def on_test_batch_end(
         self,
-        trainer: "Trainer",
+        trainer: "TrainerView",
         experiment: "Experiment",
         metrics: "Metrics",
         batch: PyTree,
@@ -157,26 +164,26 @@ class Callback:
         """Called after each test batch with its on-device metrics."""
 
     # ---- predict
-    def on_predict_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_predict_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when a predict run starts."""
 
-    def on_predict_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_predict_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called when a predict run ends."""
 
-    def on_predict_epoch_start(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_predict_epoch_start(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called before the first predict batch."""
 
-    def on_predict_epoch_end(self, trainer: "Trainer", experiment: "Experiment") -> None:
+    def on_predict_epoch_end(self, trainer: "TrainerView", experiment: "Experiment") -> None:
         """Called after the last predict batch."""
 
     def on_predict_batch_start(
-        self, trainer: "Trainer", experiment: "Experiment", batch: PyTree, batch_idx: int
+        self, trainer: "TrainerView", experiment: "Experiment", batch: PyTree, batch_idx: int
     ) -> None:
         """Called before each predict batch."""
 
     def on_predict_batch_end(
         self,
-        trainer: "Trainer",
+        trainer: "TrainerView",
         experiment: "Experiment",
         outputs: PyTree,
         batch: PyTree,
@@ -186,13 +193,13 @@ class Callback:
 
     # ---- events
     def on_log(
-        self, trainer: "Trainer", experiment: "Experiment", metrics: dict[str, Any], step: int
+        self, trainer: "TrainerView", experiment: "Experiment", metrics: dict[str, Any], step: int
     ) -> None:
         """Called when the Trainer publishes metrics: every `log_every_n_steps` training
         steps (`train/*`), at each training epoch end (`train/*_epoch`) and after each
         validation/test run (`val/*`, `test/*`). Values are 0-d device arrays."""
 
     def on_exception(
-        self, trainer: "Trainer", experiment: "Experiment", exception: BaseException
+        self, trainer: "TrainerView", experiment: "Experiment", exception: BaseException
     ) -> None:
         """Called when a run raises, before the exception propagates."""

@@ -3,17 +3,16 @@
 import logging
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import equinox as eqx
 import jax
 
+from .._view import TrainerView
+from ..checkpointing._export import load
 from ..checkpointing._tree import LeafSpec, from_storage, to_storage
 from ._callback import Callback
 from ._monitor import Monitor, better, check_mode, worst
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 log = logging.getLogger("solstice")
 
@@ -187,7 +186,7 @@ class EarlyStopping(Callback):
         stop, reason = self.check(current, trainer.current_epoch)
         self._current_is_best = self.best_epoch == trainer.current_epoch
         if self.restore_best and self._current_is_best and self.best_epoch != previous_best_epoch:
-            stored, leaf_specs = to_storage(trainer._dyn)
+            stored, leaf_specs = to_storage(eqx.filter(trainer.experiment, eqx.is_array))
             self._best_arrays = (
                 [LeafSpec.from_json(d) for d in leaf_specs],
                 jax.device_get(stored),
@@ -205,11 +204,11 @@ class EarlyStopping(Callback):
         if self.restore_best and self.best_epoch is not None and not self._current_is_best:
             self._restore(trainer)
 
-    def _restore(self, trainer: "Trainer") -> None:
+    def _restore(self, trainer: TrainerView) -> None:
         if self._best_arrays is not None:
             saved, stored = self._best_arrays
-            dyn = from_storage(trainer._dyn, saved, stored)
-            best = eqx.combine(dyn, trainer._steps.static)
+            dyn, static = eqx.partition(trainer.experiment, eqx.is_array)
+            best = eqx.combine(from_storage(dyn, saved, stored), static)
         else:
             best = self._best_from_checkpoint(trainer)
             if best is None:
@@ -221,12 +220,10 @@ class EarlyStopping(Callback):
                     stacklevel=2,
                 )
                 return
-        trainer._replace_experiment(best, "EarlyStopping(restore_best=True)")
+        trainer.replace_experiment(best, by="EarlyStopping(restore_best=True)")
         log.info("EarlyStopping: restored the experiment of epoch %s.", self.best_epoch)
 
-    def _best_from_checkpoint(self, trainer: "Trainer") -> Any:
-        from ..checkpointing._export import load
-
+    def _best_from_checkpoint(self, trainer: TrainerView) -> Any:
         for cb in trainer.checkpoint_callbacks:
             if cb.monitor == self.monitor and cb.mode == self.mode and cb.best_model_path:
                 cb.wait()

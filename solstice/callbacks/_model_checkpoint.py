@@ -10,18 +10,21 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import equinox as eqx
 import jax
 
+from .._checks import check_int, check_seconds
+from .._periodic import Every
+from .._view import TrainerView
+from ..checkpointing._checkpoint_state import CheckpointState
 from ..checkpointing._format import DELETING_SUFFIX, METADATA_FILE, ORBAX_TMP_SUFFIX
 from ..checkpointing._orbax import CheckpointWriter
+from ..checkpointing._saver import EPOCH, INTERRUPT, SaveMoment, Saver
 from ..checkpointing._tree import all_finite
 from ._callback import Callback
 from ._monitor import Monitor, better, check_mode, worst
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 log = logging.getLogger("solstice")
 
@@ -35,30 +38,7 @@ class _Save:
     info: dict[str, Any]  # `"checkpoint"` in its metadata
 
 
-def _check_every(name: str, value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(
-            f"`ModelCheckpoint({name}=...)` must be None or an int >= 0, got {value!r}."
-        )
-    return value
-
-
-def _seconds(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime.timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(
-            "`ModelCheckpoint(train_time_interval=...)` must be a `datetime.timedelta` or a "
-            f"positive number of seconds, got {value!r}."
-        )
-    return float(value)
-
-
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(Callback, Saver):
     """Saves the whole training state, asynchronously and atomically, and keeps the best.
 
     A checkpoint is a directory `dirpath/epoch=E-step=S` (`-v1`, `-v2`, ... if that name is
@@ -111,6 +91,8 @@ class ModelCheckpoint(Callback):
     - `every_n_epochs`: save at the end of every n-th epoch (`None`/`0`: never).
     - `train_time_interval`: save when this much time (a `datetime.timedelta` or seconds)
       has passed since the last save.
+    - `clock`: the time source of `train_time_interval` (`time.monotonic`); pass a function
+      to drive time in tests.
 
     **Attributes:** `best_model_path`, `best_model_score`, `last_model_path`,
     `best_k_models` (path -> score), `kth_best_model_path`, `kth_value`.
@@ -137,6 +119,8 @@ class ModelCheckpoint(Callback):
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = 1,
         train_time_interval: "datetime.timedelta | float | None" = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if not isinstance(dirpath, (str, os.PathLike)):
             raise TypeError(f"`ModelCheckpoint(dirpath=...)` must be a path, got {dirpath!r}.")
@@ -161,9 +145,17 @@ class ModelCheckpoint(Callback):
         self.mode = mode
         self.save_top_k = save_top_k
         self.save_last = bool(save_last)
-        self.every_n_train_steps = _check_every("every_n_train_steps", every_n_train_steps)
-        self.every_n_epochs = _check_every("every_n_epochs", every_n_epochs)
-        self.train_time_interval = _seconds(train_time_interval)
+        check_int(
+            "`ModelCheckpoint(every_n_train_steps=...)`", every_n_train_steps, allow_none=True
+        )
+        check_int("`ModelCheckpoint(every_n_epochs=...)`", every_n_epochs, allow_none=True)
+        self.every_n_train_steps = every_n_train_steps or 0
+        self.every_n_epochs = every_n_epochs or 0
+        self.train_time_interval = check_seconds(
+            "`ModelCheckpoint(train_time_interval=...)`", train_time_interval
+        )
+        # when step- and time-triggered saves are due (`clock`: injectable for tests)
+        self._every = Every(self.every_n_train_steps or None, self.train_time_interval, clock=clock)
         self._monitor = Monitor(monitor, "ModelCheckpoint") if monitor is not None else None
 
         self.best_k_models: dict[str, float | None] = {}
@@ -173,8 +165,6 @@ class ModelCheckpoint(Callback):
         self.kth_value: float | None = None
         self.last_model_path = ""
         self._last_global_step_saved = -1
-        self._clock: Callable[[], float] = time.monotonic
-        self._last_time_saved: float | None = None
         self._evicting: list[str] = []  # dropped from the books, deleted once a save commits
         self._writer: Any = None
         self._planned: _Save | None = None  # decided, not yet written
@@ -196,7 +186,7 @@ class ModelCheckpoint(Callback):
 
     @property
     def saves_on_steps(self) -> bool:
-        """Whether the Trainer must call `plan_step_save` after every training step."""
+        """Whether the Trainer asks after every training call (step or time triggers)."""
         return bool(self.every_n_train_steps) or self.train_time_interval is not None
 
     def _bookkeeping(self) -> dict[str, Any]:
@@ -242,7 +232,7 @@ class ModelCheckpoint(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, experiment) -> None:
-        self._last_time_saved = self._clock()
+        self._every.start(max(self._last_global_step_saved, 0))
         if self._monitor is not None:
             self._monitor.start()
         if self.dirpath.is_dir() and jax.process_index() == 0:
@@ -256,16 +246,6 @@ class ModelCheckpoint(Callback):
         if self._monitor is not None:
             self._monitor.note_validation(trainer)
 
-    def on_train_epoch_end(self, trainer, experiment) -> None:
-        # `None` unless measured this epoch: the state of an epoch that did not validate is
-        # not ranked with an earlier validation's value (it can still be the last checkpoint)
-        score = self._monitor.read(trainer) if self._monitor is not None else None
-        if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        if self.monitor is None and trainer.global_step == self._last_global_step_saved:
-            return  # a step-triggered save of this very state exists (nothing to rank)
-        self._plan(trainer, "epoch", score)  # the Trainer writes it after the hook
-
     def on_train_end(self, trainer, experiment) -> None:
         if self._monitor is not None:
             self._monitor.check_seen(trainer)
@@ -276,64 +256,58 @@ class ModelCheckpoint(Callback):
     def on_exception(self, trainer, experiment, exception) -> None:
         self.wait()
 
-    # ------------------------------------------------------------------ called by the Trainer
-    # Saving has two phases so that every checkpoint callback decides its saves of a moment
-    # (and updates its books) before any of them captures the state, which holds every
-    # callback's books: `on_train_epoch_end`, `plan_step_save` and `plan_interrupt_save`
-    # decide; the Trainer then calls `write_planned` on each. Every process runs the same
-    # decisions in the same order (saving is collective).
+    # ------------------------------------------------------------------ the Saver side
+    # The Trainer asks `plan` at every moment a save may happen, captures the run's state
+    # once every saver of the moment has planned (and updated its books), then hands it to
+    # `write` (see `solstice.checkpointing.Saver`).
     def time_due(self) -> bool:
         """Whether `train_time_interval` has passed since the last save, on this process's
         clock."""
-        return (
-            self.train_time_interval is not None
-            and self._last_time_saved is not None
-            and self._clock() - self._last_time_saved >= self.train_time_interval
-        )
+        return self._every.time_due()
 
-    def plan_step_save(self, trainer: "Trainer", time_due: bool) -> None:
-        """Called by the Trainer after every training step (or fused group of steps): plan a
-        save if `every_n_train_steps` steps have passed, or if `time_due`: the Trainer's
-        decision on `train_time_interval` (`time_due()` on this process's clock, agreed by
-        every process when there are several)."""
+    def plan(self, moment: SaveMoment, trainer: TrainerView, taken: set[Path]) -> _Save | None:
+        """Decide whether to save at `moment` (see `ModelCheckpoint` for when)."""
+        if trainer.fast_dev_run or self._planned is not None:
+            return None
         step = trainer.global_step
+        if moment.kind == EPOCH:
+            # `None` unless measured this epoch: an epoch that did not validate is not ranked
+            # with an earlier validation's value (it can still be the last checkpoint)
+            score = self._monitor.read(trainer) if self._monitor is not None else None
+            if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
+                return None
+            if self.monitor is None and step == self._last_global_step_saved:
+                return None  # a step-triggered save of this very state exists
+            return self._plan(trainer, EPOCH, score, taken)
         if step == self._last_global_step_saved:
-            return
-        n = self.every_n_train_steps
-        if n and step // n > max(self._last_global_step_saved, 0) // n:
+            return None  # saved (or decided not to) at this very step already
+        if moment.kind == INTERRUPT:
+            return self._plan(trainer, INTERRUPT, None, taken)
+        if self._every.step_due(step):
             reason = "step"
-        elif time_due:
+        elif moment.time_due:
             reason = "time"
         else:
-            return
+            return None
         score = self._monitor.current(trainer) if self._monitor is not None else None
-        self._plan(trainer, reason, score)
+        return self._plan(trainer, reason, score, taken)
 
-    def plan_interrupt_save(self, trainer: "Trainer") -> None:
-        """Called by the Trainer on SIGINT/SIGTERM: plan a save of the current state (kept as
-        the most recent checkpoint) unless one of this step is saved or planned already."""
-        if trainer.global_step != self._last_global_step_saved:
-            self._plan(trainer, "interrupt", None)
+    def planned_path(self, plan: _Save) -> Path:
+        return plan.path
 
-    def write_planned(self, trainer: "Trainer") -> None:
-        """Called by the Trainer once every checkpoint callback has planned its saves of this
-        moment: start writing the planned save (if any) in the background."""
-        planned = self._planned
-        if planned is None:
-            return
-        from ..trainer._resume import capture
-
-        items, metadata = capture(trainer, {"checkpoint": planned.info})
-        self._planned = None  # (if `capture` raised, `wait` takes the plan back)
+    def write(self, plan: _Save, state: CheckpointState) -> None:
+        """Start writing `state` to the planned path in the background."""
+        items, metadata = state.to_checkpoint({"checkpoint": plan.info})
+        self._planned = None
         if self._writer is None:
             self._writer = CheckpointWriter()
         try:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            self._writer.save(planned.path, items, metadata)
+            self._writer.save(plan.path, items, metadata)
         except Exception as error:  # noqa: BLE001 - reported, training continues
-            self._failed(planned, error)
+            self._failed(plan, error)
             return
-        self._pending = planned
+        self._pending = plan
 
     def wait(self) -> None:
         """Block until the save in progress (if any) is committed, then apply retention (a
@@ -391,12 +365,11 @@ class ModelCheckpoint(Callback):
         sign = -1 if self.mode == "max" else 1
         return max(self.best_k_models, key=lambda p: sign * self.best_k_models[p])
 
-    def _new_path(self, trainer: "Trainer") -> Path:
+    def _new_path(self, trainer: TrainerView, taken: set[Path]) -> Path:
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}"
-        # taken: on disk, or planned by another callback (writing in the same directory)
-        planned = {cb._planned.path for cb in trainer.checkpoint_callbacks if cb._planned}
+        # taken: on disk, or planned by another saver of this moment (in the same directory)
         candidate, version = name, 0
-        while self.dirpath / candidate in planned or any(
+        while self.dirpath / candidate in taken or any(
             (self.dirpath / (candidate + suffix)).exists()
             for suffix in ("", ORBAX_TMP_SUFFIX, DELETING_SUFFIX)
         ):
@@ -404,34 +377,36 @@ class ModelCheckpoint(Callback):
             candidate = f"{name}-v{version}"
         return self.dirpath / candidate
 
-    def _plan(self, trainer: "Trainer", reason: str, score: float | None) -> None:
-        """Decide a save now and update the books as if it were committed (`write_planned`
-        writes it; a failure restores the books)."""
-        if trainer.fast_dev_run or self._planned is not None:
-            return
+    def _plan(
+        self, trainer: TrainerView, reason: str, score: float | None, taken: set[Path]
+    ) -> _Save | None:
+        """Decide a save now and update the books as if it were committed (`write` writes
+        it; a failure restores the books)."""
         self._finish_pending()
-        if not all_finite(trainer._dyn):
+        step = trainer.global_step
+        if not all_finite(eqx.filter(trainer.experiment, eqx.is_array)):
             message = (
-                f"ModelCheckpoint: not saving at global step {trainer.global_step}: the "
-                "experiment holds NaN or inf values. The last finite checkpoint "
+                f"ModelCheckpoint: not saving at global step {step}: the experiment holds "
+                "NaN or inf values. The last finite checkpoint "
                 f"(`{self.last_model_path or 'none yet'}`) is kept."
             )
-            if trainer.nonfinite_step is None:
+            stopped = trainer.stopped
+            if stopped is not None and stopped.get("by") == "TerminateOnNaN":
+                log.info(message)  # TerminateOnNaN has said so already
+            else:
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
-            else:  # TerminateOnNaN has said so already
-                log.info(message)
-            return
+            return None
         if score is not None and math.isnan(score):
             score = worst(self.mode)
         top_k = self._is_top_k(score, reason)
-        if not (top_k or self.save_last or reason == "interrupt"):
-            self._last_global_step_saved = trainer.global_step
-            return
-        path = self._new_path(trainer)
+        if not (top_k or self.save_last or reason == INTERRUPT):
+            self._last_global_step_saved = self._every.last_step = step
+            return None
+        path = self._new_path(trainer, taken)
         snapshot = self._bookkeeping()
         self._evicting.extend(self._record(str(path), score, top_k))
-        self._last_global_step_saved = trainer.global_step
-        self._last_time_saved = self._clock()
+        self._last_global_step_saved = step
+        self._every.fired(step)
         info = {
             "name": path.name,
             "reason": reason,
@@ -439,6 +414,7 @@ class ModelCheckpoint(Callback):
             "score": score if top_k else None,
         }
         self._planned = _Save(path, snapshot, info)
+        return self._planned
 
     def _finish_pending(self) -> None:
         pending, self._pending = self._pending, None

@@ -4,7 +4,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..trainer import Trainer
+    from .._view import TrainerView
 
 MODES = ("min", "max")
 
@@ -48,13 +48,13 @@ class Monitor:
         self.epoch_ends = 0
         self._validated_epoch = None
 
-    def note_validation(self, trainer: "Trainer") -> None:
+    def note_validation(self, trainer: "TrainerView") -> None:
         self._validated_epoch = trainer.current_epoch
 
-    def fresh(self, trainer: "Trainer") -> bool:
+    def fresh(self, trainer: "TrainerView") -> bool:
         return not self.key.startswith("val/") or self._validated_epoch == trainer.current_epoch
 
-    def read(self, trainer: "Trainer") -> float | None:
+    def read(self, trainer: "TrainerView") -> float | None:
         """At an epoch end: the metric if it was computed this epoch, else `None`."""
         self.epoch_ends += 1
         if not self.fresh(trainer):
@@ -64,17 +64,17 @@ class Monitor:
         self.seen = True
         return float(trainer.callback_metrics[self.key])
 
-    def current(self, trainer: "Trainer") -> float | None:
+    def current(self, trainer: "TrainerView") -> float | None:
         """The latest value, however old, or `None` if there is none yet."""
         value = trainer.callback_metrics.get(self.key)
         return None if value is None else float(value)
 
-    def check_seen(self, trainer: "Trainer") -> None:
+    def check_seen(self, trainer: "TrainerView") -> None:
         """At the end of training: raise if epochs ended but the metric never appeared."""
         if self.epoch_ends and not self.seen:
             raise self.missing(trainer)
 
-    def missing(self, trainer: "Trainer") -> ValueError:
+    def missing(self, trainer: "TrainerView") -> ValueError:
         available = ", ".join(f"`{k}`" for k in sorted(trainer.callback_metrics)) or "none"
         return ValueError(
             f"`{self.owner}` monitors `{self.key}`, but the Trainer never produced a metric of "

@@ -56,7 +56,7 @@ class ProgressBar(Callback):
 
     def _refresh(self, trainer, flush: bool = False) -> None:
         if flush:  # epoch end: waiting for the logging thread is allowed here
-            trainer._logging.flush_history()
+            trainer.flush_logs(loggers=False)
         metrics = trainer.history.metrics  # read in place: the last value of each wanted list
         for name in tuple(metrics):  # (a copy of the names: the logging thread may add one)
             if self._wanted(name):

@@ -2,19 +2,21 @@
 
 import warnings
 
+from .._in_step import FirstNonFinite, InStep
 from ._callback import Callback
 
 
 class TerminateOnNaN(Callback):
     """Stops `fit` when a training step's metrics (e.g. its loss) hold NaN or inf.
 
-    The check runs inside the compiled training step: with this callback present the Trainer
-    carries a small on-device counter that records the first step whose metrics were not
-    finite. It is read only when metrics are published (every `log_every_n_steps` steps and
-    at epoch ends), never per step, so it costs no synchronisation. When it is set, the run
-    stops (after the current epoch's end-of-epoch work) with a `RuntimeWarning` naming the
-    step; `trainer.nonfinite_step` holds it. `ModelCheckpoint` never saves a state with
-    non-finite arrays, so the last checkpoint is the last finite state.
+    The check runs inside the compiled training step (an in-step reduction,
+    `Callback.in_step`): the Trainer carries a small on-device counter that records the first
+    step whose metrics were not finite. It is read only when metrics are published (every
+    `log_every_n_steps` steps and at epoch ends), never per step, so it costs no
+    synchronisation. When it is set, the run stops (after the current epoch's end-of-epoch
+    work) with a `RuntimeWarning` naming the step, which `nonfinite_step` then holds.
+    `ModelCheckpoint` never saves a state with non-finite arrays, so the last checkpoint is
+    the last finite state.
 
     **Example:**
 
@@ -24,16 +26,21 @@ class TerminateOnNaN(Callback):
     """
 
     def __init__(self) -> None:
-        self._reported = False
+        self.nonfinite_step: int | None = None
+
+    def in_step(self) -> InStep:
+        return FirstNonFinite()
 
     def on_train_start(self, trainer, experiment) -> None:
-        self._reported = False
+        self.nonfinite_step = None
 
     def on_log(self, trainer, experiment, metrics, step) -> None:
-        bad = trainer.nonfinite_step
-        if bad is None or self._reported:
+        if self.nonfinite_step is not None or trainer.progress.stage != "train":
             return
-        self._reported = True
+        bad = int(trainer.in_step_value(self))  # at log intervals only: one small read
+        if bad < 0:
+            return
+        self.nonfinite_step = bad
         trainer.stop(
             f"the training metrics stopped being finite at training step {bad}.",
             by="TerminateOnNaN",

@@ -4,8 +4,8 @@ import logging
 import time
 from typing import Any
 
-from ..trainer._compile_timer import CompileTimer
 from ._callback import Callback
+from ._compile_timer import CompileTimer
 
 _log = logging.getLogger("solstice")
 
@@ -70,7 +70,7 @@ class Timer(Callback):
             return
         self._steady.append((secs, steps))
         out = {"time/steps_per_sec": steps / secs}
-        batch = getattr(trainer, "train_batch_size", None)
+        batch = trainer.train_batch_size
         if batch:
             out["time/samples_per_sec"] = steps * batch / secs
         trainer.log_metrics(out, step)

@@ -1,9 +1,8 @@
 """Checkpoints: the on-disk format, export (`save`/`load`, also at `solstice.save` and
-`solstice.load`), `verify` of a checkpoint directory, `CheckpointError` and the exact-resume
-check `check_resume`. Training checkpoints are written by `solstice.callbacks.ModelCheckpoint`."""
+`solstice.load`), `verify` of a checkpoint directory and `CheckpointError`. Training
+checkpoints are written by `solstice.callbacks.ModelCheckpoint`; `solstice.check_resume`
+(in `solstice.trainer`) checks that your run resumes exactly."""
 
-from ._check_resume import ResumeReport as ResumeReport
-from ._check_resume import check_resume as check_resume
 from ._export import load as load
 from ._export import save as save
 from ._format import CheckpointError as CheckpointError

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 
+from .._version import __version__
 from ._format import open_checkpoint
 from ._orbax import read, write
 from ._tree import (
@@ -21,12 +22,6 @@ from ._tree import (
 )
 
 T = TypeVar("T")
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def save(path: str | os.PathLike, tree: Any) -> Path:
@@ -67,7 +62,7 @@ def save(path: str | os.PathLike, tree: Any) -> Path:
         "kind": "export",
         "type": f"{type(tree).__module__}.{type(tree).__qualname__}",
         "created_unix_ns": time.time_ns(),
-        "solstice_version": _version(),
+        "solstice_version": __version__,
         "trees": {"experiment": leaf_specs},
     }
     write(path, {"experiment": stored}, metadata)

@@ -13,6 +13,9 @@ from ._device import DeviceBatchLoader as DeviceBatchLoader
 from ._digits import Digits as Digits
 from ._loader import BatchLoader as BatchLoader
 from ._loader import epoch_permutation as epoch_permutation
+from ._loader_api import IterableLoader as IterableLoader
+from ._loader_api import Loader as Loader
+from ._loader_api import as_loader as as_loader
 from ._mnist import MNIST as MNIST
 from ._mnist import FashionMNIST as FashionMNIST
 from ._torch import TorchDataModule as TorchDataModule

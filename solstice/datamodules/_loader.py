@@ -74,14 +74,15 @@ class BatchLoader(OrderedLoader):
         self.transform = transform
         self.traceable_transform = traceable_transform
 
-    def split_transform(self) -> tuple["BatchLoader", Callable[[PyTree], PyTree] | None]:
+    def split_transform(self) -> tuple["BatchLoader", Callable[[PyTree], PyTree]] | None:
         """`(loader, transform)`: this loader without its transform (same order, batches as
-        gathered), and the transform, for a consumer that applies it on the
-        device, inside its compiled step (the Trainer does: `uint8` pixels then travel to
-        the device 4x smaller than `float32` ones and are decoded there).
+        gathered), and the transform, for a consumer that applies it on the device, inside
+        its compiled step (the Trainer does: `uint8` pixels then travel to the device 4x
+        smaller than `float32` ones and are decoded there).
 
-        `(self, None)` unless the transform is `traceable_transform` and traces on this
-        loader's batches.
+        `None` unless the transform is declared `traceable_transform`. Such a transform must
+        trace on this loader's batches: if it does not, that error propagates (with a note)
+        rather than silently decoding on the host.
 
         **Example:**
 
@@ -91,13 +92,21 @@ class BatchLoader(OrderedLoader):
         ```
         """
         if self.transform is None or not self.traceable_transform or len(self) == 0:
-            return self, None
+            return None
         raw = copy.copy(self)
         raw.transform = None
         try:
             jax.eval_shape(self.transform, next(raw.iter_from(0)))
-        except Exception:  # noqa: BLE001 - numpy-only after all: keep decoding on the host
-            return self, None
+        except Exception as error:
+            add_note = getattr(error, "add_note", None)
+            if add_note is not None:
+                add_note(
+                    f"(Solstice) the loader's `transform` {self.transform!r} is declared "
+                    "traceable (it runs inside the compiled step on jax arrays) but failed to "
+                    "trace: write it with operations numpy and jax both support, or pass "
+                    "`traceable_transform=False`."
+                )
+            raise
         return raw, self.transform
 
     @property
@@ -118,7 +127,7 @@ class BatchLoader(OrderedLoader):
         max_batches: int,
         max_bytes: int,
         empty: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty,
-    ) -> Iterator[tuple[int, PyTree]]:
+    ) -> Iterator[tuple[int, PyTree]] | None:
         """Batches `start` to `stop` (default: the epoch's end) in stacks, gathered straight
         into arrays of the caller's: `(n, stacked)` items, each leaf of `stacked` shaped
         `(size, local_batch, ...)` and holding batches `n` in a row (a short last stack
@@ -128,7 +137,7 @@ class BatchLoader(OrderedLoader):
 
         One gather per leaf and stack, written in place: the Trainer uploads small host
         batches a stack at a time (see `Feeder(chunked=True)`), and this saves a copy per
-        batch. Only for `stackable` loaders.
+        batch. `None` unless the loader is `stackable`.
 
         **Example:**
 
@@ -138,11 +147,19 @@ class BatchLoader(OrderedLoader):
         ```
         """
         if not self.stackable:
-            raise ValueError(
-                "`iter_stacked` needs a training loader (`drop_last=True`) without a host "
-                "`transform`, over numpy arrays; iterate this one with `iter_from`."
-            )
+            return None
         self.order.check_start(start)
+        return self._stacks(start, stop, max_batches=max_batches, max_bytes=max_bytes, empty=empty)
+
+    def _stacks(
+        self,
+        start: int,
+        stop: int | None,
+        *,
+        max_batches: int,
+        max_bytes: int,
+        empty: Callable[[tuple[int, ...], Any], np.ndarray],
+    ) -> Iterator[tuple[int, PyTree]]:
         stop = len(self) if stop is None else min(stop, len(self))
         order = self.order
         local = order.local_batch_size

@@ -5,6 +5,8 @@ from typing import Any
 
 import numpy as np
 
+from ._loader_api import Loader
+
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     """The example order of `epoch`: a permutation that depends only on (seed, epoch)."""
@@ -118,7 +120,7 @@ class EpochOrder:
         return order.astype(np.int32).reshape(full, self.batch_size)
 
 
-class OrderedLoader:
+class OrderedLoader(Loader):
     """Base of the built-in loaders: batches in the order of an `EpochOrder`, resumable.
 
     Subclasses call `_set_order(...)` and implement `_batches(start)`; this gives them `len()`,
@@ -126,6 +128,7 @@ class OrderedLoader:
     """
 
     order: EpochOrder
+    batch_size: int
 
     def _set_order(self, num_examples: int, batch_size: int, *, drop_last: bool, **order) -> None:
         """Set `self.order` (an `EpochOrder`; `order` holds its other arguments) and the
@@ -136,6 +139,9 @@ class OrderedLoader:
         self.drop_last = drop_last
 
     def __len__(self) -> int:
+        return len(self.order)
+
+    def num_batches(self) -> int:
         return len(self.order)
 
     def __iter__(self) -> Iterator[Any]:

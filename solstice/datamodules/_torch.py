@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from ._datamodule import DataModule
+from ._loader_api import Loader
 from ._order import OrderedLoader
 
 PyTree = Any
@@ -143,7 +144,7 @@ class DatasetLoader(OrderedLoader):
             yield batch
 
 
-class DataLoaderAdapter:
+class DataLoaderAdapter(Loader):
     """Wraps a torch `DataLoader`: its batches, as dicts of numpy arrays.
 
     The DataLoader keeps its own order, sampler and workers, so exact resume and
@@ -164,6 +165,9 @@ class DataLoaderAdapter:
         self.batch_size: int | None = getattr(loader, "batch_size", None)
 
     def __len__(self) -> int:
+        return len(self.loader)
+
+    def num_batches(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[PyTree]:

@@ -8,21 +8,32 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def packable(value: Any) -> bool:
+    """Whether `value` (an array, or its `jax.ShapeDtypeStruct`) goes into the packed
+    vector: a 0-d floating value of up to 32 bits (so float32 holds it exactly)."""
+    dtype = getattr(value, "dtype", None)
+    return (
+        getattr(value, "shape", None) == ()
+        and jnp.issubdtype(dtype, jnp.floating)
+        and jnp.dtype(dtype).itemsize <= 4
+    )
+
+
+def packed_names(metrics: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names `pack_scalars(metrics)` puts in its vector, in order (works on shapes)."""
+    return tuple(key for key, value in metrics.items() if packable(value))
+
+
 def pack_scalars(metrics: Mapping[str, Any]) -> tuple[tuple[str, ...], jax.Array | None, dict]:
     """Traced: split `metrics` into `(names, vector, rest)`.
 
-    Every 0-d floating value (up to 32 bits, so packing to float32 is exact) goes into one
-    float32 `vector` in key order; everything else (integers, float64, arrays) is kept in
-    `rest` as it is. Use inside a compiled function, so the packing costs no dispatch.
+    Every `packable` value goes into one float32 `vector` in key order (`packed_names`);
+    everything else (integers, float64, arrays) is kept in `rest` as it is. Use inside a
+    compiled function, so the packing costs no dispatch.
     """
     names, values, rest = [], [], {}
     for key, value in metrics.items():
-        dtype = getattr(value, "dtype", None)
-        if (
-            getattr(value, "shape", None) == ()
-            and jnp.issubdtype(dtype, jnp.floating)
-            and jnp.dtype(dtype).itemsize <= 4
-        ):
+        if packable(value):
             names.append(key)
             values.append(jnp.asarray(value, jnp.float32))
         else:

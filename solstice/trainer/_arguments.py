@@ -4,18 +4,15 @@ what was given, what is expected and how to fix it."""
 from collections.abc import Sequence
 from typing import Any
 
-from ..callbacks._callback import Callback
+import jax
+
+from .._checks import check_int
+from ..callbacks import Callback, ProgressBar
+from ..checkpointing._saver import Saver
 from ..loggers import Logger
 
 Limit = int | float | None
-
-
-def check_count(name: str, value: Any, *, allow_none: bool = True, minimum: int = 0) -> None:
-    """`value` must be an int >= `minimum` (or `None` when allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+LIMITS = ("train", "val", "test", "predict")
 
 
 def check_limit(name: str, value: Any) -> None:
@@ -29,54 +26,53 @@ def check_limit(name: str, value: Any) -> None:
                 "(0, 1]; pass an int for a number of batches."
             )
         return
-    check_count(name, value)
+    check_int(name, value, allow_none=True)
 
 
-def check_arguments(
-    *,
-    max_epochs: int | None,
-    max_steps: int | None,
-    fast_dev_run: bool | int,
-    check_val_every_n_epoch: int,
-    num_sanity_val_steps: int,
-    log_every_n_steps: int,
-    steps_per_execution: int,
-    prefetch: int,
-    limits: tuple[Limit, Limit, Limit, Limit],
-) -> tuple[int | None, int | None, tuple[Limit, Limit, Limit, Limit]]:
-    """Check the loop settings; apply `fast_dev_run`. (When to stop is checked by `fit`, the
-    only method that needs it: see `check_stopping`.)
+def check_arguments(**arguments: Any) -> dict[str, Any]:
+    """Check the Trainer's loop settings (its keyword arguments); apply `fast_dev_run`.
 
-    **Returns:** `(max_epochs, max_steps, (train, val, test, predict limits))`.
-    """
-    check_count("max_epochs", max_epochs)
-    check_count("max_steps", max_steps)
-    if fast_dev_run is not False:
-        check_count("fast_dev_run", int(fast_dev_run), minimum=1)
-        n = int(fast_dev_run)
+    **Returns:** `{"max_epochs": ..., "max_steps": ..., "limits": (train, val, test,
+    predict)}` as they apply. (When to stop is checked by `fit`, the only method that needs
+    it: see `check_stopping`.)"""
+    a = arguments
+    check_int("max_epochs", a["max_epochs"], allow_none=True)
+    check_int("max_steps", a["max_steps"], allow_none=True)
+    max_epochs, max_steps = a["max_epochs"], a["max_steps"]
+    limits = tuple(a[f"limit_{stage}_batches"] for stage in LIMITS)
+    if a["fast_dev_run"] is not False:
+        check_int("fast_dev_run", int(a["fast_dev_run"]), minimum=1)
+        n = int(a["fast_dev_run"])
         max_epochs, max_steps, limits = 1, None, (n, n, n, n)
-    check_count("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
-    if num_sanity_val_steps != -1:
-        check_count("num_sanity_val_steps (or -1 for the whole split)", num_sanity_val_steps)
-    check_count("log_every_n_steps", log_every_n_steps, minimum=1)
-    check_count("steps_per_execution", steps_per_execution, minimum=1)
-    check_count("prefetch", prefetch, minimum=1)
-    for stage, value in zip(("train", "val", "test", "predict"), limits):
+    check_int("check_val_every_n_epoch", a["check_val_every_n_epoch"], minimum=1)
+    if a["num_sanity_val_steps"] != -1:
+        check_int("num_sanity_val_steps (or -1 for the whole split)", a["num_sanity_val_steps"])
+    for name in ("log_every_n_steps", "steps_per_execution", "prefetch"):
+        check_int(name, a[name], minimum=1)
+    for stage, value in zip(LIMITS, limits):
         check_limit(f"limit_{stage}_batches", value)
-    if log_every_n_steps % steps_per_execution:
-        multiple = steps_per_execution * max(1, log_every_n_steps // steps_per_execution)
+    if not isinstance(a["detect_anomaly"], bool):
+        raise TypeError(f"`detect_anomaly` must be True or False, got {a['detect_anomaly']!r}.")
+    log_every, fused = a["log_every_n_steps"], a["steps_per_execution"]
+    if log_every % fused:
+        multiple = fused * max(1, log_every // fused)
         raise ValueError(
-            f"`log_every_n_steps={log_every_n_steps}` is not a multiple of "
-            f"`steps_per_execution={steps_per_execution}`: metrics can only be published "
-            f"between fused calls. Use a multiple, e.g. `log_every_n_steps={multiple}`."
+            f"`log_every_n_steps={log_every}` is not a multiple of `steps_per_execution="
+            f"{fused}`: metrics can only be published between fused calls. Use a multiple, "
+            f"e.g. `log_every_n_steps={multiple}`."
         )
-    return max_epochs, max_steps, limits
+    hparams = {"max_epochs": max_epochs, "max_steps": max_steps, "seed": a["seed"]}
+    hparams.update(log_every_n_steps=log_every, steps_per_execution=fused)
+    return {"max_epochs": max_epochs, "max_steps": max_steps, "limits": limits, "hparams": hparams}
 
 
 def check_objects(
-    callbacks: Sequence[Any] | None, loggers: Sequence[Any] | None
+    callbacks: Sequence[Any] | None, loggers: Sequence[Any] | None, progress_bar: bool
 ) -> tuple[list[Callback], list[Logger]]:
-    """`callbacks` must hold `Callback`s and `loggers` `Logger`s; return them as lists."""
+    """`callbacks` must hold `Callback`s and `loggers` `Logger`s; return them as lists, the
+    callbacks with a `ProgressBar` added (if `progress_bar` and none is there; one per run:
+    process 0's) and the savers last (as in Lightning), so that a checkpoint holds every
+    other callback's latest state."""
     callbacks = list(callbacks or [])
     for cb in callbacks:
         if not isinstance(cb, Callback):
@@ -90,7 +86,11 @@ def check_objects(
             raise TypeError(
                 f"`loggers` must hold `solstice.Logger` objects, got `{type(lg).__name__}`."
             )
-    return callbacks, loggers
+    if progress_bar and jax.process_index() == 0:
+        if not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            callbacks.append(ProgressBar())
+    savers = [cb for cb in callbacks if isinstance(cb, Saver)]
+    return [cb for cb in callbacks if not isinstance(cb, Saver)] + savers, loggers
 
 
 def check_stopping(max_epochs: int | None, max_steps: int | None) -> None:

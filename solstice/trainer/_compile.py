@@ -2,7 +2,10 @@
 
 The experiment is split once into its arrays (`dyn`, donated and updated every step) and the
 rest (`static`, closed over by the compiled functions). Metrics are merged into an on-device
-accumulator inside the compiled step, so the loop never reads a value back.
+accumulator inside the compiled step, so the loop never reads a value back. Everything the
+functions need about the metrics' structure (their non-array part, the names of the packed
+scalars) is worked out before they are built (`prepare`), by tracing abstractly: nothing is
+stored while a compiled function traces.
 """
 
 import dataclasses
@@ -12,40 +15,25 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import PyTree
 
 from .._experiment import Experiment
+from .._in_step import InStep, StepData
 from .._metrics import Metrics
-from ..loggers._packed import PackedMetrics, pack_scalars
-from ._user_code import warn_at
-
-PyTree = Any
+from ..loggers._packed import PackedMetrics, pack_scalars, packed_names
+from ._step_checks import (
+    call_step,
+    check_metric_leaves,
+    check_metrics,
+    check_train_output,
+    scalar_metrics,
+    warn_if_unchanged,
+)
+from ._trace_log import TraceLog
 
 
 def _select(flag: jax.Array, if_true: PyTree, if_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
-
-
-def _advance_guard(
-    first_bad: PyTree, m_dyn: PyTree, step: jax.Array, batch: PyTree = None
-) -> PyTree:
-    """Remember the first step whose metrics (and `batch`, if given: `detect_anomaly`) hold a
-    non-finite value.
-
-    `first_bad` is an int32 scalar: the (1-based) global step whose metrics first were not
-    finite, or -1; `step` is the (1-based) number of the step just taken. `None` (no
-    `TerminateOnNaN`, no `detect_anomaly`) passes through and costs nothing.
-    """
-    if first_bad is None:
-        return None
-    checks = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves((m_dyn, batch))
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    if not checks:
-        return first_bad
-    finite = jnp.all(jnp.stack(checks))
-    return jnp.where((first_bad < 0) & ~finite, step, first_bad)
 
 
 def _shape_key(tree: PyTree) -> tuple:
@@ -54,193 +42,26 @@ def _shape_key(tree: PyTree) -> tuple:
     return treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves)
 
 
-def _signature(args: dict[str, PyTree]) -> dict[str, str]:
-    """Shapes, dtypes and static values of named pytrees of arguments, by name and path
-    (e.g. `batch['image']`)."""
-    out = {}
-    for name, tree in args.items():
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            key = name + jax.tree_util.keystr(path)
-            if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-                out[key] = f"{leaf.dtype}{list(leaf.shape)}"
-            else:
-                out[key] = repr(leaf)
-    return out
+def _named(fn: Callable, name: str) -> Callable:
+    """Name the function so compile-time reports say `jit(train_step)`, not `jit(fn)`."""
+    fn.__name__ = fn.__qualname__ = name
+    return fn
 
 
-def _describe_change(old: dict[str, str], new: dict[str, str]) -> str:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            changes.append(f"`{key}`: {old.get(key, 'absent')} -> {new.get(key, 'absent')}")
-    return "; ".join(changes[:5]) or "the structure of its arguments"
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
 
 
-def static_differences(old: Any, new: Any, path: str) -> list[str]:
-    """`"<path>: old -> new"` for every non-array value that differs between two static
-    parts of experiments (arrays are `None` in both), fields of modules by name."""
-    if old is new:
-        return []
-    if type(old) is not type(new):
-        return [f"`{path}`: {type(old).__name__} -> {type(new).__name__}"]
-    if isinstance(old, eqx.Module):
-        return [
-            change
-            for field in dataclasses.fields(old)
-            for change in static_differences(
-                getattr(old, field.name, None),
-                getattr(new, field.name, None),
-                f"{path}.{field.name}",
-            )
-        ]
-    if isinstance(old, list | tuple) and len(old) == len(new):
-        return [
-            c
-            for i, (a, b) in enumerate(zip(old, new))
-            for c in static_differences(a, b, f"{path}[{i}]")
-        ]
-    if isinstance(old, dict) and old.keys() == new.keys():
-        return [c for k in old for c in static_differences(old[k], new[k], f"{path}[{k!r}]")]
-    try:
-        same = bool(old == new)
-    except Exception:  # noqa: BLE001 - e.g. arrays compared elementwise: not equal here
-        same = False
-    return [] if same else [f"`{path}`: {old!r} -> {new!r}"]
+@dataclasses.dataclass(frozen=True)
+class MetricLayout:
+    """A stage's metrics, worked out before any compiled function is built: the arrays'
+    shapes, the non-array part of the `Metrics`, and the names `compute()` returns (the
+    packed float scalars first, in order)."""
 
-
-class TraceLog:
-    """Counts traces of each compiled function and warns once when one is retraced.
-
-    A new experiment structure (`new_generation`, e.g. a hook changed a non-array field)
-    compiles new functions: their first traces are not retraces.
-    """
-
-    def __init__(self) -> None:
-        self.signatures: dict[str, list[dict[str, str]]] = {}
-        self.warned: set[str] = set()
-        self._generation = 0
-        self._traced_in: dict[str, int] = {}  # name -> generation of its last trace
-
-    def new_generation(self) -> None:
-        self._generation += 1
-
-    def record(self, name: str, args: dict[str, PyTree], source: Any = None) -> None:
-        """Count a trace of `name` with named arguments `args`; `source` is the user's
-        function it runs (the warning points there)."""
-        sig = _signature(args)
-        history = self.signatures.setdefault(name, [])
-        history.append(sig)
-        again = self._traced_in.get(name) == self._generation
-        self._traced_in[name] = self._generation
-        if again and name not in self.warned:
-            self.warned.add(name)
-            warn_at(
-                source,
-                f"The {name} step was traced again (trace #{len(history)}), which means a "
-                f"recompilation: {_describe_change(history[-2], sig)}. Keep shapes, dtypes "
-                "and non-array experiment fields constant between steps (store changing "
-                "numbers as `jnp` arrays; only the last evaluation batch may be shorter).",
-                RuntimeWarning,
-            )
-
-    def count(self, name: str) -> int:
-        return len(self.signatures.get(name, []))
-
-
-def _check_train_output(out: Any, experiment: Experiment) -> tuple[Experiment, Metrics]:
-    name = type(experiment).__name__
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(
-            f"`{name}.train_step` must return a tuple `(experiment, metrics)`, got "
-            f"`{type(out).__name__}`. End it with `return new_experiment, metrics`."
-        )
-    new, metrics = out
-    if not isinstance(new, Experiment):
-        raise TypeError(
-            f"`{name}.train_step` must return `(Experiment, Metrics)`, but its first element "
-            f"is a `{type(new).__name__}`. Return the updated experiment first, e.g. "
-            "`eqx.tree_at(lambda e: e.model, self, new_model), metrics`."
-        )
-    if not isinstance(metrics, Metrics):
-        raise TypeError(
-            f"`{name}.train_step` must return `(Experiment, Metrics)`, but its second element "
-            f"is a `{type(metrics).__name__}`. Wrap the values in a `solstice.Metrics` "
-            "subclass (e.g. `solstice.ClassificationMetrics`)."
-        )
-    return new, metrics
-
-
-def _check_metrics(out: Any, experiment: Experiment, method: str) -> Metrics:
-    if not isinstance(out, Metrics):
-        raise TypeError(
-            f"`{type(experiment).__name__}.{method}` must return a `solstice.Metrics`, got "
-            f"`{type(out).__name__}`."
-        )
-    return out
-
-
-def _call_step(experiment: Experiment, method: str, batch: PyTree) -> Any:
-    """`experiment.<method>(batch)` while tracing; an error it raises (a shape the model
-    rejects, say) gets a note listing the batch's leaves, by path, with their shapes."""
-    try:
-        return getattr(experiment, method)(batch)
-    except Exception as error:
-        add_note = getattr(error, "add_note", None)  # Python 3.11+
-        if add_note is not None:
-            leaves = ", ".join(
-                f"`batch{jax.tree_util.keystr(path)}`: {getattr(x, 'dtype', type(x).__name__)}"
-                f"{list(getattr(x, 'shape', ()))}"
-                for path, x in jax.tree_util.tree_leaves_with_path(batch)
-            )
-            add_note(
-                f"(Solstice) raised while tracing `{type(experiment).__name__}.{method}` on a "
-                f"batch with leaves {leaves}. If a size does not match what the model "
-                "expects, that batch leaf (or the model's size) is the one to fix."
-            )
-        raise
-
-
-def _scalar_metrics(values: dict[str, Any], stage: str) -> dict[str, Any]:
-    """`compute()`'s values, checked (while tracing) to be scalars: loggers take numbers."""
-    for name, value in values.items():
-        shape = getattr(value, "shape", ())
-        if shape != ():
-            raise ValueError(
-                f"The {stage} metric `{name}` has shape {tuple(shape)}, but every value "
-                "`Metrics.compute()` returns must be a scalar (loggers record numbers). Reduce "
-                f"it (e.g. `jnp.mean`), or return each element under its own name "
-                f"(`{{f'{name}_{{i}}': v for i, v in enumerate(values)}}`)."
-            )
-    return values
-
-
-def _check_metric_leaves(metrics: Metrics, method: str) -> None:
-    """Every leaf of a step's `Metrics` must be an array: anything else is not traced, so it
-    would keep its first value for the whole run (a silent wrong number)."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(metrics):
-        if not eqx.is_array(leaf):
-            field = f"{type(metrics).__name__}{jax.tree_util.keystr(path)}"
-            raise TypeError(
-                f"`{field}` is a `{type(leaf).__name__}` ({leaf!r}) in the metrics that "
-                f"`{method}` returned, not an array. A `Metrics` field that is not an array is "
-                "not traced: it would keep its first value for the whole run. Store it as an "
-                f"array, e.g. `self.count = jnp.asarray(labels.shape[0], jnp.float32)`, or "
-                "mark configuration `eqx.field(static=True)`."
-            )
-
-
-def _warn_if_unchanged(new: Experiment, dyn: PyTree) -> None:
-    """Warn (at trace time, so once per compilation) when `train_step` returns its input."""
-    leaves, new_leaves = jax.tree.leaves(dyn), jax.tree.leaves(eqx.filter(new, eqx.is_array))
-    if leaves and all(a is b for a, b in zip(leaves, new_leaves)):
-        warn_at(
-            getattr(type(new), "train_step", None),
-            f"`{type(new).__name__}.train_step` returned an experiment whose arrays are all "
-            "its input's, so training changes nothing. Return the updated experiment, e.g. "
-            "`return eqx.tree_at(lambda e: (e.model, e.optimizer), self, (model, optimizer)), "
-            "metrics`.",
-            UserWarning,
-        )
+    shapes: PyTree
+    static: PyTree
+    packed: tuple[str, ...]
+    names: frozenset[str]
 
 
 class CompiledSteps:
@@ -251,26 +72,22 @@ class CompiledSteps:
     - `experiment`: a template whose non-array part is closed over.
     - `replicated`: the sharding the experiment's arrays live in.
     - `trace_log`: where traces are counted (for the recompilation warning).
-    - `keep_step_metrics`: also return each step's own metrics (only when a per-batch hook
-      needs them).
+    - `keep_step_metrics`: also return each step's own metrics (for per-batch hooks).
     - `dyn_shardings`: a pytree of shardings for the experiment's arrays (see
       `Trainer(sharding_rules=)`), or `None` to keep them `replicated`.
-    - `detect_anomaly`: the guard (below) also covers every floating leaf of each training
-      batch, and is tracked whether or not a `TerminateOnNaN` asks for it.
-    - `track_nonfinite`: the training steps also carry a guard `(steps, first_bad)` that
-      records, on the device, the first step whose metrics were not finite (only when a
-      `TerminateOnNaN` callback asks for it). Otherwise the guard argument is `None`.
+    - `in_steps`: the in-step reductions (`Callback.in_step`) the training steps carry, by
+      name; their states travel with the experiment through every training call.
     """
 
     def __init__(
         self,
         experiment: Experiment,
         replicated: jax.sharding.Sharding,
-        trace_log: TraceLog | None = None,
+        trace_log: TraceLog,
+        *,
         keep_step_metrics: bool = False,
-        track_nonfinite: bool = False,
         dyn_shardings: PyTree = None,
-        detect_anomaly: bool = False,
+        in_steps: dict[str, InStep] | None = None,
     ):
         _, self.static = eqx.partition(experiment, eqx.is_array)
         template, self._full_def = jax.tree.flatten(experiment)
@@ -278,15 +95,13 @@ class CompiledSteps:
         self._template = [None if eqx.is_array(leaf) else leaf for leaf in template]
         self.replicated = replicated
         self.dyn_shardings = dyn_shardings
-        self.trace_log = trace_log or TraceLog()
+        self.trace_log = trace_log
         self.keep_step_metrics = keep_step_metrics
-        self.track_nonfinite = track_nonfinite or detect_anomaly
-        self.detect_anomaly = detect_anomaly
-        self.metrics_static: dict[str, PyTree] = {}
-        self.packed_names: dict[str, tuple[str, ...]] = {}
-        self._accumulator_shapes: dict[Any, PyTree] = {}
-        self._layouts: dict[tuple[str, str], tuple[tuple[str, ...], PackedMetrics]] = {}
-        self._jitted: dict[str, Callable] = {}
+        self.in_steps = dict(in_steps or {})
+        self.layouts: dict[str, MetricLayout] = {}
+        self._layouts_by_shape: dict[Any, MetricLayout] = {}
+        self._prefixed: dict[tuple[str, str], tuple[tuple[str, ...], PackedMetrics]] = {}
+        self._jitted: dict[Any, Callable] = {}
         self.batch_transform: Callable[[PyTree, jax.Array], PyTree] | None = None
 
     def set_batch_transform(self, transform: Callable[[PyTree, jax.Array], PyTree] | None) -> None:
@@ -295,10 +110,10 @@ class CompiledSteps:
         if transform != self.batch_transform:
             self.batch_transform = transform
             for key in list(self._jitted):
-                if isinstance(key, tuple) and key[0] in ("train", "train_many"):
+                if key[0] in ("train", "train_many"):
                     del self._jitted[key]
 
-    def _user_function(self, method: str) -> Callable | None:
+    def user_function(self, method: str) -> Callable | None:
         """The experiment class's `method` (what a retrace warning points at)."""
         return getattr(type(self.static), method, None)
 
@@ -328,283 +143,245 @@ class CompiledSteps:
         shardings = self.replicated if self.dyn_shardings is None else self.dyn_shardings
         return jax.lax.with_sharding_constraint(new_dyn, shardings)
 
-    def _metrics_parts(self, stage: str, metrics: Metrics) -> PyTree:
-        _check_metric_leaves(metrics, "train_step" if stage == "train" else "eval_step")
-        m_dyn, m_static = eqx.partition(metrics, eqx.is_array)
-        self.metrics_static[stage] = m_static
-        return m_dyn
+    # ---- the metrics' structure, out of band
+    def _step_metrics(self, stage: str, dyn: PyTree, batch: PyTree) -> Metrics:
+        """Traced abstractly: the `Metrics` one step of `stage` returns."""
+        if stage == "train":
+            exp = self.combine(dyn)
+            batch = self._transformed(batch, jnp.int32(0))
+            return check_train_output(call_step(exp, "train_step", batch), exp)[1]
+        exp = self.combine(dyn)
+        return check_metrics(call_step(exp, "eval_step", batch), exp, "eval_step")
+
+    def prepare(self, stage: str, dyn: PyTree, batch: PyTree) -> MetricLayout:
+        """Work out the metrics of a `stage` (`"train"` or `"eval"`) step on a batch like
+        `batch` (tracing abstractly: ~15 ms for a small model, once per signature), and keep
+        it for the compiled functions of that stage."""
+        key = (stage, _shape_key(dyn), _shape_key(batch), self.batch_transform)
+        layout = self._layouts_by_shape.get(key)
+        if layout is None:
+            metrics = eqx.filter_eval_shape(self._step_metrics, stage, dyn, batch)
+            check_metric_leaves(metrics, "train_step" if stage == "train" else "eval_step")
+            shapes, static = eqx.partition(metrics, _is_shape)
+            values = jax.eval_shape(lambda m: eqx.combine(m, static).compute(), shapes)
+            scalar_metrics(values, stage)
+            layout = MetricLayout(shapes, static, packed_names(values), frozenset(values))
+            self._layouts_by_shape[key] = layout
+        self.layouts[stage] = layout
+        return layout
+
+    def empty_accumulator(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
+        """Zeros shaped like one step's metrics arrays (overwritten by the first step)."""
+        shapes = self.prepare(stage, dyn, batch).shapes
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return jax.device_put(zeros, self.replicated)
+
+    def metric_names(self, stage: str, dyn: PyTree, batch: PyTree) -> frozenset[str]:
+        """The names `compute()` gives the metrics of a `stage` step (nothing runs)."""
+        return self.prepare(stage, dyn, batch).names
 
     def metrics(self, stage: str, m_dyn: PyTree) -> Metrics:
         """Rebuild a `Metrics` object from its arrays."""
-        return eqx.combine(m_dyn, self.metrics_static[stage])
+        return eqx.combine(m_dyn, self.layouts[stage].static)
 
-    # ---- single steps (traced bodies)
-    def _train_core(self, dyn, batch):
-        exp = self.combine(dyn)
-        new, metrics = _check_train_output(_call_step(exp, "train_step", batch), exp)
-        new_dyn = self._split_new(new, dyn)
-        _warn_if_unchanged(new, dyn)
-        return new_dyn, self._metrics_parts("train", metrics)
+    # ---- traced bodies
+    def _transformed(self, batch: PyTree, step: jax.Array) -> PyTree:
+        return batch if self.batch_transform is None else self.batch_transform(batch, step)
 
-    def _eval_core(self, dyn, batch):
-        exp = self.combine(dyn)
-        metrics = _check_metrics(_call_step(exp, "eval_step", batch), exp, "eval_step")
-        return self._metrics_parts("eval", metrics)
-
-    def _accumulate(self, stage, acc, m_dyn, reset):
+    def _accumulate(self, stage: str, acc: PyTree, m_dyn: PyTree, reset: jax.Array) -> PyTree:
         merged = self.metrics(stage, acc).merge(self.metrics(stage, m_dyn))
         return _select(reset, m_dyn, eqx.partition(merged, eqx.is_array)[0])
 
-    def _train_body(self, dyn, acc, batch, reset):
-        new_dyn, m_dyn = self._train_core(dyn, batch)
-        return new_dyn, self._accumulate("train", acc, m_dyn, reset), m_dyn
-
-    def _eval_body(self, dyn, acc, batch, reset):
-        m_dyn = self._eval_core(dyn, batch)
-        return self._accumulate("eval", acc, m_dyn, reset), m_dyn
-
-    # ---- public compiled functions
-    def _get(self, name: Any, build: Callable[[], Callable]) -> Callable:
-        fn = self._jitted.get(name)
-        if fn is None:
-            fn = self._jitted[name] = build()
-        return fn
-
-    @staticmethod
-    def _named(fn: Callable, name: str) -> Callable:
-        """Name the function so compile-time reports say `jit(train_step)`, not `jit(fn)`."""
-        fn.__name__ = fn.__qualname__ = name
-        return fn
-
-    def _transformed(self, batch, step):
-        return batch if self.batch_transform is None else self.batch_transform(batch, step)
-
-    def _close(self, stage, acc, total, reset):
-        """Traced: the interval's computed metrics, packed (see `PackedMetrics`), and the
-        interval folded into `total`."""
-        interval = self.metrics(stage, acc)
-        merged = self.metrics(stage, total).merge(interval)
-        names, vector, rest = pack_scalars(_scalar_metrics(interval.compute(), stage))
-        self.packed_names[stage] = names
-        return (vector, rest), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
-
-    def unpack(self, stage: str, packed: tuple[Any, Any], prefix: str = "") -> PackedMetrics:
-        """The `PackedMetrics` of a closed interval (`packed` from `train`/`close_interval`).
-
-        The prefixed names are built once per (stage, prefix), not per log."""
-        vector, rest = packed
-        names = self.packed_names[stage]
-        layout = self._layouts.get((stage, prefix))
-        if layout is None or layout[0] is not names:
-            layout = (names, PackedMetrics(names, None, prefix=prefix))
-            self._layouts[(stage, prefix)] = layout
-        if rest:
-            rest = {prefix + k: v for k, v in rest.items()}
-        return layout[1].with_values(vector, rest)
-
-    def _step(self, dyn, acc, batch, reset, guard, step, gather, decode=None):
+    def _train_step(self, dyn, acc, batch, reset, carries, step, gather, decode):
         """Traced: one training step on `batch` (or on `gather(batch, step)`), decoded by
-        `decode(batch)` if given."""
+        `decode` if given; the in-step reductions see it. Returns `(dyn, acc, step metrics
+        or None, carries, step + 1)`."""
         if gather is not None:
             batch = gather(batch, step)
         if decode is not None:
             batch = decode(batch)
         batch = self._transformed(batch, step)
-        dyn, acc, m_dyn = self._train_body(dyn, acc, batch, reset)
-        guard = _advance_guard(guard, m_dyn, step + 1, batch if self.detect_anomaly else None)
-        return dyn, acc, (m_dyn if self.keep_step_metrics else None), guard, step + 1
+        exp = self.combine(dyn)
+        new, metrics = check_train_output(call_step(exp, "train_step", batch), exp)
+        new_dyn = self._split_new(new, dyn)
+        warn_if_unchanged(new, dyn)
+        m_dyn = eqx.partition(metrics, eqx.is_array)[0]
+        acc = self._accumulate("train", acc, m_dyn, reset)
+        if carries is not None:
+            data = StepData(metrics, batch, step + 1)
+            carries = {k: self.in_steps[k].update(c, data) for k, c in carries.items()}
+        return new_dyn, acc, (m_dyn if self.keep_step_metrics else None), carries, step + 1
 
-    def train(
-        self, dyn_def, acc_def, *, closing: bool = False, gather=None, decode=None
-    ) -> Callable:
-        """The compiled single training step, on flat leaves (see `FlatTree`):
+    def _close(self, stage: str, acc: PyTree, total: PyTree, reset: jax.Array):
+        """Traced: the interval's metrics, packed (see `PackedMetrics`), and the interval
+        folded into `total`."""
+        interval = self.metrics(stage, acc)
+        merged = self.metrics(stage, total).merge(interval)
+        _, vector, rest = pack_scalars(scalar_metrics(interval.compute(), stage))
+        return (vector, rest), _select(reset, acc, eqx.partition(merged, eqx.is_array)[0])
 
-        `fn(dyn, acc, batch, reset, guard, step, total, epoch_reset)`, where `dyn`, `acc` and
-        `total` are the leaf lists of trees with structures `dyn_def` and `acc_def`.
+    def unpack(self, stage: str, packed: tuple[Any, Any], prefix: str = "") -> PackedMetrics:
+        """The `PackedMetrics` of a closed interval (`packed` from `train`/`close_interval`);
+        the prefixed names are built once per (stage, prefix), not per log."""
+        vector, rest = packed
+        names = self.layouts[stage].packed
+        layout = self._prefixed.get((stage, prefix))
+        if layout is None or layout[0] is not names:
+            layout = (names, PackedMetrics(names, None, prefix=prefix))
+            self._prefixed[(stage, prefix)] = layout
+        if rest:
+            rest = {prefix + k: v for k, v in rest.items()}
+        return layout[1].with_values(vector, rest)
 
-        `step` is the global step as an int32 device scalar (not donated): it keys the
-        batch transform and comes back incremented; it becomes ready only when the whole
-        step has run, so the loop also uses it to bound how far dispatch runs ahead.
+    # ---- the compiled functions
+    def _get(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+        fn = self._jitted.get(key)
+        if fn is None:
+            fn = self._jitted[key] = build()
+        return fn
 
-        With `closing`, the step also closes the log interval in the same call (see
-        `close_interval`; `total` and `epoch_reset` are used, otherwise pass `None`), saving
-        a dispatch per log. With `gather` (a hashable `gather(data, step) -> batch`, e.g. a
-        device-resident DataModule's), `batch` is that data and the batch is gathered inside
-        the step: one dispatch, no upload per step. With `decode` (a loader's deferred
-        transform, see `BatchLoader.split_transform`), the batch is decoded inside the step.
+    def train(self, defs: tuple, *, closing: bool = False, gather=None, decode=None) -> Callable:
+        """The compiled single training step on flat leaves (see `FlatTree`):
+        `fn(dyn, acc, batch, reset, carries, step, total, epoch_reset)`; `defs` are the
+        treedefs of `dyn`, the accumulators and the in-step carries.
 
-        The function returns `(dyn, acc, step_metrics_or_None, guard, step + 1)`, plus
-        `(packed, total)` when closing; it donates `dyn`, `acc`, `guard` (see
-        `track_nonfinite`; `None` passes through) and `total`.
+        `step` is the global step, an int32 device scalar (not donated): it keys the batch
+        transform and comes back incremented, ready only when the whole step has run (the
+        loop bounds how far dispatch runs ahead with it). With `closing` the step also closes
+        the log interval (`total`, `epoch_reset`; otherwise `None`): one dispatch per log,
+        not two. With `gather` (a hashable `gather(data, step) -> batch`) the batch is
+        gathered inside the step; with `decode` (a loader's deferred transform) it is decoded
+        there. Returns `(dyn, acc, step_metrics_or_None, carries, step + 1)`, plus
+        `(packed, total)` when closing; donates `dyn`, `acc`, `carries` and `total`.
         """
 
-        def build():
-            def fn(dyn, acc, batch, reset, guard, step, total, epoch_reset):
-                dyn = jax.tree.unflatten(dyn_def, dyn)
-                acc = jax.tree.unflatten(acc_def, acc)
+        def build() -> Callable:
+            def fn(dyn, acc, batch, reset, carries, step, total, epoch_reset):
+                dyn, acc, carries = self._unflatten(defs, dyn, acc, carries)
                 seen = batch if gather is None else jax.eval_shape(gather, batch, step)
-                self.trace_log.record(
-                    "train_and_log" if closing else "train",
-                    {"batch": seen, "metrics": acc},
-                    self._user_function("train_step"),
+                self._record("train_and_log" if closing else "train", seen, acc)
+                dyn, acc, ms, carries, step = self._train_step(
+                    dyn, acc, batch, reset, carries, step, gather, decode
                 )
-                dyn, acc, ms, guard, step = self._step(
-                    dyn, acc, batch, reset, guard, step, gather, decode
-                )
-                out = (jax.tree.leaves(dyn), jax.tree.leaves(acc), ms, guard, step)
+                out = (*self._flatten(dyn, acc, carries), ms, step)
                 if closing:
-                    total = jax.tree.unflatten(acc_def, total)
-                    packed, total = self._close("train", acc, total, epoch_reset)
+                    packed, total = self._close("train", acc, defs[1].unflatten(total), epoch_reset)
                     out += (packed, jax.tree.leaves(total))
                 return out
 
             name = "train_step_and_log" if closing else "train_step"
-            return jax.jit(self._named(fn, name), donate_argnums=(0, 1, 4, 6))
+            return jax.jit(_named(fn, name), donate_argnums=(0, 1, 4, 6))
 
-        return self._get(("train", closing, gather, decode, dyn_def, acc_def), build)
+        return self._get(("train", closing, gather, decode, defs), build)
 
-    def train_many(self, dyn_def, acc_def, *, gather=None, length=None, decode=None) -> Callable:
-        """The compiled `K` fused training steps, on flat leaves (see `train`):
-        `fn(dyn, acc, batches, reset, guard, step)` over stacked batches `(K, batch, ...)`
-        with `lax.scan`.
+    def train_many(self, defs: tuple, *, gather=None, length=None, decode=None) -> Callable:
+        """The compiled `K` fused training steps (`lax.scan`) on stacked batches `(K, batch,
+        ...)` (or, with `gather`, on its data, `length` giving `K`):
+        `fn(dyn, acc, batches, reset, carries, step) -> (dyn, acc, carries,
+        stacked_step_metrics_or_None, step + K)`. The log interval is closed by a separate
+        `close_interval` call."""
 
-        With `gather` (see `train`), `batches` is the gather's data and `length` gives `K`.
-        The log interval is closed by a separate `close_interval` call (once per K steps).
-
-        The function returns `(dyn, acc, stacked_step_metrics_or_None, guard, step + K)`.
-        """
-
-        def build():
-            def fn(dyn, acc, batches, reset, guard, step):
-                dyn = jax.tree.unflatten(dyn_def, dyn)
-                acc = jax.tree.unflatten(acc_def, acc)
+        def build() -> Callable:
+            def fn(dyn, acc, batches, reset, carries, step):
+                dyn, acc, carries = self._unflatten(defs, dyn, acc, carries)
                 seen = batches if gather is None else jax.eval_shape(gather, batches, step)
-                self.trace_log.record(
-                    "train_many",
-                    {"batches": seen, "metrics": acc},
-                    self._user_function("train_step"),
-                )
+                self._record("train_many", seen, acc, key="batches")
 
                 def body(carry, batch):
-                    dyn, acc, flag, guard, step = carry
+                    dyn, acc, flag, carries, step = carry
                     source = batches if gather is not None else batch
-                    dyn, acc, ms, guard, step = self._step(
-                        dyn, acc, source, flag, guard, step, gather, decode
+                    dyn, acc, ms, carries, step = self._train_step(
+                        dyn, acc, source, flag, carries, step, gather, decode
                     )
-                    return (dyn, acc, jnp.zeros_like(flag), guard, step), ms
+                    return (dyn, acc, jnp.zeros_like(flag), carries, step), ms
 
-                carry = (dyn, acc, reset, guard, step)
+                carry = (dyn, acc, reset, carries, step)
                 xs = None if gather is not None else batches
-                (dyn, acc, _, guard, step), ms = jax.lax.scan(body, carry, xs, length=length)
-                return jax.tree.leaves(dyn), jax.tree.leaves(acc), ms, guard, step
+                (dyn, acc, _, carries, step), ms = jax.lax.scan(body, carry, xs, length=length)
+                return (*self._flatten(dyn, acc, carries), ms, step)
 
-            return jax.jit(self._named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
+            return jax.jit(_named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
 
-        return self._get(("train_many", gather, length, decode, dyn_def, acc_def), build)
+        return self._get(("train_many", gather, length, decode, defs), build)
 
-    def evaluate(
-        self, dyn_def, acc_def, decode=None, *, stage: str = "eval", short: bool = False
-    ) -> Callable:
-        """The compiled evaluation step on flat leaves (see `train`):
-        `fn(dyn, acc, batch, reset) -> (acc, step_metrics_or_None, ticket)`; donates `acc`
-        only. `ticket` is a tiny output that is ready when the step has run (for the in-flight
-        bound). `decode`: as in `train`.
+    @staticmethod
+    def _unflatten(defs: tuple, dyn: list, acc: list, carries: list | None) -> tuple:
+        dyn_def, acc_def, carries_def = defs
+        unflat_carries = None if carries is None else carries_def.unflatten(carries)
+        return dyn_def.unflatten(dyn), acc_def.unflatten(acc), unflat_carries
+
+    @staticmethod
+    def _flatten(dyn: PyTree, acc: PyTree, carries: PyTree) -> tuple:
+        flat_carries = None if carries is None else jax.tree.leaves(carries)
+        return jax.tree.leaves(dyn), jax.tree.leaves(acc), flat_carries
+
+    def _record(self, name: str, batch: PyTree, acc: PyTree, key: str = "batch") -> None:
+        method = "train_step" if name.startswith("train") else "eval_step"
+        self.trace_log.record(name, {key: batch, "metrics": acc}, self.user_function(method))
+
+    def evaluate(self, defs: tuple, decode=None, *, stage: str = "eval", short: bool = False):
+        """The compiled evaluation step on flat leaves: `fn(dyn, acc, batch, reset) -> (acc,
+        step_metrics_or_None, ticket)`, donating `acc` only (`ticket`: a tiny output ready
+        when the step has run, for the in-flight bound; `decode`: as in `train`).
 
         `short`: the function for the short last batch of `stage`'s runs, which has its own
-        size (see `_eval_input`): a function of its own, traced once per stage and size, so
-        its compilation is not a retrace of the full-batch step."""
-        name = f"{stage}_last_batch" if short else "eval"
-        if decode is not None:
-            # A stage whose per-batch hooks keep the decode on the host has its own
-            # function (and name), not a retrace of this one.
-            name += "_decoded"
+        size (see `_eval_input`): compiled on its own, once per stage and size, so its
+        compilation is not a retrace of the full-batch step."""
+        name = (f"{stage}_last_batch" if short else "eval") + ("" if decode is None else "_decoded")
+        dyn_def, acc_def = defs
 
-        def build():
+        def build() -> Callable:
             def step(dyn, acc, batch, reset):
-                dyn = jax.tree.unflatten(dyn_def, dyn)
-                acc = jax.tree.unflatten(acc_def, acc)
-                self.trace_log.record(
-                    name, {"batch": batch, "metrics": acc}, self._user_function("eval_step")
-                )
+                dyn, acc = dyn_def.unflatten(dyn), acc_def.unflatten(acc)
+                self._record(name, batch, acc)
                 if decode is not None:
                     batch = decode(batch)
-                acc, m_dyn = self._eval_body(dyn, acc, batch, reset)
+                exp = self.combine(dyn)
+                metrics = check_metrics(call_step(exp, "eval_step", batch), exp, "eval_step")
+                m_dyn = eqx.partition(metrics, eqx.is_array)[0]
+                acc = self._accumulate("eval", acc, m_dyn, reset)
                 ms = m_dyn if self.keep_step_metrics else None
                 return jax.tree.leaves(acc), ms, jnp.logical_not(reset)
 
             fn_name = f"eval_step_{stage}_last_batch" if short else "eval_step"
-            return jax.jit(self._named(step, fn_name), donate_argnums=(1,))
+            return jax.jit(_named(step, fn_name), donate_argnums=(1,))
 
-        return self._get(("eval", name, decode, dyn_def, acc_def), build)
+        return self._get(("eval", name, decode, defs), build)
 
-    def predict(self, dyn, batch, decode=None, *, short: bool = False):
-        """One predict step: the experiment's `predict_step(batch)` outputs (`decode`: as in
-        `train`; `short`: the short last batch, see `evaluate`)."""
-        name = "predict_last_batch" if short else "predict"
-        if decode is not None:
-            name += "_decoded"
+    def predict(self, dyn: PyTree, batch: PyTree, decode=None, *, short: bool = False):
+        """One predict step: `predict_step(batch)`'s outputs (`decode`, `short`: as in
+        `evaluate`)."""
+        name = ("predict_last_batch" if short else "predict") + (
+            "" if decode is None else "_decoded"
+        )
 
-        def build():
+        def build() -> Callable:
             def step(dyn, batch):
-                self.trace_log.record(name, {"batch": batch}, self._user_function("predict_step"))
+                self.trace_log.record(name, {"batch": batch}, self.user_function("predict_step"))
                 if decode is not None:
                     batch = decode(batch)
-                return _call_step(self.combine(dyn), "predict_step", batch)
+                return call_step(self.combine(dyn), "predict_step", batch)
 
-            fn_name = "predict_step_last_batch" if short else "predict_step"
-            return jax.jit(self._named(step, fn_name))
+            return jax.jit(_named(step, "predict_step_last_batch" if short else "predict_step"))
 
         return self._get(("predict", name, decode), build)(dyn, batch)
 
-    def _metric_shapes(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
-        """The shapes of one step's metrics arrays, from tracing the step abstractly (~15 ms
-        for a small model), once per stage and argument signature."""
-        key = (stage, _shape_key(dyn), _shape_key(batch), self.batch_transform)
-        shapes = self._accumulator_shapes.get(key)
-        if shapes is None:
-            if stage == "train":
-                shapes = jax.eval_shape(
-                    lambda d, b: self._train_core(d, self._transformed(b, jnp.int32(0)))[1],
-                    dyn,
-                    batch,
-                )
-            else:
-                shapes = jax.eval_shape(self._eval_core, dyn, batch)
-            self._accumulator_shapes[key] = shapes
-        return shapes
+    def close_interval(self, stage: str, acc: PyTree, total: PyTree, reset: jax.Array):
+        """Compute the interval's metrics and fold the interval into the running total:
+        `(packed, new_total)`; `unpack(stage, packed)` makes the metrics mapping."""
 
-    def empty_accumulator(self, stage: str, dyn: PyTree, batch: PyTree) -> PyTree:
-        """Zeros shaped like one step's metrics arrays (overwritten by the first step); the
-        shapes are traced once per stage and signature, not at every fit or validation run."""
-        shapes = self._metric_shapes(stage, dyn, batch)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        return jax.device_put(zeros, self.replicated)
-
-    def metric_names(self, stage: str, dyn: PyTree, batch: PyTree | None) -> set[str]:
-        """The names `compute()` gives the metrics of a `stage` (`"train"` or `"eval"`) step
-        on a batch like `batch` (traced abstractly; nothing runs). Empty for no batch."""
-        if batch is None:
-            return set()
-        shapes = self._metric_shapes(stage, dyn, batch)
-        return set(jax.eval_shape(lambda m: self.metrics(stage, m).compute(), shapes))
-
-    def close_interval(self, stage: str, acc, total, reset):
-        """Compute the interval's metrics and fold the interval into the running total.
-
-        Returns `(packed, new_total)`; `unpack(stage, packed)` makes the metrics mapping.
-        """
-
-        def build():
+        def build() -> Callable:
             def fn(acc, total, reset):
                 return self._close(stage, acc, total, reset)
 
-            return jax.jit(self._named(fn, f"close_{stage}_interval"), donate_argnums=(1,))
+            return jax.jit(_named(fn, f"close_{stage}_interval"), donate_argnums=(1,))
 
-        return self._get(f"close_{stage}", build)(acc, total, reset)
+        return self._get(("close", stage), build)(acc, total, reset)
 
-    def compute(self, stage: str, acc) -> dict[str, jax.Array]:
+    def compute(self, stage: str, acc: PyTree) -> dict[str, jax.Array]:
         """`compute()` of an accumulator, on the device."""
-        return self._get(
-            f"compute_{stage}",
-            lambda: jax.jit(lambda a: _scalar_metrics(self.metrics(stage, a).compute(), stage)),
-        )(acc)
+
+        def build() -> Callable:
+            return jax.jit(lambda a: scalar_metrics(self.metrics(stage, a).compute(), stage))
+
+        return self._get(("compute", stage), build)(acc)

@@ -1,5 +1,6 @@
 """The feeder: validates host batches and puts them on the devices ahead of the step."""
 
+import collections
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -136,6 +137,27 @@ class BatchPreparer:
         if self.validate is not None:
             for batch in batches:
                 self.validate(batch)
+
+
+class InflightLimit:
+    """Bounds how many compiled steps may be dispatched but not yet finished.
+
+    JAX dispatch is asynchronous; unbounded, the host can run far ahead of the devices, and
+    on multi-device CPU (jax 0.10) ~100 queued steps that contain collectives deadlock. Before
+    dispatching more, wait for the step `max_inflight` calls back to *finish*: this only
+    waits (never copies a value to the host) and, with several steps still queued, never
+    leaves the device idle.
+    """
+
+    def __init__(self, max_inflight: int = 8):
+        self.max_inflight = max_inflight
+        self._tickets: collections.deque = collections.deque()
+
+    def add(self, ticket: PyTree) -> None:
+        """Record a just-dispatched step's (non-donated) output."""
+        self._tickets.append(ticket)
+        if len(self._tickets) > self.max_inflight:
+            jax.block_until_ready(self._tickets.popleft())
 
 
 class Prefetcher:

@@ -5,26 +5,45 @@ from typing import TYPE_CHECKING, Any
 
 from .._experiment import Experiment
 from .._hook_names import HOOK_NAMES
-from ..callbacks._callback import Callback
+from .._view import TrainerView
+from ..callbacks import Callback
 
 if TYPE_CHECKING:
-    from ._trainer import Trainer
+    from ._run import Run
 
 
 def _overrides(obj: object, base: type, name: str) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name)
 
 
-class Hooks:
-    """Resolves, once per run, which objects override which hook.
+def callback_keys(callbacks: Sequence[Callback]) -> list[tuple[str, Callback]]:
+    """Stable names for callbacks in a checkpoint: `state_key` if a callback has one, else its
+    class name; repeated names get `#1`, `#2`, ... in order."""
+    seen: dict[str, int] = {}
+    out = []
+    for cb in callbacks:
+        base = getattr(cb, "state_key", None) or type(cb).__qualname__
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append((base if n == 0 else f"{base}#{n}", cb))
+    return out
 
-    `hooks.active(name)` is `False` when nobody overrides `name`, so the loop can skip a
-    per-batch hook entirely. The experiment's hook runs first (it may return a replacement
-    experiment, which the callbacks then see), then the callbacks in order.
+
+class Hooks:
+    """Resolves, once per run, which objects override which hook, and calls them.
+
+    `active(name)` is `False` when nobody overrides `name`, so the loop can skip a per-batch
+    hook entirely. The experiment's hook runs first (it may return a replacement experiment,
+    which the callbacks then see), then the callbacks in order. Hooks receive `view` (the
+    Trainer, as a `TrainerView`).
     """
 
-    def __init__(self, callbacks: Sequence[Callback], experiment: Experiment):
+    def __init__(
+        self, callbacks: Sequence[Callback], experiment: Experiment, view: TrainerView, run: "Run"
+    ):
         self.callbacks = list(callbacks)
+        self.view = view
+        self.run = run
         self._callbacks_for = {
             name: [cb for cb in self.callbacks if _overrides(cb, Callback, name)]
             for name in HOOK_NAMES
@@ -45,14 +64,15 @@ class Hooks:
     def active(self, name: str) -> bool:
         return self._experiment_has[name] or bool(self._callbacks_for[name])
 
-    def call(self, trainer: "Trainer", name: str, *args: Any) -> None:
+    def call(self, name: str, *args: Any) -> None:
         """Call hook `name` on the experiment (which may replace itself) and the callbacks."""
+        run, view = self.run, self.view
         if self._experiment_has[name]:
-            experiment = trainer.experiment
-            replacement = getattr(experiment, name)(trainer, *args)
+            experiment = run.experiment
+            replacement = getattr(experiment, name)(view, *args)
             if replacement is not None:
                 where = f"{type(experiment).__name__}.{name}"
-                trainer._replace_experiment(replacement, where, getattr(type(experiment), name))
+                run.replace_experiment(replacement, where, getattr(type(experiment), name))
         callbacks = self._callbacks_for[name]
         if callbacks:
             # Rebuilding the experiment from its arrays costs ~30-100 us: only for callbacks
@@ -60,5 +80,5 @@ class Hooks:
             experiment = None
             for cb in callbacks:
                 if experiment is None and cb._reads_experiment:
-                    experiment = trainer.experiment
-                getattr(cb, name)(trainer, experiment, *args)
+                    experiment = run.experiment
+                getattr(cb, name)(view, experiment, *args)

@@ -4,15 +4,17 @@ never stopped."""
 import dataclasses
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
 
-from ..callbacks._callback import Callback
-from ._tree import is_key, leaves_with_paths
+from .._checks import check_int
+from ..callbacks import Callback, ModelCheckpoint
+from ..checkpointing._tree import is_key, leaves_with_paths
+from ._trainer import Trainer
 
 
 class _Interrupted(Exception):
@@ -191,14 +193,10 @@ def check_resume(
     assert report, report
     ```
     """
-    from ..callbacks._model_checkpoint import ModelCheckpoint
-    from ..trainer import Trainer
-
-    if isinstance(interrupt_at, bool) or not isinstance(interrupt_at, int) or interrupt_at < 1:
-        raise ValueError(f"`interrupt_at` must be an int >= 1, got {interrupt_at!r}.")
+    check_int("check_resume(interrupt_at=...)", interrupt_at, minimum=1)
     make_kwargs = _kwargs_factory(trainer_kwargs)
 
-    def trainer(extra_callbacks: list[Callback] = ()) -> Trainer:
+    def trainer(extra_callbacks: Sequence[Callback] = ()) -> Trainer:
         kwargs = make_kwargs()
         kwargs.setdefault("enable_progress_bar", False)
         if kwargs.get("fast_dev_run"):
@@ -208,21 +206,10 @@ def check_resume(
 
     straight = trainer()
     expected = straight.fit(make_experiment(), make_datamodule())
-    total = straight.global_step
-    if interrupt_at >= total:
-        raise ValueError(
-            f"`interrupt_at={interrupt_at}` but the whole run has {total} steps; choose a step "
-            f"from 1 to {total - 1}."
-        )
-    if interrupt_at % straight.steps_per_execution:
-        raise ValueError(
-            f"`interrupt_at={interrupt_at}` is not a multiple of `steps_per_execution="
-            f"{straight.steps_per_execution}`: a run can only stop between fused calls."
-        )
+    _check_interrupt(interrupt_at, straight)
     with tempfile.TemporaryDirectory(prefix="solstice-check-resume-") as tmp:
-        directory = dirpath or tmp
         checkpoint = ModelCheckpoint(
-            directory, every_n_train_steps=interrupt_at, every_n_epochs=None
+            dirpath or tmp, every_n_train_steps=interrupt_at, every_n_epochs=None
         )
         first = trainer([checkpoint, _InterruptAt(interrupt_at)])
         try:
@@ -234,24 +221,40 @@ def check_resume(
             raise RuntimeError(f"The run was not checkpointed at step {interrupt_at}.")
         resumed = trainer()
         got = resumed.fit(make_experiment(), make_datamodule(), ckpt_path=path)
-
-        differences: list[str] = []
-        _compare_arrays(expected, got, differences)
-        _compare_metrics(
-            "progress",
-            straight.progress.state_dict(),
-            resumed.progress.state_dict(),
-            differences,
-        )
-        _compare_metrics(
-            "callback_metrics", straight.callback_metrics, resumed.callback_metrics, differences
-        )
-        for t in (straight, resumed):
-            t._logging.flush()
-        _compare_metrics(
-            "logged metric", straight.history.metrics, resumed.history.metrics, differences
-        )
-        _compare_metrics("log steps of", straight.history.steps, resumed.history.steps, differences)
+        differences = _differences(straight, expected, resumed, got)
         for t in (straight, first, resumed):
             t.close()
-    return ResumeReport(interrupt_at, total, path, differences)
+    return ResumeReport(interrupt_at, straight.global_step, path, differences)
+
+
+def _check_interrupt(interrupt_at: int, straight: Trainer) -> None:
+    total = straight.global_step
+    if interrupt_at >= total:
+        raise ValueError(
+            f"`interrupt_at={interrupt_at}` but the whole run has {total} steps; choose a step "
+            f"from 1 to {total - 1}."
+        )
+    if interrupt_at % straight.steps_per_execution:
+        raise ValueError(
+            f"`interrupt_at={interrupt_at}` is not a multiple of `steps_per_execution="
+            f"{straight.steps_per_execution}`: a run can only stop between fused calls."
+        )
+
+
+def _differences(straight: Trainer, expected: Any, resumed: Trainer, got: Any) -> list[str]:
+    """What differs between the run that never stopped and the resumed one."""
+    differences: list[str] = []
+    _compare_arrays(expected, got, differences)
+    _compare_metrics(
+        "progress", straight.progress.state_dict(), resumed.progress.state_dict(), differences
+    )
+    _compare_metrics(
+        "callback_metrics", straight.callback_metrics, resumed.callback_metrics, differences
+    )
+    for t in (straight, resumed):
+        t.flush_logs()
+    _compare_metrics(
+        "logged metric", straight.history.metrics, resumed.history.metrics, differences
+    )
+    _compare_metrics("log steps of", straight.history.steps, resumed.history.steps, differences)
+    return differences

@@ -1,0 +1,86 @@
+"""In-step reductions: a callback's own computation inside the compiled training step.
+
+A callback that needs a value of every step (whether any was not finite, a norm) cannot
+read it from the device per step without stalling training. Instead it declares an `InStep`
+(`Callback.in_step`): the Trainer carries its state through the compiled step, updates it
+at every step on the device, keeps it in checkpoints, and hands it over on request
+(`trainer.in_step_value(callback)`), e.g. at log intervals (Levanter's
+`JitCallback.inside_step`).
+"""
+
+import abc
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from ._metrics import Metrics
+
+
+class StepData(NamedTuple):
+    """What an `InStep` sees of one training step (traced values).
+
+    - `metrics`: the `Metrics` the step returned.
+    - `batch`: the batch `train_step` received.
+    - `step`: the global step just taken, counting from 1 (an int32 scalar).
+    """
+
+    metrics: Metrics
+    batch: PyTree
+    step: jax.Array
+
+
+class InStep(abc.ABC):
+    """A reduction computed inside the compiled training step.
+
+    **Example:**
+
+    ```python
+    class MaxLoss(InStep):
+        def init(self):
+            return jnp.asarray(-jnp.inf, jnp.float32)
+
+        def update(self, carry, data):
+            return jnp.maximum(carry, data.metrics.compute()["loss"])
+    ```
+    """
+
+    @abc.abstractmethod
+    def init(self) -> PyTree:
+        """The initial state: a pytree of arrays (placed on every device)."""
+
+    @abc.abstractmethod
+    def update(self, carry: PyTree, data: StepData) -> PyTree:
+        """Traced, once per training step: the new state from the old one and the step."""
+
+
+class FirstNonFinite(InStep):
+    """The first step (counting from 1) whose metrics, and with `inputs=True` whose batch,
+    held NaN or inf; -1 while there is none. An int32 scalar.
+
+    **Arguments:**
+
+    - `inputs`: also check every floating leaf of the batch.
+    """
+
+    def __init__(self, inputs: bool = False):
+        self.inputs = inputs
+
+    def init(self) -> jax.Array:
+        return jnp.asarray(-1, jnp.int32)
+
+    def update(self, carry: jax.Array, data: StepData) -> jax.Array:
+        trees = (data.metrics, data.batch) if self.inputs else (data.metrics,)
+        checks = [
+            jnp.all(jnp.isfinite(x))
+            for x in jax.tree.leaves(trees)
+            if jnp.issubdtype(x.dtype, jnp.inexact)
+        ]
+        if not checks:
+            return carry
+        finite = jnp.all(jnp.stack(checks))
+        return jnp.where((carry < 0) & ~finite, data.step, carry)
+
+    def __repr__(self) -> str:
+        return f"FirstNonFinite(inputs={self.inputs})"

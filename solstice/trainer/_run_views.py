@@ -1,0 +1,116 @@
+"""`RunViews`: what the Trainer shows of its current (or last) run, read-only.
+
+The state lives in the `Run`; these properties are the Trainer's typed views of it (the
+`TrainerView` protocol that hooks receive), defined apart from the Trainer's settings and
+actions.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+import jax
+from jaxtyping import PyTree
+
+from .._experiment import Experiment
+from .._progress import Progress
+from ..callbacks import ModelCheckpoint
+from ..datamodules import DataModule
+from ._hooks import callback_keys
+from ._sharding_rules import describe_shardings
+
+if TYPE_CHECKING:
+    from ._placement import Placement
+    from ._run import Run
+
+
+class RunViews:
+    """Read-only views of the Trainer's current run (a mixin of `Trainer`)."""
+
+    _run: "Run | None"
+    _placement: "Placement"
+    _logged: dict[tuple[str, ...], Any]
+    callbacks: list[Any]
+
+    def _current(self) -> "Run":
+        if self._run is None:
+            raise RuntimeError("The Trainer has no experiment yet; call `fit` (or test, ...).")
+        return self._run
+
+    @property
+    def progress(self) -> Progress:
+        """Epoch, global step, batch within the epoch, validations, stage."""
+        return Progress() if self._run is None else self._run.progress
+
+    @property
+    def current_epoch(self) -> int:
+        return self.progress.epoch
+
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
+
+    @property
+    def experiment(self) -> Experiment:
+        """The current experiment (its arrays live on the Trainer's devices)."""
+        return self._current().experiment
+
+    @property
+    def datamodule(self) -> DataModule | None:
+        """The DataModule of the current (or last) run."""
+        return None if self._run is None else self._run.datamodule
+
+    @property
+    def num_training_batches(self) -> int | None:
+        return None if self._run is None else self._run.num_training_batches
+
+    @property
+    def train_batch_size(self) -> int | None:
+        """The global training batch size, once the first batch has been seen."""
+        return None if self._run is None else self._run.train_batch_size
+
+    @property
+    def should_stop(self) -> bool:
+        return self._run is not None and self._run.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self._current().should_stop = bool(value)
+
+    @property
+    def stopped(self) -> dict[str, Any] | None:
+        """Why and where `fit` stopped (`by`, `reason`, `epoch`, `global_step`), or `None`."""
+        return None if self._run is None else self._run.stopped
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return self._placement.devices
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self._placement.mesh
+
+    @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        """The `ModelCheckpoint` callbacks (`ckpt_path="last"`/`"best"` use the first)."""
+        return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+
+    @property
+    def logged_metrics(self) -> dict[str, Any]:
+        """The latest value of every metric logged so far (device arrays or numbers)."""
+        out: dict[str, Any] = {}
+        for metrics in self._logged.values():
+            out.update(metrics)
+        return out
+
+    def in_step_value(self, callback: Any) -> PyTree:
+        """The current on-device state of `callback.in_step()` (reading it to the host is a
+        device sync: at log intervals, not per step)."""
+        for key, cb in callback_keys(self.callbacks):
+            if cb is callback:
+                return self._current().in_step_value(key)
+        raise ValueError(f"{callback!r} is not a callback of this Trainer.")
+
+    def describe_shardings(self) -> str:
+        """A table of the experiment's arrays: path, shape, `PartitionSpec` and the bytes each
+        device holds (see `sharding_rules`)."""
+        dyn = self._current().dyn
+        return describe_shardings(dyn, jax.tree.map(lambda x: x.sharding, dyn))

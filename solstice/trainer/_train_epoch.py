@@ -1,0 +1,184 @@
+"""One training epoch: take the input, call the compiled step, advance, let components act.
+
+Nothing here reads a device value back, except at log intervals (on the loggers' thread) and
+with `detect_anomaly` (a debugging option).
+"""
+
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from jaxtyping import PyTree
+
+from ..datamodules import Loader
+from ._feeder import InflightLimit
+from ._preflight import at_first_batch
+from ._run import ANOMALY
+from ._train_input import TrainInput, train_input
+
+if TYPE_CHECKING:
+    from ._run import Run
+
+
+def _slice(tree: PyTree, i: int) -> PyTree:
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+class TrainCaller:
+    """Calls the compiled training functions on the run's flat state, and keeps it.
+
+    The functions are looked up once per epoch and kind (single or fused, closing the log
+    interval or not), and again only when a hook replaced the experiment with one of
+    another structure.
+    """
+
+    def __init__(self, run: "Run", source: TrainInput):
+        self.run = run
+        self.source = source
+        self._fns: dict[tuple[int, bool], Any] = {}
+        self._steps = run.steps
+        self._dyn_def = run.experiment_state.treedef
+
+    def _fn(self, n: int, batch: PyTree, closing: bool) -> Any:
+        run, source = self.run, self.source
+        if run.steps is not self._steps or run.experiment_state.treedef is not self._dyn_def:
+            # a hook replaced the experiment with one of another structure: its own steps
+            self._steps, self._dyn_def = run.steps, run.experiment_state.treedef
+            self._steps.prepare("train", run.dyn, source.spec(n, batch))
+            self._fns.clear()
+        fn = self._fns.get((n, closing))
+        if fn is None:
+            defs = (self._dyn_def, run.accumulators.acc_flat.treedef, run.in_step_state.treedef)
+            if n == 1:
+                fn = self._steps.train(
+                    defs, closing=closing, gather=source.gather, decode=source.decode
+                )
+            else:
+                fn = self._steps.train_many(
+                    defs, gather=source.gather, length=source.length, decode=source.decode
+                )
+            self._fns[(n, closing)] = fn
+        return fn
+
+    def __call__(self, n: int, batch: PyTree, closing: bool) -> tuple[PyTree, Any]:
+        """Run `n` steps on `batch`; `(step metrics or None, packed interval or None)`.
+        Single steps close the log interval in the same call (one dispatch, not two); fused
+        calls close it separately (`Run.close_interval`)."""
+        run = self.run
+        acc, carries = run.accumulators, run.in_step_state
+        args = [
+            run.experiment_state.leaves,
+            acc.acc_flat.leaves,
+            batch,
+            acc.reset_flag(),
+            carries.leaves,
+            run.step_counter,
+        ]
+        close_inside = closing and n == 1
+        if n == 1:
+            args += (acc.total_flat.leaves, acc.epoch_flag()) if close_inside else (None, None)
+        out = self._fn(n, batch, close_inside)(*args)
+        run.experiment_state.leaves, acc.acc_flat.leaves, new_carries = out[:3]
+        if new_carries is not None:
+            carries.leaves = new_carries
+        step_metrics, run.step_counter = out[3:5]
+        packed = None
+        if close_inside:
+            packed, acc.total_flat.leaves = out[5:]
+        acc.steps_in_interval += n
+        return step_metrics, packed
+
+
+def _first_batch(run: "Run", spec: PyTree) -> None:
+    """Before the first step of the epoch: the batch size, the accumulators, the checks."""
+    if run.train_batch_size is None:  # the global size, from shapes only
+        run.train_batch_size = jax.tree.leaves(spec)[0].shape[0]
+    if not run.accumulators.ready:
+        run.accumulators.init(run.steps.empty_accumulator("train", run.dyn, spec))
+    at_first_batch(run, spec)
+
+
+def _advance(run: "Run", n: int, step_metrics: PyTree, batch: PyTree, hooks: bool) -> None:
+    """Count `n` steps done; with per-batch end hooks, one at a time, each hook seeing the
+    position after its own step."""
+    progress = run.progress
+    if not hooks:
+        progress.global_step += n
+        progress.batch_idx += n
+        return
+    for i in range(n):
+        progress.global_step += 1
+        progress.batch_idx += 1
+        one = step_metrics if n == 1 else _slice(step_metrics, i)
+        run.hooks.call(
+            "on_train_batch_end",
+            run.steps.metrics("train", one),
+            batch if n == 1 else _slice(batch, i),
+            progress.batch_idx - 1,
+        )
+
+
+def run_train_epoch(run: "Run", loader: Loader, count: int | None, boundary: Any) -> None:
+    """Run (the rest of) one training epoch; stop early on `should_stop` or `max_steps`.
+    `boundary()` is called after every compiled call (checkpoints, signals)."""
+    trainer, progress, hooks = run.trainer, run.progress, run.hooks
+    if trainer.max_steps is not None:
+        remaining = progress.batch_idx + max(0, trainer.max_steps - progress.global_step)
+        count = remaining if count is None else min(count, remaining)
+    batch_start, batch_end = (hooks.active(f"on_train_batch_{e}") for e in ("start", "end"))
+    needs_batches = batch_start or batch_end or trainer.detect_anomaly
+    inflight = InflightLimit()
+    with train_input(run, loader, count, needs_batches) as source:
+        call = TrainCaller(run, source)
+        for n, batch in source.items:
+            if not run.accumulators.ready or run.train_batch_size is None:
+                _first_batch(run, source.spec(n, batch))
+            for i in range(n) if batch_start else ():
+                one = batch if n == 1 else _slice(batch, i)
+                hooks.call("on_train_batch_start", one, progress.batch_idx + i)
+            closing = (progress.global_step + n) % trainer.log_every_n_steps == 0
+            step_metrics, packed = call(n, batch, closing)
+            inflight.add(run.step_counter)
+            if trainer.detect_anomaly:
+                check_anomaly(run, batch, n, progress.global_step)
+            _advance(run, n, step_metrics, batch, batch_end)
+            if packed is not None:  # the step closed the log interval on the device as well
+                run.publish_interval(packed)
+            elif closing:
+                run.close_interval()
+            boundary()  # step-triggered checkpoints, SIGINT/SIGTERM
+            if run.should_stop:
+                break
+    if run.accumulators.restoring:
+        # Resumed at the very end of an epoch's batches: no step has shown the metrics'
+        # structure yet, so take it from the epoch's first batch.
+        first = next(iter(loader))  # its shapes only
+        run.accumulators.init(run.steps.empty_accumulator("train", run.dyn, first))
+    if run.accumulators.steps_in_interval:
+        run.close_interval()
+
+
+def check_anomaly(run: "Run", batch: PyTree, n: int, first_step: int) -> None:
+    """`detect_anomaly`: after a call of `n` steps that began after global step
+    `first_step`, raise at the first step whose batch or metrics were not finite."""
+    bad = int(run.in_step_value(ANOMALY))  # the one read per call this debugging option costs
+    if bad < 0:
+        return
+    one = batch if n == 1 else _slice(batch, bad - first_step - 1)
+    host = jax.device_get(one)
+    leaves = [
+        f"`batch{jax.tree_util.keystr(path)}`"
+        for path, x in jax.tree_util.tree_leaves_with_path(host)
+        if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.isfinite(x).all()
+    ]
+    where = f"training step {bad} (epoch {run.progress.epoch}, counting steps from 1)"
+    if leaves:
+        raise FloatingPointError(
+            f"detect_anomaly: the input of {where} is not finite: {', '.join(leaves)} holds "
+            "NaN or inf. Clean the data (or the DataModule's transform) that produces it."
+        )
+    raise FloatingPointError(
+        f"detect_anomaly: the metrics (the loss) of {where} are not finite, with finite "
+        "inputs: the step itself produced NaN or inf (a learning rate too high, a log or "
+        "division of 0, an overflow in low precision...)."
+    )
