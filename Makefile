@@ -12,17 +12,21 @@ TORCH := torch==2.13.0
 # extra pytest arguments, e.g. `make test PYTEST_ARGS="tests/test_trainer.py -x"`
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test lint docs env
+.PHONY: quickstart test lint typecheck docs env
 
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 test: $(STAMP)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict

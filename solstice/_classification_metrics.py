@@ -249,7 +249,7 @@ class ClassificationMetrics(Metrics):
         )
         self.num_classes = num_classes
 
-    def merge(self, other: "ClassificationMetrics") -> "ClassificationMetrics":
+    def merge(self, other: Metrics) -> "ClassificationMetrics":
         """Return the metrics of both sets of examples together (sums every count)."""
         if not isinstance(other, ClassificationMetrics):
             raise TypeError(

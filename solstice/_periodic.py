@@ -25,8 +25,8 @@ class Every:
     - `steps`: fire at every multiple of this count (`None`: never by count).
     - `seconds`: fire when this much time has passed (a number or a `datetime.timedelta`;
       `None`: never by time).
-    - `clock`: the time source, `time.monotonic` by default; pass a function to drive time
-      in tests.
+    - `clock`: the time source, `time.monotonic` by default (looked up at each call, so a
+      patched `time.monotonic` is seen); pass a function to drive time in tests.
 
     **Example:**
 
@@ -46,11 +46,13 @@ class Every:
         steps: int | None = None,
         seconds: Any = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ):
         check_int("Every(steps=...)", steps, minimum=1, allow_none=True)
         self.steps = steps
         self.seconds = check_seconds("Every(seconds=...)", seconds)
+        if clock is None:
+            clock = _monotonic
         if not callable(clock):
             raise TypeError(
                 f"`Every(clock=...)` must be a function returning seconds, got {clock!r}."
@@ -66,8 +68,13 @@ class Every:
 
     def step_due(self, step: int) -> bool:
         """Whether a multiple of `steps` lies in `(last_step, step]`."""
+        return self.crossed(self.last_step, step)
+
+    def crossed(self, start: int, stop: int) -> bool:
+        """Whether a multiple of `steps` lies in `(start, stop]` (a call taking the count
+        from `start` to `stop`), whatever happened before."""
         n = self.steps
-        return bool(n) and step // n > self.last_step // n
+        return n is not None and stop // n > start // n
 
     def time_due(self) -> bool:
         """Whether `seconds` have passed since the last firing (or `start`)."""
@@ -89,3 +96,7 @@ class Every:
 
     def __repr__(self) -> str:
         return f"Every(steps={self.steps}, seconds={self.seconds})"
+
+
+def _monotonic() -> float:
+    return time.monotonic()

@@ -180,8 +180,8 @@ class SGDOptimizer(Optimizer):
                 )
 
         if callable(self.learning_rate):
-            step_size = -jnp.asarray(self.learning_rate(self.count))
-            updates = jax.tree.map(lambda u: jnp.asarray(step_size, u.dtype) * u, updates)
+            rate = -jnp.asarray(self.learning_rate(self.count))
+            updates = jax.tree.map(lambda u: jnp.asarray(rate, u.dtype) * u, updates)
         else:
             step_size = -self.learning_rate  # a Python float: takes each leaf's dtype
             updates = jax.tree.map(lambda u: step_size * u, updates)

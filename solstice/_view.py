@@ -50,7 +50,9 @@ class TrainerView(Protocol):
     log_every_n_steps: int
     steps_per_execution: int
     fast_dev_run: int
-    loggers: Sequence["Logger"]
+
+    @property
+    def loggers(self) -> Sequence["Logger"]: ...
 
     @property
     def hparams(self) -> dict[str, Any]: ...

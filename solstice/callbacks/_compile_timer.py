@@ -125,7 +125,7 @@ class CompileTimer:
     def start(self) -> "CompileTimer":
         """Begin listening (idempotent). Returns the timer."""
         if not self._active:
-            jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+            jax.monitoring.register_event_duration_secs_listener(self._on_duration)  # type: ignore[arg-type]
             jax.monitoring.register_event_listener(self._on_event)
             self._active = True
         return self
@@ -133,7 +133,7 @@ class CompileTimer:
     def stop(self) -> CompileStats:
         """Stop listening (idempotent). Returns the stats so far."""
         if self._active:
-            jax.monitoring.unregister_event_duration_listener(self._on_duration)
+            jax.monitoring.unregister_event_duration_listener(self._on_duration)  # type: ignore[arg-type]
             jax.monitoring.unregister_event_listener(self._on_event)
             self._active = False
         return self.stats

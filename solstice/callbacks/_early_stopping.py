@@ -8,6 +8,7 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from .._checks import check_int
 from .._view import TrainerView
 from ..checkpointing._export import load
 from ..checkpointing._tree import LeafSpec, from_storage, to_storage
@@ -83,11 +84,8 @@ class EarlyStopping(Callback):
         restore_best: bool = False,
     ):
         check_mode(mode, "EarlyStopping")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(
-                f"`EarlyStopping(patience=...)` must be an int >= 0, got {patience!r}."
-            )
-        min_delta = _optional_float("min_delta", min_delta)
+        check_int("`EarlyStopping(patience=...)`", patience)
+        min_delta = _optional_float("min_delta", min_delta) or 0.0
         if min_delta < 0:
             raise ValueError(
                 f"`EarlyStopping(min_delta={min_delta})` must be >= 0; it is the least change "

@@ -242,7 +242,7 @@ class LoggingCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        run_ids = [None] * len(self.loggers)
+        run_ids: list[str | None] = [None] * len(self.loggers)
         if self._workers:
             run_ids = [worker.run_id for worker in self._workers]
         return {"records": self._published, "run_ids": run_ids}
@@ -266,6 +266,7 @@ class LoggingCallback(Callback):
             self._published = int(records)
 
     def _start_resume(self) -> None:
+        assert self._resume is not None
         (records, run_ids), self._resume = self._resume, None
         if records is None:  # an older checkpoint: count what the history holds
             self._published = self.history.num_records

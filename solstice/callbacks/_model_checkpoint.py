@@ -328,11 +328,11 @@ class ModelCheckpoint(Callback, Saver):
             return False
         if k == -1 or len(self.best_k_models) < k:
             return True
-        return better(score, self.best_k_models[self.kth_best_model_path], self.mode)
+        return better(score, self._score(self.kth_best_model_path), self.mode)
 
     def _record(self, path: str, score: float | None, top_k: bool) -> list[str]:
         """Update the bookkeeping for a new checkpoint; return the paths it makes obsolete."""
-        evicted = []
+        evicted: list[str] = []
         previous_last = self.last_model_path
         if top_k:
             if self.monitor is None:
@@ -349,7 +349,7 @@ class ModelCheckpoint(Callback, Saver):
                     del self.best_k_models[drop]
                 best = max(
                     self.best_k_models,
-                    key=lambda p: self.best_k_models[p] * (1 if self.mode == "max" else -1),
+                    key=lambda p: self._score(p) * (1 if self.mode == "max" else -1),
                 )
                 self.best_model_path = best
                 self.best_model_score = self.best_k_models[best]
@@ -363,7 +363,12 @@ class ModelCheckpoint(Callback, Saver):
     def _kth(self) -> str:
         """The worst of the kept best (the first to go)."""
         sign = -1 if self.mode == "max" else 1
-        return max(self.best_k_models, key=lambda p: sign * self.best_k_models[p])
+        return max(self.best_k_models, key=lambda p: sign * self._score(p))
+
+    def _score(self, path: str) -> float:
+        """The score of a kept checkpoint (with a `monitor`, every kept one has one)."""
+        score = self.best_k_models[path]
+        return worst(self.mode) if score is None else score
 
     def _new_path(self, trainer: TrainerView, taken: set[Path]) -> Path:
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}"

@@ -27,7 +27,7 @@ def _row(name: str, tree: Any) -> tuple[str, str, int, int, str]:
 
 
 def _children(module: Any, prefix: str, depth: int) -> list[tuple[str, Any]]:
-    out = []
+    out: list[tuple[str, Any]] = []
     if isinstance(module, (list, tuple)):
         items = [(f"{prefix}[{i}]", v) for i, v in enumerate(module)]
     elif isinstance(module, eqx.Module):

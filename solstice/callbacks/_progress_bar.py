@@ -1,9 +1,9 @@
 """`ProgressBar`: a tqdm bar per epoch with live metrics, without syncing the device."""
 
 import sys
-import time
 from typing import Any
 
+from .._periodic import Every
 from ._callback import Callback
 
 
@@ -41,7 +41,7 @@ class ProgressBar(Callback):
         self._shown: dict[str, str] = {}
         self._wanted_names: dict[str, bool] = {}  # a cache of `_wanted`, for `_wanted_for`
         self._wanted_for = self.metrics
-        self._next_update = 0.0  # time.monotonic() at which the bar may next be redrawn
+        self._redraw = Every(seconds=0.1)  # tqdm's `mininterval`, set with the bar
 
     def _wanted(self, name: str) -> bool:
         if self._wanted_for is not self.metrics:  # `metrics` was changed
@@ -70,7 +70,7 @@ class ProgressBar(Callback):
         """Bring the bar to the current batch, with fresh metrics (tqdm redraws if due)."""
         self._refresh(trainer)
         self._bar.update(trainer.progress.batch_idx - self._bar.n)
-        self._next_update = time.monotonic() + self._bar.mininterval
+        self._redraw.fired(trainer.progress.batch_idx)
 
     def on_train_epoch_start(self, trainer, experiment) -> None:
         from tqdm.auto import tqdm
@@ -86,12 +86,13 @@ class ProgressBar(Callback):
             miniters=1,  # redraw at every update after `mininterval`; `on_log` paces them
             file=sys.stderr,
         )
-        self._next_update = 0.0
+        self._redraw = Every(seconds=self._bar.mininterval)
+        self._redraw.last_time = float("-inf")  # the first interval redraws at once
 
     def on_log(self, trainer, experiment, metrics: dict[str, Any], step: int) -> None:
         # Called at every log interval (every step with `log_every_n_steps=1`): only the clock
         # is read, until tqdm would redraw anyway.
-        if self._bar is None or time.monotonic() < self._next_update:
+        if self._bar is None or not self._redraw.time_due():
             return
         if trainer.progress.stage == "train":
             self._update(trainer)

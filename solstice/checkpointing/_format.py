@@ -178,7 +178,8 @@ def candidates(dirpath: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     whose metadata was damaged, or that was emptied, is still found, and reported).
     """
     dirpath = Path(dirpath)
-    found, partial = [], []
+    found: list[Path] = []
+    partial: list[Path] = []
     if not dirpath.is_dir():
         return found, partial
     for child in sorted(dirpath.iterdir()):

@@ -12,6 +12,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable
+from typing import Any
 
 
 def _check_member(member: tarfile.TarInfo, archive: str) -> None:
@@ -74,7 +75,7 @@ def safe_extract(
                 )
         tmp = tempfile.mkdtemp(dir=dest, prefix=".extract-")
         try:
-            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, members=files, **kwargs)
             placed = []
             for info in files:

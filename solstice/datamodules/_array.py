@@ -6,6 +6,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from .._checks import check_int
 from ._augment import StepKeyed
 from ._batching import batch_size_of, check_numeric
 from ._datamodule import DataModule
@@ -79,11 +80,8 @@ class ArrayDataModule(DataModule):
         transform: Callable[[PyTree], PyTree] | None = None,
         augment: Callable[[PyTree, jax.Array], PyTree] | None = None,
     ):
-        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if size is not None and (
-                isinstance(size, bool) or not isinstance(size, int) or size <= 0
-            ):
-                raise ValueError(f"`{name}` must be a positive int, got {size!r}.")
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("eval_batch_size", eval_batch_size, minimum=1, allow_none=True)
         if not isinstance(on_device, bool):
             raise TypeError(f"`on_device` must be True or False, got {on_device!r}.")
         if mesh is not None and not on_device:

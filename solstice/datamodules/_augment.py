@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._checks import check_int
+
 PyTree = Any
 
 
@@ -85,8 +87,7 @@ class RandomCropFlip:
         key: str = "image",
         flip: bool = True,
     ):
-        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-            raise ValueError(f"`padding` must be a non-negative int, got {padding!r}.")
+        check_int("padding", padding)
         self.padding = padding
         self.fill = None if fill is None else tuple(float(f) for f in fill)
         self.key = key

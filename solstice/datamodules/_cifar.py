@@ -104,7 +104,9 @@ class CIFAR10(ArrayDataModule):
             on_device=on_device,
             mesh=mesh,
             transform=decode,
-            augment=RandomCropFlip(padding=4, fill=fill) if augment else None,
+            augment=RandomCropFlip(padding=4, fill=tuple(float(f) for f in fill))
+            if augment
+            else None,
         )
         self.data_dir = os.fspath(data_dir)
         self.val_fraction = val_fraction

@@ -163,7 +163,8 @@ class ColourMNIST(ArrayDataModule):
             self.source.setup(stage)
             return dict(self.source.splits), self.source.transform
         splits = {name: self.source.get(name) for name in SPLITS}
-        image = np.asarray(splits["train"]["image"])
+        train: Any = splits["train"]
+        image = np.asarray(train["image"])
         return splits, PixelDecode() if image.dtype == np.uint8 else None
 
     def _colour(self, name: str, arrays: PyTree) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .._checks import check_int
 from ._batching import batch_size_of
 from ._order import OrderedLoader
 
@@ -142,8 +143,7 @@ class DeviceBatchLoader(OrderedLoader):
         transform: Callable[[PyTree], PyTree] | None = None,
         ahead: int = 2,
     ):
-        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
-            raise ValueError(f"`ahead` must be a positive int, got {ahead!r}.")
+        check_int("ahead", ahead, minimum=1)
         self.ahead = ahead
         self.mesh = default_mesh() if mesh is None else mesh
         check_mesh(self.mesh, batch_size)

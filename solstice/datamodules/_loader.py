@@ -184,7 +184,7 @@ class BatchLoader(OrderedLoader):
                     rows[...] = a[idx]
                 out[n:] = out[n - 1]
                 stacked.append(out)
-            yield n, treedef.unflatten(stacked)
+            yield n, jax.tree.unflatten(treedef, stacked)
 
     def _batches(self, start: int) -> Iterator[PyTree]:
         # The hot loop of host-mode training, kept free of per-batch call chains: the epoch's
@@ -199,10 +199,10 @@ class BatchLoader(OrderedLoader):
         transform = self.transform
         if type(self.arrays) is dict and jax.tree_util.all_leaves(self.arrays.values()):
             # The common case, a flat dict: no pytree overhead, and the keys keep their order.
-            takes = [(k, _take_rows(a)) for k, a in self.arrays.items()]
+            named = [(k, _take_rows(a)) for k, a in self.arrays.items()]
             for lo in range(first, end, size):
                 idx = perm[lo : lo + local]
-                batch = {k: take(idx) for k, take in takes}
+                batch = {k: take(idx) for k, take in named}
                 if transform is not None:
                     batch = transform(batch)
                 yield batch
@@ -211,7 +211,7 @@ class BatchLoader(OrderedLoader):
         takes = [_take_rows(a) for a in leaves]
         for lo in range(first, end, size):
             idx = perm[lo : lo + local]
-            batch = treedef.unflatten([take(idx) for take in takes])
+            batch = jax.tree.unflatten(treedef, [take(idx) for take in takes])
             if transform is not None:
                 batch = transform(batch)
             yield batch

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
 from ._loader_api import Loader
 
 
@@ -54,8 +55,7 @@ class EpochOrder:
         process_index: int = 0,
         process_count: int = 1,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        check_int("batch_size", batch_size, minimum=1)
         if not 0 <= process_index < process_count:
             raise ValueError(
                 f"`process_index` must be in [0, {process_count}), got {process_index}."

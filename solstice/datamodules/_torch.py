@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .._checks import check_int
 from ._datamodule import DataModule
 from ._loader_api import Loader
 from ._order import OrderedLoader
@@ -50,7 +51,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _narrow(x: np.ndarray) -> np.ndarray:
     # JAX without x64 stores 64-bit values as 32-bit anyway; do it here, explicitly.
-    if jax.config.jax_enable_x64:
+    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]
         return x
     target = _NARROW.get(x.dtype)
     return x if target is None else x.astype(target)
@@ -175,8 +176,7 @@ class DataLoaderAdapter(Loader):
 
     def iter_from(self, start: int) -> Iterator[PyTree]:
         """Yield the DataLoader's batches from batch index `start` on."""
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"`start` must be a non-negative int, got {start!r}.")
+        check_int("start", start)
         return self._batches(start)
 
     def _batches(self, start: int) -> Iterator[PyTree]:
@@ -252,11 +252,8 @@ class TorchDataModule(DataModule):
                 )
             if batch_size is None:
                 raise ValueError(f"The {name!r} split is a `Dataset`, so `batch_size` is required.")
-        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if size is not None and (
-                isinstance(size, bool) or not isinstance(size, int) or size <= 0
-            ):
-                raise ValueError(f"`{name}` must be a positive int, got {size!r}.")
+        check_int("batch_size", batch_size, minimum=1, allow_none=True)
+        check_int("eval_batch_size", eval_batch_size, minimum=1, allow_none=True)
         if keys is not None and (
             isinstance(keys, str) or not keys or not all(isinstance(k, str) for k in keys)
         ):
@@ -273,9 +270,9 @@ class TorchDataModule(DataModule):
         if split is None:
             return None
         if isinstance(split, self._dataloader_type):
-            sampler = getattr(split, "sampler", None)
-            if train and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(self.epoch)
+            set_epoch = getattr(getattr(split, "sampler", None), "set_epoch", None)
+            if train and set_epoch is not None:  # a DistributedSampler's
+                set_epoch(self.epoch)
             return DataLoaderAdapter(split, keys=self.keys)
         size = self.batch_size if train else self.eval_batch_size
         if size is None:  # pragma: no cover - __init__ requires it for Dataset splits

@@ -217,6 +217,7 @@ class History(Logger):
             return
         self._journal_started = True
         journal, source = self._journal, self._source
+        assert journal is not None  # (called only with a journal)
         keep = None  # write the records anew (none: a new, empty file)
         if source is not None and _same_file(source[0], journal.path):
             keep = source[1]  # the file holds them: cut it back to them
@@ -225,6 +226,7 @@ class History(Logger):
         self._check_journal()
 
     def _check_journal(self) -> None:
+        assert self._journal is not None  # (called only with a journal)
         failure = self._journal.failure
         if failure is not None and failure is not self._reported:
             self._reported = failure
@@ -279,7 +281,7 @@ class History(Logger):
             path = self._path
             if path is None and self._source is not None:
                 path = self._source[0]
-            state = {
+            state: dict[str, Any] = {
                 "path": path,
                 "records": self.num_records,
                 "sha256": self._digest.hexdigest(),

@@ -134,7 +134,7 @@ class JournalFile:
         try:
             if self._file is None:  # failed before: cut back to what is known good, rewrite
                 mode = "r+b" if os.path.exists(self.path) else "w+b"
-                f: BinaryIO = open(self.path, mode)
+                f: BinaryIO = open(self.path, mode)  # type: ignore[assignment]
                 self._file = f
                 f.truncate(self.synced_offset)
                 f.seek(self.synced_offset)

@@ -13,7 +13,8 @@ def packable(value: Any) -> bool:
     vector: a 0-d floating value of up to 32 bits (so float32 holds it exactly)."""
     dtype = getattr(value, "dtype", None)
     return (
-        getattr(value, "shape", None) == ()
+        dtype is not None
+        and getattr(value, "shape", None) == ()
         and jnp.issubdtype(dtype, jnp.floating)
         and jnp.dtype(dtype).itemsize <= 4
     )
@@ -109,7 +110,7 @@ class PackedMetrics(Mapping[str, Any]):
 
     def __getitem__(self, key: str) -> Any:
         i = self._index.get(key)
-        if i is not None:
+        if i is not None and self.vector is not None:
             return self.vector[i]
         return self._rest[key]
 

@@ -149,69 +149,41 @@ def check_resume(
     dirpath: str | None = None,
 ) -> ResumeReport:
     """Check that your run resumes exactly: interrupted and resumed, it ends bit for bit like
-    a run that never stopped.
+    a run that never stopped. Three runs, each with a fresh `Trainer(**trainer_kwargs)`,
+    experiment and datamodule: straight through; stopped right after a `ModelCheckpoint`
+    saved at step `interrupt_at` (as a preempted job); resumed from that checkpoint to the
+    end. The final experiments of the first and last are compared bit for bit (every array),
+    and so are their progress, `callback_metrics` and history. Use it in your own tests, at a
+    step inside an epoch and at one on an epoch boundary; keep the run small. **Arguments:**
 
-    Three runs, each with a fresh `Trainer(**trainer_kwargs)`, experiment and datamodule:
-
-    1. the whole run, straight through;
-    2. the same run, with a `ModelCheckpoint` that saves after step `interrupt_at`, stopped
-       right after that save (as a preempted job would be);
-    3. a run resumed from that checkpoint with `fit(..., ckpt_path=...)`, to the end.
-
-    Then the final experiments of runs 1 and 3 are compared bit for bit (every array:
-    parameters, optimizer state, PRNG keys), and so are the Trainer's progress, its
-    `callback_metrics` and every metric logged during the run (`trainer.history`).
-
-    Use it in your own test suite, for your experiment and datamodule, at a step inside an
-    epoch and at one on an epoch boundary. It runs on whatever devices `trainer_kwargs`
-    picks; keep the run small.
-
-    **Arguments:**
-
-    - `make_experiment`: builds the initial experiment (called three times; must give the
-      same one each time, e.g. from a fixed seed).
-    - `make_datamodule`: builds the datamodule (called three times).
-    - `trainer_kwargs`: the `Trainer` arguments (`max_epochs`/`max_steps`, ...), or a
-      function returning them (needed when they include callbacks or loggers, which must be
-      new for each run).
-    - `interrupt_at`: the global step after which run 2 stops (at least 1, fewer than the
+    - `make_experiment`, `make_datamodule`: build the initial experiment and the datamodule
+      (called three times; the same each time, e.g. from a fixed seed).
+    - `trainer_kwargs`: the `Trainer` arguments, or a function returning them (needed when
+      they hold callbacks or loggers, which must be new for each run).
+    - `interrupt_at`: the global step after which the second run stops (>= 1, fewer than the
       run's steps, a multiple of `steps_per_execution`).
-    - `dirpath`: where run 2 writes its checkpoint (default: a temporary directory, removed
-      afterwards).
+    - `dirpath`: where its checkpoint goes (default: a temporary directory).
 
     **Returns:** a `ResumeReport`, true when everything matches; `str(report)` explains.
 
     **Example:**
 
     ```python
-    report = solstice.check_resume(
-        lambda: make_experiment(seed=0),
-        lambda: Digits(batch_size=64),
-        dict(max_epochs=2, log_every_n_steps=5, enable_progress_bar=False),
-        interrupt_at=7,
-    )
+    kwargs = dict(max_epochs=2, log_every_n_steps=5)
+    report = solstice.check_resume(make_experiment, Digits, kwargs, interrupt_at=7)
     assert report, report
     ```
     """
     check_int("check_resume(interrupt_at=...)", interrupt_at, minimum=1)
-    make_kwargs = _kwargs_factory(trainer_kwargs)
-
-    def trainer(extra_callbacks: Sequence[Callback] = ()) -> Trainer:
-        kwargs = make_kwargs()
-        kwargs.setdefault("enable_progress_bar", False)
-        if kwargs.get("fast_dev_run"):
-            raise ValueError("`check_resume` cannot run with `fast_dev_run`, which never saves.")
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra_callbacks]
-        return Trainer(**kwargs)
-
-    straight = trainer()
+    make = _trainer_factory(_kwargs_factory(trainer_kwargs))
+    straight = make()
     expected = straight.fit(make_experiment(), make_datamodule())
     _check_interrupt(interrupt_at, straight)
     with tempfile.TemporaryDirectory(prefix="solstice-check-resume-") as tmp:
         checkpoint = ModelCheckpoint(
             dirpath or tmp, every_n_train_steps=interrupt_at, every_n_epochs=None
         )
-        first = trainer([checkpoint, _InterruptAt(interrupt_at)])
+        first = make([checkpoint, _InterruptAt(interrupt_at)])
         try:
             first.fit(make_experiment(), make_datamodule())
         except _Interrupted:
@@ -219,12 +191,24 @@ def check_resume(
         path = checkpoint.last_model_path
         if not path:
             raise RuntimeError(f"The run was not checkpointed at step {interrupt_at}.")
-        resumed = trainer()
+        resumed = make()
         got = resumed.fit(make_experiment(), make_datamodule(), ckpt_path=path)
         differences = _differences(straight, expected, resumed, got)
         for t in (straight, first, resumed):
             t.close()
     return ResumeReport(interrupt_at, straight.global_step, path, differences)
+
+
+def _trainer_factory(make_kwargs: Callable[[], dict[str, Any]]) -> Callable[..., Trainer]:
+    def make(extra_callbacks: Sequence[Callback] = ()) -> Trainer:
+        kwargs = make_kwargs()
+        kwargs.setdefault("enable_progress_bar", False)
+        if kwargs.get("fast_dev_run"):
+            raise ValueError("`check_resume` cannot run with `fast_dev_run`, which never saves.")
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra_callbacks]
+        return Trainer(**kwargs)
+
+    return make
 
 
 def _check_interrupt(interrupt_at: int, straight: Trainer) -> None:

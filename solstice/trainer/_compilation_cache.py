@@ -24,7 +24,7 @@ def enable_compilation_cache(setting: "bool | str | os.PathLike[str]") -> Path |
     """
     if setting is False:
         return None
-    current = jax.config.jax_compilation_cache_dir
+    current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
     if current and setting is True:
         return Path(current)  # the user's own choice wins
     path = default_cache_dir() if setting is True else Path(setting)

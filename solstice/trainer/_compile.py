@@ -131,9 +131,8 @@ class CompiledSteps:
 
     def _split_new(self, new: Experiment, dyn: PyTree) -> PyTree:
         new_dyn, new_static = eqx.partition(new, eqx.is_array)
-        if jax.tree.structure(new_dyn) != jax.tree.structure(dyn) or not eqx.tree_equal(
-            new_static, self.static
-        ):
+        same = bool(jax.tree.structure(new_dyn) == jax.tree.structure(dyn))  # type: ignore[operator]
+        if not same or not eqx.tree_equal(new_static, self.static):
             raise ValueError(
                 f"`{type(new).__name__}.train_step` returned an experiment whose structure or "
                 "non-array fields differ from the input's. A step may only change array "

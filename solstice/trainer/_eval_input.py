@@ -183,6 +183,7 @@ class EvalPreparer:
 
         counts = np.asarray(multihost_utils.process_allgather(np.int32(item.local_rows)))
         local = self.full
+        assert local is not None  # (set by the first batch)
         positions = np.concatenate([p * local + np.arange(n) for p, n in enumerate(counts)])
         item = item._replace(exchange=False)
         if len(positions) == local * len(counts):

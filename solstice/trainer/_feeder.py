@@ -35,6 +35,7 @@ class _Stacker:
         self.size = size
         self.count = 0
         self._items: list[PyTree] = []
+        self._treedef: Any = None
         self._buffers: list[np.ndarray] | None = None
 
     def add(self, batch: PyTree) -> None:
@@ -62,7 +63,7 @@ class _Stacker:
         """Batch `i` of the stack."""
         if self._buffers is None:
             return self._items[i]
-        return self._treedef.unflatten([buffer[i] for buffer in self._buffers])
+        return jax.tree.unflatten(self._treedef, [buffer[i] for buffer in self._buffers])
 
     def take(self) -> PyTree:
         """The stack, padded to `size` with copies of the last batch; starts a new one."""
@@ -73,7 +74,7 @@ class _Stacker:
             )
         for buffer in self._buffers:
             buffer[n:] = buffer[n - 1]
-        return self._treedef.unflatten(self._buffers)
+        return jax.tree.unflatten(self._treedef, self._buffers)
 
 
 # Chunked uploads (see `Feeder(chunked=True)`): a transfer costs ~40 us of host time however
@@ -131,7 +132,7 @@ class BatchPreparer:
         gathered (`BatchLoader.iter_stacked`): its batches all have one size, so the size is
         checked once (as `__call__` does), and `validate` sees each batch."""
         leaves, treedef = jax.tree.flatten(stacked)
-        batches = (treedef.unflatten([x[i] for x in leaves]) for i in range(n))
+        batches = (jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n))
         if self.expected_size is None:
             self(next(batches))
         if self.validate is not None:

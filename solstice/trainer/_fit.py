@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
@@ -52,7 +53,8 @@ def save_moment(
     one says yes; each decides and updates its books), then capture the run's state once,
     so that every checkpoint of the moment holds every saver's books after all of its
     decisions, and hand it to those that save."""
-    plans, taken = [], set()
+    plans: list[tuple[Saver, object]] = []
+    taken: set[Path] = set()
     for saver, due in zip(savers, time_due, strict=True):
         for kind in kinds:
             plan = saver.plan(SaveMoment(kind, due), run.trainer, taken)
@@ -77,6 +79,10 @@ def step_boundary(run: Run, savers: list[Saver]) -> None:
     decided at agreement points (every boundary with one process; with several, steps every
     process picks alike, see `Agreement`)."""
     step = run.progress.global_step
+    if not savers and not run.agreement.multi_process:  # (the common case: nothing to decide)
+        if run.signals.received is not None:
+            stop_for_signal(run, int(run.signals.received), savers, [])
+        return
     signum, due = 0, [False] * len(savers)
     if run.agreement.due(step):
         mine = [saver.time_due() for saver in savers]
@@ -177,7 +183,7 @@ def train_epoch(run: Run, datamodule: DataModule, savers: list[Saver]) -> None:
             f"{progress.epoch}; an empty training split cannot be fitted."
         )
     _publish_epoch(run)
-    if (progress.epoch + 1) % trainer.check_val_every_n_epoch == 0:
+    if run.validate_every.crossed(progress.epoch, progress.epoch + 1):
         if not _validate(run, datamodule):
             # A signal stopped validation: the epoch stays open (all its batches done), so
             # the checkpoint the signal takes reruns validation when resumed.

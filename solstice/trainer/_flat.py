@@ -29,12 +29,15 @@ class FlatTree:
     __slots__ = ("_leaves", "_tree", "treedef")
 
     def __init__(self, tree: PyTree = None):
+        self._tree: PyTree = None
+        self._leaves: list[Any] | None = None
+        self.treedef: Any = None
         self.tree = tree
 
     @property
     def tree(self) -> PyTree:
         if self._tree is None and self.treedef is not None:
-            self._tree = jax.tree.unflatten(self.treedef, self._leaves)
+            self._tree = jax.tree.unflatten(self.treedef, self._leaves or [])
         return self._tree
 
     @tree.setter
@@ -46,7 +49,8 @@ class FlatTree:
             self._leaves, self.treedef = jax.tree.flatten(tree)
 
     @property
-    def leaves(self) -> list:
+    def leaves(self) -> Any:
+        """The leaves (`None` for no tree)."""
         return self._leaves
 
     @leaves.setter

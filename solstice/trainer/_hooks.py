@@ -77,8 +77,8 @@ class Hooks:
         if callbacks:
             # Rebuilding the experiment from its arrays costs ~30-100 us: only for callbacks
             # that may read it (the built-in logging and progress bar do not).
-            experiment = None
+            reader: Experiment | None = None
             for cb in callbacks:
-                if experiment is None and cb._reads_experiment:
-                    experiment = run.experiment
-                getattr(cb, name)(view, experiment, *args)
+                if reader is None and cb._reads_experiment:
+                    reader = run.experiment
+                getattr(cb, name)(view, reader, *args)

@@ -225,7 +225,7 @@ class Placement:
                 # source buffer as device 0's copy, which the Trainer would then donate.
                 tree = jax.tree.map(_fresh_copy, tree)
             return jax.device_put(tree, shardings)
-        if isinstance(shardings, jax.sharding.Sharding):
+        if isinstance(shardings, NamedSharding):
             return jax.tree.map(lambda x: self._put_global(x, shardings, copy=copy), tree)
         return jax.tree.map(lambda x, s: self._put_global(x, s, copy=copy), tree, shardings)
 

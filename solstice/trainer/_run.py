@@ -20,6 +20,7 @@ from jaxtyping import PyTree
 
 from .._experiment import Experiment
 from .._in_step import FirstNonFinite, InStep
+from .._periodic import Every
 from .._progress import Progress
 from ..checkpointing._checkpoint_state import CheckpointState, RunRecord, TrainState
 from ..datamodules import DataModule
@@ -65,6 +66,9 @@ class Run:
         self.experiment_state = FlatTree(self.place(dyn, copy=True))
         self._experiment_cache: tuple[list, Experiment] | None = None
         self.progress = Progress(stage=stage)
+        # when metrics are published (steps) and validation runs (epochs)
+        self.log_every = Every(steps=trainer.log_every_n_steps)
+        self.validate_every = Every(steps=trainer.check_val_every_n_epoch)
         self.should_stop = False
         self.stopped: dict[str, Any] | None = None
         self.datamodule: DataModule | None = None

@@ -84,7 +84,7 @@ class SignalWatch:
         """Restore the handlers and end the way the received signal (or `signum`, e.g. one
         another process received) would have."""
         signum = self.received if signum is None else signum
-        previous = self._previous.get(signum, signal.SIG_DFL)
+        previous = signal.SIG_DFL if signum is None else self._previous.get(signum, signal.SIG_DFL)
         self.received = None
         self.restore()
         if signum is not None:

@@ -5,6 +5,8 @@ per-batch hooks need each step's metrics and on the in-step reductions. Runs of 
 structure share them, so a `test` after `fit` compiles nothing new.
 """
 
+from collections.abc import Sequence
+
 import equinox as eqx
 
 from .._experiment import Experiment
@@ -18,7 +20,7 @@ from ._trace_log import TraceLog
 class StepsCache:
     """The last compiled steps, and the trace log of their functions."""
 
-    def __init__(self, placement: Placement, sharding_rules: list[ShardingRule]):
+    def __init__(self, placement: Placement, sharding_rules: Sequence[ShardingRule]):
         self.placement = placement
         self.sharding_rules = sharding_rules
         self.trace_log = TraceLog()

@@ -127,21 +127,28 @@ def run_train_epoch(run: "Run", loader: Loader, count: int | None, boundary: Any
         count = remaining if count is None else min(count, remaining)
     batch_start, batch_end = (hooks.active(f"on_train_batch_{e}") for e in ("start", "end"))
     needs_batches = batch_start or batch_end or trainer.detect_anomaly
-    inflight = InflightLimit()
+    inflight, log_every = InflightLimit(), run.log_every
+    first = not run.accumulators.ready or run.train_batch_size is None
     with train_input(run, loader, count, needs_batches) as source:
         call = TrainCaller(run, source)
         for n, batch in source.items:
-            if not run.accumulators.ready or run.train_batch_size is None:
+            if first:
                 _first_batch(run, source.spec(n, batch))
+                first = False
             for i in range(n) if batch_start else ():
                 one = batch if n == 1 else _slice(batch, i)
                 hooks.call("on_train_batch_start", one, progress.batch_idx + i)
-            closing = (progress.global_step + n) % trainer.log_every_n_steps == 0
+            step = progress.global_step
+            closing = log_every.crossed(step, step + n)
             step_metrics, packed = call(n, batch, closing)
             inflight.add(run.step_counter)
-            if trainer.detect_anomaly:
-                check_anomaly(run, batch, n, progress.global_step)
-            _advance(run, n, step_metrics, batch, batch_end)
+            if needs_batches:  # (the per-batch work: `detect_anomaly`, per-batch end hooks)
+                if trainer.detect_anomaly:
+                    check_anomaly(run, batch, n, step)
+                _advance(run, n, step_metrics, batch, batch_end)
+            else:
+                progress.global_step = step + n
+                progress.batch_idx += n
             if packed is not None:  # the step closed the log interval on the device as well
                 run.publish_interval(packed)
             elif closing:
