@@ -15,7 +15,7 @@ class EpochGate(Callback):
     `fit` runs in a background thread for as many epochs as asked. An epoch is timed from its
     release to the end of `on_train_epoch_end`, after its metrics are on the host and the
     experiment's arrays are ready: one epoch of a long run, without `fit`'s once-per-call
-    set-up (placing the experiment, starting the hooks), which `per_call` contestants include.
+    set-up (placing the experiment, starting the hooks).
     """
 
     def __init__(self):

@@ -144,15 +144,12 @@ def limit(hidden, x, y, batch_size, k=1, fresh=False) -> Contestant:
     return Contestant(name, timed(epoch))
 
 
-def solstice_fit(
-    hidden, x, y, batch_size, *, k=1, on_device=False, defaults=False, per_call=False
-) -> Contestant:
-    """`Trainer.fit`; timed per epoch of one running `fit` (see `EpochGate`), or with
-    `per_call`, one `fit` call per epoch (`max_epochs` raised by one each time)."""
+def solstice_fit(hidden, x, y, batch_size, *, k=1, on_device=False, defaults=False) -> Contestant:
+    """`Trainer.fit`, timed per epoch of one running `fit` (see `EpochGate`)."""
     dm = ArrayDataModule(train={"image": x, "label": y}, batch_size=batch_size, on_device=on_device)
     n_steps = len(x) // batch_size
-    gate = None if per_call else EpochGate()
-    kwargs = {"max_epochs": 1 if per_call else 10**6, "callbacks": [] if per_call else [gate]}
+    gate = EpochGate()
+    kwargs = {"max_epochs": 10**6, "callbacks": [gate]}
     if not defaults:
         kwargs.update(
             enable_progress_bar=False,
@@ -161,23 +158,12 @@ def solstice_fit(
             steps_per_execution=k,
         )
     trainer = solstice.Trainer(**kwargs)
-    if per_call:
-        state = {"exp": trainer.fit(make_experiment(hidden), dm)}  # warm-up: compile
+    gate.start(trainer, make_experiment(hidden), dm)
+    gate.release()  # warm-up: compile
 
-        def epoch() -> int:
-            trainer.max_epochs += 1
-            exp = trainer.fit(state["exp"], dm)
-            jax.block_until_ready(eqx.filter(exp, eqx.is_array))
-            state["exp"] = exp
-            return n_steps * batch_size
-
-    else:
-        gate.start(trainer, make_experiment(hidden), dm)
-        gate.release()  # warm-up: compile
-
-        def epoch() -> int:
-            gate.release()
-            return n_steps * batch_size
+    def epoch() -> int:
+        gate.release()
+        return n_steps * batch_size
 
     name = "solstice fit"
     if on_device:
@@ -186,11 +172,8 @@ def solstice_fit(
         name += f" K={k}"
     if defaults:
         name += " (defaults)"
-    if per_call:
-        name += " (fit per epoch)"
     contestant = Contestant(name, timed(epoch))
-    if gate is not None:
-        contestant.close = gate.close  # type: ignore[attr-defined]
+    contestant.close = gate.close  # type: ignore[attr-defined]
     return contestant
 
 
@@ -280,9 +263,6 @@ def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Cont
         cs.append(limit(hidden, x, y, b, k=fused, fresh=True))
         cs += [limit(hidden, x, y, b, k=fused), solstice_fit(hidden, x, y, b, k=fused)]
         cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True))
-        cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True, per_call=True))
-    else:
-        cs.append(solstice_fit(hidden, x, y, b, per_call=True))
     if include_defaults:
         cs.append(solstice_fit(hidden, x, y, b, defaults=True))
     cs.append(naive_loop(hidden, x, y, b))

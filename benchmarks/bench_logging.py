@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import equinox as eqx
@@ -30,7 +29,17 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Contestant, best_ratio, cpu_ratio, interleave, machine, ratio, spread
+from _common import (
+    Contestant,
+    best_ratio,
+    cpu_ratio,
+    interleave,
+    machine,
+    ratio,
+    spread,
+    timed,
+)
+from _fit_gate import EpochGate
 
 import solstice
 from solstice.datamodules import ArrayDataModule
@@ -48,37 +57,31 @@ def make_experiment():
     )
 
 
-class _EpochTimer(solstice.callbacks.Callback):
-    """Times each training epoch, including the logging thread's drain at its end."""
-
-    def __init__(self):
-        self.seconds = self.cpu = 0.0
-
-    def on_train_epoch_start(self, trainer, experiment):
-        jax.block_until_ready(trainer._dyn)
-        self._cpu, self._start = time.process_time(), time.perf_counter()
+class _EpochTimer(EpochGate):
+    """An `EpochGate` whose epochs also wait for the logging thread's drain at their end."""
 
     def on_train_epoch_end(self, trainer, experiment):
-        jax.block_until_ready(trainer._dyn)
-        trainer._logging.flush()
-        self.seconds = time.perf_counter() - self._start
-        self.cpu = time.process_time() - self._cpu
+        trainer.flush_logs()
+        super().on_train_epoch_end(trainer, experiment)
 
 
 def contestant(name: str, datamodule, **trainer_kw) -> Contestant:
-    trainer = solstice.Trainer(max_epochs=1, devices=1, **trainer_kw)
-    timer = _EpochTimer()
-    trainer.callbacks.append(timer)  # last: after the progress bar and the logging callback
-    state = {"exp": trainer.fit(make_experiment(), datamodule)}  # warm-up: compile
+    gate = _EpochTimer()
+    trainer = solstice.Trainer(max_epochs=10**6, devices=1, **trainer_kw)
+    trainer.callbacks.append(gate)  # last: after the progress bar and the logging callback
+    gate.start(trainer, make_experiment(), datamodule)
+    gate.release()  # warm-up: compile
+    samples = (datamodule.splits["train"]["label"].shape[0] // datamodule.batch_size) * (
+        datamodule.batch_size
+    )
 
-    def epoch() -> tuple[float, int, float]:
-        trainer.max_epochs += 1
-        state["exp"] = trainer.fit(state["exp"], datamodule)
-        samples = trainer.num_training_batches * datamodule.batch_size
-        return timer.seconds, samples, timer.cpu
+    def epoch() -> int:
+        gate.release()
+        return samples
 
-    c = Contestant(name, epoch)
+    c = Contestant(name, timed(epoch))
     c.trainer = trainer
+    c.close = gate.close
     return c
 
 
@@ -107,6 +110,7 @@ def main() -> None:
         )
         interleave([silent, logged], args.repeats, verbose=False)
         for c in (silent, logged):
+            c.close()
             c.trainer.close()
     for c in (silent, logged):
         rates = ", ".join(f"{x:.0f}" for x in c.rates)

@@ -14,7 +14,9 @@ after the run (VmRSS; its peak, VmHWM), and steps/s from the second epoch to the
 `--loggers` adds a `CSVLogger` and a `TensorBoardLogger` (every record goes to both).
 
 Compare two trees by running this script against each (the script only uses the public
-API, and wraps `solstice.trainer._resume.capture`):
+API, and times the capture of the run's checkpoint state: `solstice.trainer._run.Run.
+checkpoint_state` here, `solstice.trainer._resume.capture` in trees before the run became a
+value):
 
     git worktree add /tmp/base <older commit>
     PYTHONPATH=/tmp/base python benchmarks/checkpoint_size.py
@@ -53,12 +55,20 @@ def run_one(steps: int, saves: int, loggers: bool) -> dict:
     import optax
 
     import solstice
-    import solstice.trainer._resume as resume
+
+    try:  # the run's state as a value
+        from solstice.trainer._run import Run
+
+        owner, name = Run, "checkpoint_state"
+    except ImportError:  # older trees
+        import solstice.trainer._resume as owner
+
+        name = "capture"
     from solstice.callbacks import Callback, ModelCheckpoint
     from solstice.datamodules import ArrayDataModule
 
     captures: list[float] = []
-    capture = resume.capture
+    capture = getattr(owner, name)
 
     def timed_capture(*args, **kwargs):
         start = time.perf_counter()
@@ -67,7 +77,7 @@ def run_one(steps: int, saves: int, loggers: bool) -> dict:
         finally:
             captures.append(time.perf_counter() - start)
 
-    resume.capture = timed_capture
+    setattr(owner, name, timed_capture)
 
     class EpochClock(Callback):
         _reads_experiment = False

@@ -93,7 +93,9 @@ def main() -> None:
             print(f"{title}: {kind}: short/whole samples/s {ratio(a, b):.3f} ({lo:.3f}-{hi:.3f})")
         a, b = results["own size, short last batch"], results["padded, short last batch"]
         lo, hi = spread(a, b)
-        print(f"{title}: own size / padded, short last batch: {ratio(a, b):.3f} ({lo:.3f}-{hi:.3f})")
+        print(
+            f"{title}: own size / padded, short last batch: {ratio(a, b):.3f} ({lo:.3f}-{hi:.3f})"
+        )
 
 
 if __name__ == "__main__":
