@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+from jaxtyping import PyTree
 
 from ._classification_metrics import ClassificationMetrics
 from ._experiment import Experiment
 from ._optimizer import Optimizer
-
-PyTree = Any
 
 
 def _is_none(x: Any) -> bool:

@@ -4,14 +4,13 @@ import abc
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import equinox as eqx
+from jaxtyping import PyTree
 
 from ._hook_names import check_hook_spelling
 from ._metrics import Metrics
 
 if TYPE_CHECKING:
     from ._view import TrainerView
-
-PyTree = Any
 
 
 class Experiment(eqx.Module):

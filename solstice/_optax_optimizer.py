@@ -5,11 +5,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import optax
-from jaxtyping import Array
+from jaxtyping import Array, PyTree
 
 from ._optimizer import Optimizer
-
-PyTree = Any
 
 
 def _has_hyperparams(x: Any) -> bool:

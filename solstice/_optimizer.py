@@ -4,8 +4,7 @@ import abc
 from typing import Any
 
 import equinox as eqx
-
-PyTree = Any
+from jaxtyping import PyTree
 
 
 class Optimizer(eqx.Module):

@@ -7,11 +7,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, Int, PyTree
 
 from ._optimizer import Optimizer
 
-PyTree = Any
 Schedule = Callable[[Array], Any]
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max

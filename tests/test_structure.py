@@ -150,3 +150,15 @@ def test_the_hook_list_is_one_list():
         return {name for name in dir(cls) if name.startswith("on_")}
 
     assert hooks(Callback) == HOOK_NAMES == hooks(Experiment) - {"on_device"}
+
+
+def test_pytree_is_one_type():
+    # one `PyTree` (jaxtyping's), not an `Any` alias per module
+    aliases = [
+        path.relative_to(ROOT).as_posix()
+        for path in _modules(PACKAGE)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "PyTree" for t in node.targets)
+    ]
+    assert not aliases, aliases

@@ -2,6 +2,8 @@
 
 from typing import TYPE_CHECKING, Any
 
+from jaxtyping import PyTree
+
 from .._hook_names import check_hook_spelling
 
 if TYPE_CHECKING:
@@ -9,8 +11,6 @@ if TYPE_CHECKING:
     from .._in_step import InStep
     from .._metrics import Metrics
     from .._view import TrainerView
-
-PyTree = Any
 
 
 class Callback:

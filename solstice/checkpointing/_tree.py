@@ -8,8 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-PyTree = Any
+from jaxtyping import PyTree
 
 
 def is_key(x: Any) -> bool:

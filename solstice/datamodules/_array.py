@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 from jax.sharding import Mesh
+from jaxtyping import PyTree
 
 from .._checks import check_int
 from ._augment import StepKeyed
@@ -12,8 +13,6 @@ from ._batching import batch_size_of, check_numeric
 from ._datamodule import DataModule
 from ._device import DeviceBatchLoader, check_mesh, default_mesh, put_replicated
 from ._loader import BatchLoader
-
-PyTree = Any
 
 SPLITS = ("train", "val", "test", "predict")
 

@@ -6,10 +6,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import PyTree
 
 from .._checks import check_int
-
-PyTree = Any
 
 
 class StepKeyed:

@@ -6,8 +6,7 @@ from typing import Any
 
 import jax
 import numpy as np
-
-PyTree = Any
+from jaxtyping import PyTree
 
 MASK_KEY = "mask"
 

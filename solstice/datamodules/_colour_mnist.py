@@ -5,12 +5,11 @@ from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
+from jaxtyping import PyTree
 
 from ._array import SPLITS, ArrayDataModule
 from ._batching import batch_size_of
 from ._decode import PixelDecode
-
-PyTree = Any
 
 #: The ten mean colours (RGB in [0, 1]); colour `k` is the bias of digit `k` in training.
 MEAN_COLOURS = (

@@ -3,7 +3,7 @@
 from collections.abc import Iterable
 from typing import Any
 
-PyTree = Any
+from jaxtyping import PyTree
 
 
 class DataModule:

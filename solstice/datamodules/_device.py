@@ -9,12 +9,11 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import PyTree
 
 from .._checks import check_int
 from ._batching import batch_size_of
 from ._order import OrderedLoader
-
-PyTree = Any
 
 BATCH_AXIS = "batch"
 

@@ -7,12 +7,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from jaxtyping import PyTree
 
 from ._batching import batch_size_of, stack_length
 from ._order import OrderedLoader
 from ._order import epoch_permutation as epoch_permutation
-
-PyTree = Any
 
 
 class BatchLoader(OrderedLoader):

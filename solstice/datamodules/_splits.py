@@ -1,11 +1,8 @@
 """Holding out a validation split, deterministically by seed."""
 
-from typing import Any
-
 import jax
 import numpy as np
-
-PyTree = Any
+from jaxtyping import PyTree
 
 
 def check_fraction(name: str, fraction: float) -> None:

@@ -9,13 +9,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jaxtyping import PyTree
 
 from .._checks import check_int
 from ._datamodule import DataModule
 from ._loader_api import Loader
 from ._order import OrderedLoader
-
-PyTree = Any
 
 _NARROW = {
     np.dtype(np.int64): np.dtype(np.int32),

@@ -25,11 +25,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import PyTree
 
 from ..datamodules._batching import MASK_KEY, batch_size_of, check_numeric, pad_batch, pad_rows
 from ._placement import Placement, is_device_batch
-
-PyTree = Any
 
 
 class EvalBatch(NamedTuple):

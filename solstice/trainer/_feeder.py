@@ -9,11 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import PyTree
 
 from ..datamodules._batching import batch_size_of, check_numeric, stack_length
 from ._placement import Placement, aligned_empty, is_device_batch
-
-PyTree = Any
 
 _DONE = object()
 

@@ -9,8 +9,7 @@ for everything outside the hot loop (callbacks, checkpoints).
 from typing import Any
 
 import jax
-
-PyTree = Any
+from jaxtyping import PyTree
 
 
 class FlatTree:

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-PyTree = Any
+from jaxtyping import PyTree
 
 BATCH_AXIS = "batch"
 

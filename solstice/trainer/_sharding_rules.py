@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import PyTree
 
-PyTree = Any
 ShardingRule = Callable[[str, tuple[int, ...], Any, Mesh], "PartitionSpec | None"]
 
 
