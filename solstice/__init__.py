@@ -6,9 +6,12 @@ from . import loggers as loggers
 from ._classification import ClassificationExperiment as ClassificationExperiment
 from ._classification_metrics import ClassificationMetrics as ClassificationMetrics
 from ._experiment import Experiment as Experiment
+from ._in_step import InStep as InStep
+from ._in_step import StepData as StepData
 from ._metrics import Metrics as Metrics
 from ._optax_optimizer import OptaxOptimizer as OptaxOptimizer
 from ._optimizer import Optimizer as Optimizer
+from ._optimizer_tap import OptimizerCall as OptimizerCall
 from ._sgd import SGDOptimizer as SGDOptimizer
 from ._version import __version__ as __version__
 from .checkpointing import (

@@ -9,13 +9,14 @@ at every step on the device, keeps it in checkpoints, and hands it over on reque
 """
 
 import abc
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._metrics import Metrics
+from ._optimizer_tap import OptimizerCall
 
 
 class StepData(NamedTuple):
@@ -24,11 +25,19 @@ class StepData(NamedTuple):
     - `metrics`: the `Metrics` the step returned.
     - `batch`: the batch `train_step` received.
     - `step`: the global step just taken, counting from 1 (an int32 scalar).
+    - `experiment`: the experiment `train_step` returned (the one the next step starts from).
+    - `previous`: the experiment the step started from.
+    - `optimizer_calls`: for each `solstice.Optimizer` of the experiment (in tree order), the
+      gradients, parameters and updates of its call in this step (`OptimizerCall`); filled
+      only for in-step reductions that declare `uses_optimizer_calls = True`, else `()`.
     """
 
     metrics: Metrics
     batch: PyTree
     step: jax.Array
+    experiment: Any = None
+    previous: Any = None
+    optimizer_calls: tuple[OptimizerCall, ...] = ()
 
 
 class InStep(abc.ABC):
@@ -45,6 +54,12 @@ class InStep(abc.ABC):
             return jnp.maximum(carry, data.metrics.compute()["loss"])
     ```
     """
+
+    #: Whether `update` reads `StepData.optimizer_calls`: the Trainer then taps the
+    #: experiment's optimizers in the compiled step (see `solstice._optimizer_tap`); an
+    #: experiment without a `solstice.Optimizer`, or one whose optimizer is not called, is
+    #: reported when the step is traced.
+    uses_optimizer_calls: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self) -> PyTree:

@@ -35,7 +35,9 @@ def _imported_layers(path: Path) -> set[str]:
                 target = node.module.split(".")
             else:
                 continue
-            names = [target + [alias.name] for alias in node.names] if len(target) == 1 else [target]
+            names = (
+                [target + [alias.name] for alias in node.names] if len(target) == 1 else [target]
+            )
             for name in names:
                 sub = name[1] if len(name) > 1 else ""
                 layers.add(sub if sub in SUBPACKAGES else "core")

@@ -20,6 +20,7 @@ from jaxtyping import PyTree
 from .._experiment import Experiment
 from .._in_step import InStep, StepData
 from .._metrics import Metrics
+from .._optimizer_tap import calls_of, optimizers_of, tap, untap
 from ..loggers._packed import PackedMetrics, pack_scalars, packed_names
 from ._step_checks import (
     call_step,
@@ -201,15 +202,33 @@ class CompiledSteps:
             batch = decode(batch)
         batch = self._transformed(batch, step)
         exp = self.combine(dyn)
-        new, metrics = check_train_output(call_step(exp, "train_step", batch), exp)
+        new, metrics, calls = self._call_train_step(exp, batch)
         new_dyn = self._split_new(new, dyn)
         warn_if_unchanged(new, dyn)
         m_dyn = eqx.partition(metrics, eqx.is_array)[0]
         acc = self._accumulate("train", acc, m_dyn, reset)
         if carries is not None:
-            data = StepData(metrics, batch, step + 1)
+            data = StepData(metrics, batch, step + 1, new, exp, calls)
             carries = {k: self.in_steps[k].update(c, data) for k, c in carries.items()}
         return new_dyn, acc, (m_dyn if self.keep_step_metrics else None), carries, step + 1
+
+    def _call_train_step(self, exp: Experiment, batch: PyTree) -> tuple[Experiment, Metrics, tuple]:
+        """Traced: `train_step(batch)`, with the experiment's optimizers tapped when an
+        in-step reduction reads their calls (`InStep.uses_optimizer_calls`)."""
+        if not any(s.uses_optimizer_calls for s in self.in_steps.values()):
+            return (*check_train_output(call_step(exp, "train_step", batch), exp), ())
+        count = len(optimizers_of(exp))
+        if count == 0:
+            users = [k for k, s in self.in_steps.items() if s.uses_optimizer_calls]
+            raise ValueError(
+                f"{', '.join(users)} read the gradients and updates of the experiment's "
+                f"optimizer, but `{type(exp).__name__}` holds no `solstice.Optimizer` (an "
+                "optax state kept by hand is invisible to the Trainer). Wrap the optax "
+                "transformation in `solstice.OptaxOptimizer` and call it in `train_step`."
+            )
+        new, metrics = check_train_output(call_step(tap(exp), "train_step", batch), exp)
+        new, taps = untap(new, count)
+        return new, metrics, calls_of(taps)
 
     def _close(self, stage: str, acc: PyTree, total: PyTree, reset: jax.Array):
         """Traced: the interval's metrics, packed (see `PackedMetrics`), and the interval
