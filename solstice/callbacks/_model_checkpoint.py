@@ -16,11 +16,19 @@ import equinox as eqx
 import jax
 
 from .._checks import check_int, check_seconds
+from .._paths import check_path, is_remote, url_join
 from .._periodic import Every
 from .._view import TrainerView
 from ..checkpointing._checkpoint_state import CheckpointState
-from ..checkpointing._format import DELETING_SUFFIX, METADATA_FILE, ORBAX_TMP_SUFFIX
+from ..checkpointing._format import (
+    CHECKPOINT_NAME,
+    DELETING_SUFFIX,
+    HISTORY_FILE,
+    METADATA_FILE,
+    ORBAX_TMP_SUFFIX,
+)
 from ..checkpointing._orbax import CheckpointWriter
+from ..checkpointing._remote import RemoteDir, staging_dir
 from ..checkpointing._saver import EPOCH, INTERRUPT, SaveMoment, Saver
 from ..checkpointing._tree import all_finite
 from ._callback import Callback
@@ -122,9 +130,12 @@ class ModelCheckpoint(Callback, Saver):
         *,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if not isinstance(dirpath, (str, os.PathLike)):
-            raise TypeError(f"`ModelCheckpoint(dirpath=...)` must be a path, got {dirpath!r}.")
-        self.dirpath = Path(dirpath).absolute()
+        location = check_path(dirpath, "ModelCheckpoint(dirpath=...)")
+        # remote storage: checkpoints are written into a local staging directory, then
+        # uploaded (see `solstice.checkpointing._remote`)
+        self.remote = RemoteDir(location) if is_remote(location) else None
+        self.dirpath = staging_dir(location) if self.remote else Path(location).absolute()
+        self._remote_names: set[str] = set()
         if self.dirpath.exists() and not self.dirpath.is_dir():
             raise ValueError(
                 f"`ModelCheckpoint(dirpath={str(dirpath)!r})` is a file, not a directory."
@@ -214,18 +225,27 @@ class ModelCheckpoint(Callback, Saver):
         # them once this callback's next save commits, whether or not that moment's did.
         self._evicting = list(state.get("evicting", []))
 
+    @property
+    def location(self) -> str:
+        """Where the checkpoints go: `dirpath`, or the URL of remote storage."""
+        return self.remote.url if self.remote is not None else str(self.dirpath)
+
+    def _public(self, path: Path) -> str:
+        """How a checkpoint is named to users (`best_model_path`, ...): its URL if remote."""
+        return url_join(self.remote.url, path.name) if self.remote is not None else str(path)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"dirpath": str(self.dirpath), **self._bookkeeping()}
+        return {"dirpath": self.location, **self._bookkeeping()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("dirpath") == str(self.dirpath):
+        if state.get("dirpath") == self.location:
             self._set_bookkeeping(state)
             return
         log.info(
             "ModelCheckpoint: the checkpoint was written to %s, this callback writes to %s; "
             "only `best_model_path` is restored, retention starts afresh here.",
             state.get("dirpath"),
-            self.dirpath,
+            self.location,
         )
         self.best_model_path = state.get("best_model_path", "")
         self._last_global_step_saved = state.get("last_global_step_saved", -1)
@@ -235,12 +255,29 @@ class ModelCheckpoint(Callback, Saver):
         self._every.start(max(self._last_global_step_saved, 0))
         if self._monitor is not None:
             self._monitor.start()
+        if self.remote is not None:
+            self._start_remote()
         if self.dirpath.is_dir() and jax.process_index() == 0:
             # checkpoints this callback was deleting, or still writing (Orbax's tmp dirs:
             # never renamed, so never valid), when the process died
             for suffix in (DELETING_SUFFIX, ORBAX_TMP_SUFFIX):
                 for trash in self.dirpath.glob(f"*{suffix}*"):
                     shutil.rmtree(trash, ignore_errors=True)
+
+    def _start_remote(self) -> None:
+        """Remote storage: what is there, and the uploads a killed run left unfinished (no
+        `solstice.json`: never valid) removed."""
+        assert self.remote is not None
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"`ModelCheckpoint({self.remote.url!r})`: checkpoints on remote storage are "
+                f"written by one process; this run has {jax.process_count()}. Use a directory "
+                "every process shares (a network filesystem), or one process."
+            )
+        documents, unfinished = self.remote.documents()
+        for name in unfinished:
+            self.remote.delete(name)
+        self._remote_names = set(documents)
 
     def on_validation_end(self, trainer, experiment) -> None:
         if self._monitor is not None:
@@ -255,6 +292,29 @@ class ModelCheckpoint(Callback, Saver):
 
     def on_exception(self, trainer, experiment, exception) -> None:
         self.wait()
+
+    # ------------------------------------------------------------------ finding
+    def find_last(self) -> tuple[Path, dict[str, Any]] | None:
+        if self.remote is None:
+            return super().find_last()
+        self._pull_history()
+        return self.remote.find_last(self.dirpath)
+
+    def find_best(self) -> tuple[Path, dict[str, Any]] | None:
+        if self.remote is None:
+            return super().find_best()
+        assert self.monitor is not None
+        self._pull_history()
+        return self.remote.find_best(self.dirpath, self.monitor, self.mode)
+
+    def _pull_history(self) -> None:
+        """The run's metric history (`history.jsonl`, which a checkpoint counts records of)
+        from remote storage into the staging directory, where the resumed run reads it."""
+        assert self.remote is not None
+        text = self.remote.read_text(HISTORY_FILE)
+        if text is not None:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            (self.dirpath / HISTORY_FILE).write_text(text)
 
     # ------------------------------------------------------------------ the Saver side
     # The Trainer asks `plan` at every moment a save may happen, captures the run's state
@@ -374,9 +434,13 @@ class ModelCheckpoint(Callback, Saver):
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}"
         # taken: on disk, or planned by another saver of this moment (in the same directory)
         candidate, version = name, 0
-        while self.dirpath / candidate in taken or any(
-            (self.dirpath / (candidate + suffix)).exists()
-            for suffix in ("", ORBAX_TMP_SUFFIX, DELETING_SUFFIX)
+        while (
+            self.dirpath / candidate in taken
+            or candidate in self._remote_names
+            or any(
+                (self.dirpath / (candidate + suffix)).exists()
+                for suffix in ("", ORBAX_TMP_SUFFIX, DELETING_SUFFIX)
+            )
         ):
             version += 1
             candidate = f"{name}-v{version}"
@@ -409,7 +473,7 @@ class ModelCheckpoint(Callback, Saver):
             return None
         path = self._new_path(trainer, taken)
         snapshot = self._bookkeeping()
-        self._evicting.extend(self._record(str(path), score, top_k))
+        self._evicting.extend(self._record(self._public(path), score, top_k))
         self._last_global_step_saved = step
         self._every.fired(step)
         info = {
@@ -426,6 +490,8 @@ class ModelCheckpoint(Callback, Saver):
         if pending is None:
             return
         error = self._writer.wait()
+        if error is None and self.remote is not None:
+            error = self._publish(pending.path)
         if error is not None:
             self._failed(pending, error)
             return
@@ -433,26 +499,54 @@ class ModelCheckpoint(Callback, Saver):
         evicting, self._evicting = self._evicting, []
         for path in dict.fromkeys(evicting):
             if path not in kept:
-                self._delete(Path(path))
+                self._delete(path)
+
+    def _publish(self, path: Path) -> Exception | None:
+        """Upload a committed checkpoint (and the history beside it) to remote storage; the
+        local copy is removed once it is there."""
+        assert self.remote is not None
+        try:
+            history = self.dirpath / HISTORY_FILE
+            if history.is_file():
+                self.remote.upload_file(history, HISTORY_FILE)
+            self.remote.publish(path)
+        except Exception as error:  # noqa: BLE001 - reported by the caller
+            return error
+        self._remote_names.add(path.name)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
 
     def _failed(self, save: _Save, error: BaseException) -> None:
         self._set_bookkeeping(save.snapshot)
         path = save.path
         if jax.process_index() == 0:  # an unfinished save of ours, it can never be valid
             shutil.rmtree(path.parent / (path.name + ORBAX_TMP_SUFFIX), ignore_errors=True)
+            if self.remote is not None:  # an upload cut short: never valid either
+                shutil.rmtree(path, ignore_errors=True)
+                self.remote.delete(path.name)
         warnings.warn(
-            f"ModelCheckpoint: could not write `{path}`: {type(error).__name__}: {error}. "
+            f"ModelCheckpoint: could not write `{self._public(path)}`: "
+            f"{type(error).__name__}: {error}. "
             "Training continues; earlier checkpoints are intact (most recent: "
             f"`{self.last_model_path or 'none'}`).",
             RuntimeWarning,
             stacklevel=3,
         )
 
-    def _delete(self, path: Path) -> None:
+    def _delete(self, public: str) -> None:
         """Remove a checkpoint this callback wrote and no longer keeps: renamed first
-        (atomically), so a crash mid-delete never leaves a half checkpoint behind."""
+        (atomically), so a crash mid-delete never leaves a half checkpoint behind (remote:
+        its `solstice.json` is deleted first)."""
         if jax.process_index() != 0:
             return
+        if self.remote is not None:
+            parent, _, name = public.rpartition("/")
+            if parent == self.remote.url and CHECKPOINT_NAME.fullmatch(name):
+                self.remote.delete(name)
+                self._remote_names.discard(name)
+                shutil.rmtree(self.dirpath / name, ignore_errors=True)
+            return
+        path = Path(public)
         if path.parent != self.dirpath or not (path / METADATA_FILE).is_file():
             return
         trash = path.parent / (path.name + DELETING_SUFFIX)

@@ -1,6 +1,7 @@
 """`solstice.save` / `solstice.load`: share a trained experiment or model outside a run."""
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -8,9 +9,11 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 
+from .._paths import check_path, is_remote
 from .._version import __version__
-from ._format import open_checkpoint
+from ._format import METADATA_FILE, open_checkpoint
 from ._orbax import read, write
+from ._remote import RemoteDir, materialize
 from ._tree import (
     LeafSpec,
     abstract_storage,
@@ -24,7 +27,7 @@ from ._tree import (
 T = TypeVar("T")
 
 
-def save(path: str | os.PathLike, tree: Any) -> Path:
+def save(path: str | os.PathLike, tree: Any) -> Path | str:
     """Save the arrays of an experiment, a model or any pytree to a new directory `path`.
 
     Only arrays are written (with Orbax, no pickle), with a JSON description of each one by
@@ -34,10 +37,11 @@ def save(path: str | os.PathLike, tree: Any) -> Path:
 
     **Arguments:**
 
-    - `path`: a directory that does not exist yet.
+    - `path`: a directory that does not exist yet, or a URL of remote storage
+      (`"s3://bucket/models/mlp"`: written locally, then uploaded, `solstice.json` last).
     - `tree`: an `equinox.Module` (e.g. a `solstice.Experiment` or a model) or any pytree.
 
-    **Returns:** `path`, as a `pathlib.Path`.
+    **Returns:** `path`, as a `pathlib.Path` (a URL: as given).
 
     **Example:**
 
@@ -47,7 +51,10 @@ def save(path: str | os.PathLike, tree: Any) -> Path:
     model = solstice.load("digits-mlp", like=make_model())   # same configuration, any values
     ```
     """
-    path = Path(path).absolute()
+    location = check_path(path, "path")
+    if is_remote(location):
+        return _save_remote(location, tree)
+    path = Path(location).absolute()
     if path.exists():
         raise FileExistsError(
             f"`{path}` already exists; `solstice.save` never overwrites. Remove it or choose "
@@ -67,6 +74,21 @@ def save(path: str | os.PathLike, tree: Any) -> Path:
     }
     write(path, {"experiment": stored}, metadata)
     return path
+
+
+def _save_remote(url: str, tree: Any) -> str:
+    parent, _, name = url.rstrip("/").rpartition("/")
+    remote = RemoteDir(parent)
+    if remote.read_text(name, METADATA_FILE) is not None or name in remote.names():
+        raise FileExistsError(
+            f"`{url}` already exists; `solstice.save` never overwrites. Remove it or choose "
+            "another path."
+        )
+    with tempfile.TemporaryDirectory() as staging:
+        local = Path(staging) / name
+        save(local, tree)
+        remote.publish(local)
+    return url
 
 
 def _placement_of(x: Any) -> jax.sharding.Sharding:
@@ -89,7 +111,8 @@ def load(path: str | os.PathLike, *, like: T) -> T:
 
     **Arguments:**
 
-    - `path`: a directory written by `solstice.save`, or a training checkpoint.
+    - `path`: a directory written by `solstice.save`, or a training checkpoint (local, or
+      a URL of remote storage: downloaded and verified first).
     - `like`: a template built the same way as what was saved (its values are ignored).
       It may be abstract, e.g. `eqx.filter_eval_shape(make_model, key)`, so that nothing
       is allocated twice.
@@ -102,7 +125,8 @@ def load(path: str | os.PathLike, *, like: T) -> T:
     experiment = solstice.load(checkpoint.best_model_path, like=make_experiment())
     ```
     """
-    path = Path(path)
+    location = check_path(path, "path")
+    path = materialize(location) if is_remote(location) else Path(location)
     document = open_checkpoint(path, hint="")
     saved = [LeafSpec.from_json(d) for d in document["trees"]["experiment"]]
     dyn, static = eqx.partition(like, is_array_like)

@@ -33,6 +33,7 @@ ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save in progres
 ORBAX_COMMIT_FILE = "commit_success.txt"
 ORBAX_STEP_FILE = "_CHECKPOINT_METADATA"
 DELETING_SUFFIX = ".solstice-deleting"  # a checkpoint being removed by retention
+HISTORY_FILE = "history.jsonl"  # the run's metric history, beside its checkpoints
 # Files at the top level that Orbax may still touch after `solstice.json` is written.
 _UNHASHED = frozenset({METADATA_FILE, ORBAX_COMMIT_FILE, ORBAX_STEP_FILE})
 _CHUNK = 1 << 20
@@ -122,6 +123,13 @@ def read_metadata(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"`{path}` cannot be read as a file ({type(error).__name__}: {error})."
         ) from None
+    return parse_metadata(text, str(path))
+
+
+def parse_metadata(text: str, where: str) -> dict[str, Any]:
+    """`solstice.json`'s text (read from `where`) as a checked document; raises
+    `CheckpointError` saying what is wrong."""
+    path = where
     try:
         document = json.loads(text)
     except ValueError as error:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .._view import TrainerView
 from ._checkpoint_state import CheckpointState
+from ._find import find_best, find_last
 
 EPOCH = "epoch"
 STEP = "step"
@@ -64,6 +65,16 @@ class Saver(abc.ABC):
     @abc.abstractmethod
     def write(self, plan: Any, state: CheckpointState) -> None:
         """Start writing `state` as `plan` says (in the background)."""
+
+    def find_last(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest valid training checkpoint (a local path and its metadata), or `None`
+        if there is none yet (`ckpt_path="last"`)."""
+        return find_last(self.dirpath)
+
+    def find_best(self) -> tuple[Path, dict[str, Any]] | None:
+        """The valid checkpoint with the best `monitor` score (`ckpt_path="best"`)."""
+        assert self.monitor is not None
+        return find_best(self.dirpath, self.monitor, self.mode)
 
     @abc.abstractmethod
     def wait(self) -> None:

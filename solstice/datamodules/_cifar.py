@@ -5,6 +5,7 @@ import os
 import numpy as np
 from jax.sharding import Mesh
 
+from .._paths import check_path, is_remote, local_cache, url_join
 from ._archive import safe_extract
 from ._array import ArrayDataModule
 from ._augment import RandomCropFlip
@@ -44,7 +45,9 @@ class CIFAR10(ArrayDataModule):
 
     **Arguments:**
 
-    - `data_dir`: the data root.
+    - `data_dir`: the data root; or a URL of remote storage (`"s3://bucket/datasets"`)
+      holding `cifar-10-binary.tar.gz`, read first (then the official address), verified by
+      its MD5 and extracted into a local cache (see `docs/storage.md`).
     - `batch_size`, `eval_batch_size`, `shuffle`, `seed`: as in `ArrayDataModule`.
     - `val_fraction`: share of the training images held out for validation (0 = none).
     - `augment`: random crop + flip of training batches on the device.
@@ -108,7 +111,11 @@ class CIFAR10(ArrayDataModule):
             if augment
             else None,
         )
-        self.data_dir = os.fspath(data_dir)
+        location = check_path(data_dir, "CIFAR10(data_dir=...)")
+        # remote storage (`s3://bucket/datasets`): the archive is read from there first
+        # (a mirror), and extracted into a local cache
+        self.remote_dir = location if is_remote(location) else None
+        self.data_dir = str(local_cache(location, "datasets")) if self.remote_dir else location
         self.val_fraction = val_fraction
         self.normalize = normalize
         self.download = download
@@ -154,7 +161,10 @@ class CIFAR10(ArrayDataModule):
                 )
         else:
             try:
-                download([self.url], archive, "md5:" + self.md5)
+                sources = [self.url]
+                if self.remote_dir is not None:
+                    sources.insert(0, url_join(self.remote_dir, os.path.basename(self.url)))
+                download(sources, archive, "md5:" + self.md5)
             except ConnectionError as e:
                 raise FileNotFoundError(
                     f"CIFAR10: missing {missing} in {where!r} and the download failed "

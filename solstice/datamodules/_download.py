@@ -15,14 +15,24 @@ import urllib.request
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from .._paths import is_remote
+
 _CHUNK = 1 << 20
 
 
 def fetch_url(url: str, out: BinaryIO, *, timeout: float = 60.0) -> None:
-    """Stream the body of `url` into the open binary file `out`.
+    """Stream the body of `url` into the open binary file `out`: an `http(s)://` address,
+    or a file on remote storage (`s3://`, `gs://`, ... through fsspec: a dataset directory
+    there is a mirror).
 
     The one function that touches the network (tests replace it).
     """
+    if is_remote(url) and not url.startswith(("http://", "https://")):
+        import fsspec
+
+        with fsspec.open(url, "rb") as source:
+            shutil.copyfileobj(source, out, _CHUNK)
+        return
     request = urllib.request.Request(url, headers={"User-Agent": "solstice"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         shutil.copyfileobj(response, out, _CHUNK)

@@ -6,6 +6,7 @@ from typing import ClassVar
 import numpy as np
 from jax.sharding import Mesh
 
+from .._paths import check_path, is_remote, local_cache, url_join
 from ._array import ArrayDataModule
 from ._decode import PixelDecode
 from ._download import download
@@ -61,7 +62,10 @@ class IDXImageDataModule(ArrayDataModule):
             mesh=mesh,
             transform=PixelDecode(),
         )
-        self.data_dir = os.fspath(data_dir)
+        location = check_path(data_dir, f"{type(self).__name__}(data_dir=...)")
+        # remote storage (`s3://bucket/datasets`): a mirror read first, cached locally
+        self.remote_dir = location if is_remote(location) else None
+        self.data_dir = str(local_cache(location, "datasets")) if self.remote_dir else location
         self.val_fraction = val_fraction
         self.download = download
 
@@ -95,8 +99,11 @@ class IDXImageDataModule(ArrayDataModule):
                 f"{type(self).__name__}: missing {missing} in {self.raw_dir!r} and "
                 f"`download=False`. {how}, or pass `download=True`."
             )
+        mirrors = self.mirrors
+        if self.remote_dir is not None:
+            mirrors = (url_join(self.remote_dir, self.folder, "raw") + "/", *mirrors)
         for name in missing:
-            urls = [mirror + name for mirror in self.mirrors]
+            urls = [mirror + name for mirror in mirrors]
             try:
                 download(urls, os.path.join(self.raw_dir, name), "md5:" + self.resources[name])
             except ConnectionError as e:
@@ -175,7 +182,9 @@ class MNIST(IDXImageDataModule):
 
     **Arguments:**
 
-    - `data_dir`: the data root (`MNIST/raw/` is below it).
+    - `data_dir`: the data root (`MNIST/raw/` is below it); or a URL of remote storage
+      (`"s3://bucket/datasets"`), read first as a mirror (then the official ones), each
+      file verified by its MD5 and cached locally (see `docs/storage.md`).
     - `batch_size`, `eval_batch_size`, `shuffle`, `seed`: as in `ArrayDataModule`.
     - `val_fraction`: share of the training images held out for validation (0 = none).
     - `download`: download missing files; if `False`, missing files raise

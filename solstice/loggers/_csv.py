@@ -97,7 +97,7 @@ class CSVLogger(Logger):
                 f"`filename` must be a plain file name such as 'metrics.csv', got {filename!r}; "
                 "put directories in `log_dir`."
             )
-        self.log_dir = os.fspath(log_dir)
+        self.log_dir: str = os.fspath(log_dir)
         self.path = os.path.join(self.log_dir, filename)
         self.hparams_path = os.path.join(self.log_dir, "hparams.json")
         self._columns: list[str] = list(_FIXED)

@@ -91,7 +91,7 @@ class TensorBoardLogger(Logger):
             raise ValueError(
                 f"`flush_secs` must be >= 0 (seconds between writes to disk), got {flush_secs}."
             )
-        self.log_dir = os.fspath(log_dir)
+        self.log_dir: str = os.fspath(log_dir)
         self.flush_secs = flush_secs
         self.purge_step = purge_step
         self._SessionLog = SessionLog

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from .._experiment import Experiment
+from ..checkpointing._format import HISTORY_FILE
 from ..checkpointing._saver import EPOCH, INTERRUPT, STEP, SaveMoment, Saver
 from ..datamodules import DataModule, as_loader
 from ._agreement import Agreement
@@ -250,7 +251,7 @@ def fit(
     if found is not None:
         resume(run, *found, continue_stopped)
     if savers and not trainer.fast_dev_run:  # beside the checkpoints that count its records
-        path = os.path.join(savers[0].dirpath, "history.jsonl")
+        path = os.path.join(savers[0].dirpath, HISTORY_FILE)
         trainer.history.persist_to(path, write=jax.process_index() == 0)
     replicated = run.placement.replicated
     run.step_counter = jax.device_put(np.int32(run.progress.global_step), replicated)

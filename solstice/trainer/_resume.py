@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 
+from .._paths import check_path, is_remote
 from ..checkpointing._checkpoint_state import CheckpointState
-from ..checkpointing._find import find_best, find_last
 from ..checkpointing._format import CheckpointError, open_checkpoint
+from ..checkpointing._remote import materialize
 from ..checkpointing._saver import Saver
 from ._hooks import callback_keys
 from ._run import Run, run_settings
@@ -76,7 +77,8 @@ def resolve(
     """Turn `ckpt_path` into a verified checkpoint: `"last"` (`None` if the first saver's
     directory holds none yet), `"best"` (by that saver's `monitor`) or a path."""
     if ckpt_path not in ("last", "best"):
-        path = Path(ckpt_path)
+        location = check_path(ckpt_path, "ckpt_path")
+        path = materialize(location) if is_remote(location) else Path(location)
         try:
             return path, open_checkpoint(path, hint=" or `ckpt_path='last'`")
         except CheckpointError as error:
@@ -89,7 +91,7 @@ def resolve(
         )
     saver = savers[0]
     if ckpt_path == "last":
-        found = find_last(saver.dirpath)
+        found = saver.find_last()
         if found is None:
             log.info("ckpt_path='last': no checkpoint in %s yet; starting afresh.", saver.dirpath)
         return found
@@ -98,7 +100,7 @@ def resolve(
             "`ckpt_path='best'` needs a `ModelCheckpoint` with a `monitor=` metric; this one "
             "ranks nothing. Use `ckpt_path='last'` or a path."
         )
-    found = find_best(saver.dirpath, saver.monitor, saver.mode)
+    found = saver.find_best()
     if found is None:
         raise FileNotFoundError(
             f"`ckpt_path='best'`: no valid checkpoint scored by `{saver.monitor}` in "
