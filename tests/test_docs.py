@@ -42,6 +42,7 @@ PUBLIC_MODULES = [
     "solstice.loggers",
     "solstice.trainer",
     "solstice.checkpointing",
+    "solstice.storage",
 ]
 
 # Pages in the nav that other work items write. Until they exist, the strict build test puts a

@@ -4,6 +4,7 @@ and the fallback past a damaged checkpoint work there as on a local disk; a URL 
 slash is refused instead of becoming a local directory."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,12 +108,12 @@ def _step(name: str) -> int:
 def test_a_url_that_lost_a_slash_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"Pass the URL as a string: `'gs://bucket/run'`"):
         ModelCheckpoint(Path("gs://bucket/run"))
-    # loggers write local files: checked by the Trainer, before anything is written
-    for logger in (solstice.CSVLogger("s3:/bucket/logs"), solstice.TensorBoardLogger("s3:/b/l")):
-        with pytest.raises(ValueError, match="one slash after `s3:`"):
-            solstice.Trainer(max_epochs=1, loggers=[logger])
-    with pytest.raises(ValueError, match="remote storage, which `CSVLogger` does not use"):
-        solstice.Trainer(max_epochs=1, loggers=[solstice.CSVLogger("s3://bucket/logs")])
+    with pytest.raises(ValueError, match="one slash after `s3:`"):
+        solstice.CSVLogger("s3:/bucket/logs")
+    with pytest.raises(ValueError, match="one slash after `s3:`"):
+        solstice.TensorBoardLogger(Path("s3://bucket/logs"))
+    with pytest.raises(ValueError, match="one slash after `s3:`"):
+        solstice.datamodules.MNIST("s3:/bucket/datasets")
     trainer = solstice.Trainer(max_epochs=1, enable_progress_bar=False)
     with pytest.raises(ValueError, match="one slash after `gs:`"):
         trainer.fit(make_experiment(), blobs_datamodule(), ckpt_path="gs:/bucket/run/x")
@@ -224,3 +225,48 @@ def test_a_dataset_directory_on_s3_is_a_verified_mirror(s3, tmp_path):
     again = Synthetic(f"s3://{bucket}/datasets", batch_size=8)
     with pytest.raises(ValueError, match="md5"):
         again.prepare_data()
+
+
+def test_loggers_write_to_s3_and_resume_there(s3, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/run"
+
+    def loggers():
+        return [solstice.CSVLogger(f"{url}/csv"), solstice.TensorBoardLogger(f"{url}/tb")]
+
+    checkpoint = ModelCheckpoint(f"{url}/ckpts", every_n_train_steps=4, every_n_epochs=None)
+    first = solstice.Trainer(**trainer_kwargs(2), callbacks=[checkpoint], loggers=loggers())
+    first.fit(make_experiment(), blobs_datamodule())
+    first.close()
+    rows = s3.get(bucket, "run/csv/metrics.csv").decode().splitlines()
+    assert rows[0].startswith("step,epoch") and len(rows) == 1 + first.history.num_records
+    assert any(k.startswith("run/tb/events.out.tfevents") for k in s3.keys(bucket, "run/tb/"))
+
+    # another machine: nothing local; the loggers continue the files on S3 exactly
+    shutil.rmtree(os.environ["SOLSTICE_CACHE_DIR"])
+    more = solstice.Trainer(
+        **trainer_kwargs(3),
+        callbacks=[ModelCheckpoint(f"{url}/ckpts", every_n_train_steps=4, every_n_epochs=None)],
+        loggers=loggers(),
+    )
+    more.fit(make_experiment(), blobs_datamodule(), ckpt_path="last")
+    more.close()
+    reference = solstice.Trainer(**trainer_kwargs(3))
+    reference.fit(make_experiment(), blobs_datamodule())
+    reference.flush_logs()
+    rows = s3.get(bucket, "run/csv/metrics.csv").decode().splitlines()
+    assert len(rows) == 1 + reference.history.num_records  # no record twice, none missing
+    steps = [int(r.split(",")[0]) for r in rows[1:]]
+    assert steps == sorted(steps)
+    local = tmp_path / "tb"
+    for key in s3.keys(bucket, "run/tb/"):
+        (local / key.rsplit("/", 1)[1]).parent.mkdir(exist_ok=True)
+        (local / key.rsplit("/", 1)[1]).write_bytes(s3.get(bucket, key))
+    events = EventAccumulator(str(local))
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    np.testing.assert_allclose(
+        [e.value for e in logged], reference.history.metrics["train/loss"], rtol=1e-6
+    )

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "solstice"
-SUBPACKAGES = ("callbacks", "checkpointing", "datamodules", "loggers", "trainer")
+SUBPACKAGES = ("callbacks", "checkpointing", "datamodules", "loggers", "storage", "trainer")
 
 
 def _modules(*folders: Path):
@@ -68,7 +68,8 @@ def test_subpackages_import_one_way():
         visit(node, [])
     # the layers, bottom up, as DESIGN says: callbacks and checkpointing never see the trainer
     assert "trainer" not in graph["callbacks"] | graph["checkpointing"] | graph["datamodules"]
-    assert graph["loggers"] <= set(), graph["loggers"]
+    assert graph["loggers"] <= {"storage"}, graph["loggers"]
+    assert graph["storage"] <= set(), graph["storage"]  # the lowest layer
 
 
 def test_no_solstice_import_inside_a_function():

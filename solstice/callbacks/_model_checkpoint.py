@@ -16,7 +16,6 @@ import equinox as eqx
 import jax
 
 from .._checks import check_int, check_seconds
-from .._paths import check_path, is_remote, url_join
 from .._periodic import Every
 from .._view import TrainerView
 from ..checkpointing._checkpoint_state import CheckpointState
@@ -28,9 +27,10 @@ from ..checkpointing._format import (
     ORBAX_TMP_SUFFIX,
 )
 from ..checkpointing._orbax import CheckpointWriter
-from ..checkpointing._remote import RemoteDir, staging_dir
+from ..checkpointing._remote import RemoteCheckpoints, staging_dir
 from ..checkpointing._saver import EPOCH, INTERRUPT, SaveMoment, Saver
 from ..checkpointing._tree import all_finite
+from ..storage._paths import check_path, is_remote, url_join
 from ._callback import Callback
 from ._monitor import Monitor, better, check_mode, worst
 
@@ -133,7 +133,7 @@ class ModelCheckpoint(Callback, Saver):
         location = check_path(dirpath, "ModelCheckpoint(dirpath=...)")
         # remote storage: checkpoints are written into a local staging directory, then
         # uploaded (see `solstice.checkpointing._remote`)
-        self.remote = RemoteDir(location) if is_remote(location) else None
+        self.remote = RemoteCheckpoints(location) if is_remote(location) else None
         self.dirpath = staging_dir(location) if self.remote else Path(location).absolute()
         self._remote_names: set[str] = set()
         if self.dirpath.exists() and not self.dirpath.is_dir():

@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 
-from .._paths import check_path, is_remote
 from .._version import __version__
+from ..storage._paths import check_path, is_remote
 from ._format import METADATA_FILE, open_checkpoint
 from ._orbax import read, write
-from ._remote import RemoteDir, materialize
+from ._remote import RemoteCheckpoints, materialize
 from ._tree import (
     LeafSpec,
     abstract_storage,
@@ -78,7 +78,7 @@ def save(path: str | os.PathLike, tree: Any) -> Path | str:
 
 def _save_remote(url: str, tree: Any) -> str:
     parent, _, name = url.rstrip("/").rpartition("/")
-    remote = RemoteDir(parent)
+    remote = RemoteCheckpoints(parent)
     if remote.read_text(name, METADATA_FILE) is not None or name in remote.names():
         raise FileExistsError(
             f"`{url}` already exists; `solstice.save` never overwrites. Remove it or choose "

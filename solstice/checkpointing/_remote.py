@@ -10,16 +10,17 @@ were damaged afterwards fails its checksums and is reported and skipped, exactly
 disk. Retention deletes `solstice.json` first, so a checkpoint stops being valid at once. To
 read a remote checkpoint, it is downloaded into the staging directory and verified there.
 
-`fsspec` and the filesystem's own package (`s3fs` for `s3://`, `gcsfs` for `gs://`) are
-imported only when a remote path is used (the `remote` extra installs fsspec and s3fs).
+The storage itself (fsspec) is `solstice.storage.RemoteDir`; this module knows checkpoints.
 """
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .._paths import local_cache, url_join
+from ..storage._paths import local_cache, url_join
+from ..storage._remote import RemoteDir
 from ._format import (
     CHECKPOINT_NAME,
     METADATA_FILE,
@@ -38,48 +39,8 @@ def staging_dir(url: str) -> Path:
     return local_cache(url, "staging")
 
 
-class RemoteDir:
-    """A directory of remote storage, through fsspec."""
-
-    def __init__(self, url: str):
-        try:
-            import fsspec
-        except ImportError:
-            raise ImportError(
-                f"`{url}` is remote storage, which needs fsspec: `pip install "
-                "'solstice[remote]'` (fsspec and s3fs; `gcsfs` for gs://)."
-            ) from None
-        self.url = url.rstrip("/")
-        try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        except ImportError as error:
-            raise ImportError(
-                f"`{url}`: fsspec needs a package for this filesystem: {error}"
-            ) from None
-
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
-
-    def names(self) -> list[str]:
-        """The names of the subdirectories, sorted."""
-        self.fs.invalidate_cache()
-        try:
-            entries = self.fs.ls(self.root, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
-        )
-
-    def read_text(self, *parts: str) -> str | None:
-        """A file's text, or `None` if there is no such file."""
-        try:
-            return self.fs.cat_file(self._path(*parts)).decode()
-        except FileNotFoundError:
-            return None
-
-    def upload_file(self, local: Path, *parts: str) -> None:
-        self.fs.put_file(str(local), self._path(*parts))
+class RemoteCheckpoints(RemoteDir):
+    """A directory of checkpoints on remote storage."""
 
     def publish(self, checkpoint: Path) -> None:
         """Upload a committed local checkpoint under its name: every file, `solstice.json`
@@ -108,24 +69,14 @@ class RemoteDir:
                 return local
             except CheckpointError:
                 pass
-        import shutil
-
         shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        self.fs.get(self._path(name) + "/", str(local) + "/", recursive=True)
+        self.download_tree(name, local)
         return local
 
     def delete(self, name: str) -> None:
         """Remove the checkpoint `name`: `solstice.json` first (it is invalid from then on)."""
-        try:
-            self.fs.rm_file(self._path(name, METADATA_FILE))
-        except FileNotFoundError:
-            pass
-        try:
-            self.fs.rm(self._path(name), recursive=True)
-        except FileNotFoundError:
-            pass
-        self.fs.invalidate_cache()
+        self.delete_file(name, METADATA_FILE)
+        self.delete_tree(name)
 
     # ------------------------------------------------------------------ finding
     def documents(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -208,7 +159,7 @@ def materialize(url: str) -> Path:
     parent, _, name = url.rstrip("/").rpartition("/")
     if not name:
         raise ValueError(f"`{url}` names no checkpoint directory.")
-    remote = RemoteDir(parent)
+    remote = RemoteCheckpoints(parent)
     if remote.read_text(name, METADATA_FILE) is None and name not in remote.names():
         raise FileNotFoundError(f"No checkpoint at `{url}`.")
     return remote.download(name, staging_dir(parent) / name)

@@ -5,7 +5,7 @@ import os
 import numpy as np
 from jax.sharding import Mesh
 
-from .._paths import check_path, is_remote, local_cache, url_join
+from ..storage._paths import check_path, is_remote, local_cache, url_join
 from ._archive import safe_extract
 from ._array import ArrayDataModule
 from ._augment import RandomCropFlip

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from .._paths import is_remote
+from ..storage._paths import is_remote
 
 _CHUNK = 1 << 20
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 import numpy as np
 from jax.sharding import Mesh
 
-from .._paths import check_path, is_remote, local_cache, url_join
+from ..storage._paths import check_path, is_remote, local_cache, url_join
 from ._array import ArrayDataModule
 from ._decode import PixelDecode
 from ._download import download

@@ -12,6 +12,7 @@ from ._closed import check_open
 from ._convert import to_floats
 from ._hparams import jsonable_hparams
 from ._logger import Logger
+from ._mirror import mirror_of
 
 _FIXED = ("step", "epoch")
 _BUFFER = 1 << 16  # bytes of rows kept in memory before they are handed to the OS
@@ -97,7 +98,9 @@ class CSVLogger(Logger):
                 f"`filename` must be a plain file name such as 'metrics.csv', got {filename!r}; "
                 "put directories in `log_dir`."
             )
-        self.log_dir: str = os.fspath(log_dir)
+        # a URL: written to a local copy, uploaded at every flush (see `Mirror`)
+        self._mirror = mirror_of(log_dir, "CSVLogger(log_dir=...)")
+        self.log_dir: str = self._mirror.local
         self.path = os.path.join(self.log_dir, filename)
         self.hparams_path = os.path.join(self.log_dir, "hparams.json")
         self._columns: list[str] = list(_FIXED)
@@ -238,6 +241,7 @@ class CSVLogger(Logger):
     def flush(self) -> None:
         if not self._closed and self._file is not None:
             self._file.flush()
+            self._mirror.push()
 
     def close(self) -> None:
         if not self._closed:
@@ -246,11 +250,12 @@ class CSVLogger(Logger):
                 self._file.flush()
                 os.fsync(self._file.fileno())
                 self._file.close()
+            self._mirror.push()
 
     @property
     def run_id(self) -> str:
-        """The log directory."""
-        return self.log_dir
+        """The log directory (its URL on remote storage)."""
+        return self._mirror.location
 
     def __repr__(self) -> str:
-        return f"CSVLogger({self.log_dir!r})"
+        return f"CSVLogger({self._mirror.location!r})"

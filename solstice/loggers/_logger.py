@@ -27,10 +27,6 @@ class Logger(abc.ABC):
     ```
     """
 
-    #: The local directory the logger writes to, if it writes files (the Trainer refuses a
-    #: storage URL here, or one that lost a slash, before anything is written).
-    log_dir: str | None = None
-
     @abc.abstractmethod
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Record `metrics` (name -> scalar) at training step `step`."""

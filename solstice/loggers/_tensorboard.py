@@ -12,6 +12,7 @@ from ._closed import check_open
 from ._convert import to_floats
 from ._hparams import flatten_hparams
 from ._logger import Logger
+from ._mirror import mirror_of
 from ._tfrecord import RecordFile, read_records
 
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
@@ -91,7 +92,9 @@ class TensorBoardLogger(Logger):
             raise ValueError(
                 f"`flush_secs` must be >= 0 (seconds between writes to disk), got {flush_secs}."
             )
-        self.log_dir: str = os.fspath(log_dir)
+        # a URL: written to a local copy, uploaded at every flush (see `Mirror`)
+        self._mirror = mirror_of(log_dir, "TensorBoardLogger(log_dir=...)")
+        self.log_dir: str = self._mirror.local
         self.flush_secs = flush_secs
         self.purge_step = purge_step
         self._SessionLog = SessionLog
@@ -185,6 +188,7 @@ class TensorBoardLogger(Logger):
         if not self._closed:
             if self._events is not None:
                 self._events.flush()
+                self._mirror.push()
             self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -192,6 +196,7 @@ class TensorBoardLogger(Logger):
             self._closed = True
             if self._events is not None:
                 self._events.close()
+            self._mirror.push()
 
     def resume_at(self, run_id: str | None, records: int) -> int:
         """Bring `log_dir` back to its first `records` records (one event per `log_metrics`
@@ -273,8 +278,8 @@ class TensorBoardLogger(Logger):
 
     @property
     def run_id(self) -> str:
-        """The log directory."""
-        return self.log_dir
+        """The log directory (its URL on remote storage)."""
+        return self._mirror.location
 
     def __repr__(self) -> str:
-        return f"TensorBoardLogger({self.log_dir!r})"
+        return f"TensorBoardLogger({self._mirror.location!r})"

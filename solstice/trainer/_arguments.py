@@ -7,7 +7,6 @@ from typing import Any
 import jax
 
 from .._checks import check_int
-from .._paths import check_local_path
 from ..callbacks import Callback, ProgressBar
 from ..checkpointing._saver import Saver
 from ..loggers import Logger
@@ -87,8 +86,6 @@ def check_objects(
             raise TypeError(
                 f"`loggers` must hold `solstice.Logger` objects, got `{type(lg).__name__}`."
             )
-        if lg.log_dir is not None:
-            check_local_path(lg.log_dir, f"{type(lg).__name__}(log_dir=...)")
     if progress_bar and jax.process_index() == 0:
         if not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.append(ProgressBar())

@@ -15,11 +15,11 @@ from typing import Any
 
 import jax
 
-from .._paths import check_path, is_remote
 from ..checkpointing._checkpoint_state import CheckpointState
 from ..checkpointing._format import CheckpointError, open_checkpoint
 from ..checkpointing._remote import materialize
 from ..checkpointing._saver import Saver
+from ..storage._paths import check_path, is_remote
 from ._hooks import callback_keys
 from ._run import Run, run_settings
 

@@ -56,17 +56,3 @@ def local_cache(url: str, kind: str) -> Path:
 def url_join(url: str, *parts: str) -> str:
     """`url` with `parts` appended, one slash between each."""
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def check_local_path(value: Any, what: str) -> str:
-    """`check_path` for a directory that must be on this machine: a storage URL raises
-    `ValueError` saying so (instead of becoming a local directory named after its scheme)."""
-    text = check_path(value, what)
-    if is_remote(text):
-        raise ValueError(
-            f"`{what}` got {text!r}, remote storage, which `{what.split('(')[0]}` does not "
-            "use: give it a local directory (and copy it to remote storage after the "
-            "run, e.g. with `fsspec`'s `put`). `ModelCheckpoint`, `solstice.save` and "
-            "`solstice.load` take URLs."
-        )
-    return text
