@@ -31,6 +31,8 @@ EXECUTED_PAGES = [
     "tutorials/library-compatibility.md",
     "tutorials/configuration.md",
     "tutorials/design-decisions.md",
+    "training-controls/lr-find.md",
+    "training-controls/on-exception.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.
@@ -41,6 +43,7 @@ PUBLIC_MODULES = [
     "solstice.loggers",
     "solstice.trainer",
     "solstice.checkpointing",
+    "solstice.tuner",
 ]
 
 # Pages in the nav that other work items write. Until they exist, the strict build test puts a

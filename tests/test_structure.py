@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "solstice"
-SUBPACKAGES = ("callbacks", "checkpointing", "datamodules", "loggers", "trainer")
+SUBPACKAGES = ("callbacks", "checkpointing", "datamodules", "loggers", "trainer", "tuner")
 
 
 def _modules(*folders: Path):
@@ -35,7 +35,9 @@ def _imported_layers(path: Path) -> set[str]:
                 target = node.module.split(".")
             else:
                 continue
-            names = [target + [alias.name] for alias in node.names] if len(target) == 1 else [target]
+            names = (
+                [target + [alias.name] for alias in node.names] if len(target) == 1 else [target]
+            )
             for name in names:
                 sub = name[1] if len(name) > 1 else ""
                 layers.add(sub if sub in SUBPACKAGES else "core")
@@ -66,6 +68,9 @@ def test_subpackages_import_one_way():
         visit(node, [])
     # the layers, bottom up, as DESIGN says: callbacks and checkpointing never see the trainer
     assert "trainer" not in graph["callbacks"] | graph["checkpointing"] | graph["datamodules"]
+    # the tuner is the top layer: it builds on the trainer, and nothing builds on it
+    assert "trainer" in graph["tuner"]
+    assert not any("tuner" in deps for layer, deps in graph.items() if layer != "tuner")
     assert graph["loggers"] <= set(), graph["loggers"]
 
 

@@ -19,13 +19,16 @@ from ._checkpoint_state import CheckpointState
 EPOCH = "epoch"
 STEP = "step"
 INTERRUPT = "interrupt"
+EXCEPTION = "exception"
 
 
 @dataclasses.dataclass(frozen=True)
 class SaveMoment:
     """When the Trainer asks: `kind` is `"epoch"` (after `on_train_epoch_end`), `"step"`
-    (after a training call) or `"interrupt"` (a signal); `time_due` is this saver's timed
-    trigger as agreed by every process (step moments only)."""
+    (after a training call), `"interrupt"` (a signal) or `"exception"` (`fit` is raising,
+    and its state is one a resume can continue from; only savers with
+    `saves_on_exception` are asked); `time_due` is this saver's timed trigger as agreed by
+    every process (step moments only)."""
 
     kind: str
     time_due: bool = False
@@ -46,6 +49,11 @@ class Saver(abc.ABC):
     @property
     def saves_on_steps(self) -> bool:
         """Whether to be asked after every training call (not only at epoch ends)."""
+        return False
+
+    @property
+    def saves_on_exception(self) -> bool:
+        """Whether to be asked when `fit` raises (`OnExceptionCheckpoint`)."""
         return False
 
     def time_due(self) -> bool:
