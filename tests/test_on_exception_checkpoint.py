@@ -150,7 +150,8 @@ def test_an_error_in_the_data_resumes_bit_for_bit(tmp_path):
 
 class _Counting(solstice.Experiment):
     """One weight and a step count; `mode` "error" fails inside the compiled step at step 4
-    (after its arrays were donated), "nan" turns the weight into NaN from step 3 on."""
+    (after its arrays were donated), "nan" turns the weight into NaN from step 3 on, "trace"
+    fails while the step is traced."""
 
     weight: jax.Array
     step: jax.Array
@@ -161,6 +162,8 @@ class _Counting(solstice.Experiment):
         weight = self.weight - 0.01 * jnp.mean(batch["image"])
         if self.mode == "nan":
             weight = jnp.where(step >= 3, jnp.nan, weight)
+        elif self.mode == "trace":
+            raise ValueError("boom: a bug in train_step")
         else:
             weight = eqx.error_if(weight, step == 4, "boom inside the step")
         new = _Counting(weight, step, self.mode)
@@ -184,6 +187,14 @@ def test_no_checkpoint_after_an_error_inside_a_step(tmp_path):
     message = _fail(tmp_path, experiment)
     assert "donated" in message and "no longer exist" in message
     assert experiment.weight.is_deleted() is False  # the caller's experiment is untouched
+
+
+def test_an_error_while_tracing_the_step_saves_the_state_before_it(tmp_path):
+    saver = OnExceptionCheckpoint(tmp_path)
+    trainer = solstice.Trainer(**_kwargs(callbacks=[saver]))
+    with pytest.raises(ValueError, match="a bug in train_step"):
+        trainer.fit(_Counting(jnp.float32(1.0), jnp.int32(0), "trace"), blobs_datamodule())
+    assert verify(saver.path)["progress"]["global_step"] == 0
 
 
 def test_no_checkpoint_of_a_nonfinite_state(tmp_path):

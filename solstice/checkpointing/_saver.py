@@ -1,11 +1,12 @@
 """`Saver`: a component that writes training checkpoints (Kauldron's `ckpt.should_save`).
 
-At every moment a save may happen (an epoch end, a step boundary, a signal), the Trainer asks
-each saver whether it saves (`plan`: the saver decides and updates its books), then captures
-the run's `CheckpointState` once, so that every checkpoint of that moment holds every saver's
-books as they are after all of that moment's decisions, and hands it to each saver that said
-yes (`write`). With several processes every process takes the same decisions in the same
-order (a save is collective); time-triggered decisions are agreed first (`time_due`).
+At every moment a save may happen (an epoch end, a step boundary, a signal, an exception), the
+Trainer asks each saver whether it saves (`plan`: the saver decides and updates its books),
+then captures the run's `CheckpointState` once, so that every checkpoint of that moment holds
+every saver's books as they are after all of that moment's decisions, and hands it to each
+saver that said yes (`write`). With several processes every process takes the same decisions
+in the same order (a save is collective); time-triggered decisions are agreed first
+(`time_due`).
 """
 
 import abc
