@@ -223,3 +223,20 @@ def test_a_later_exception_replaces_the_checkpoint(tmp_path):
         assert verify(saver.path)["progress"]["global_step"] == step
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["epoch=0-step=8", "history.jsonl", "on_exception"], names
+
+
+def test_no_checkpoint_before_the_first_step_of_a_mid_epoch_resume(tmp_path):
+    # the checkpoint it resumed from is that state: it stays as it was
+    saver = OnExceptionCheckpoint(tmp_path)
+    template = make_mlp_experiment(in_size=8, num_classes=4)
+    trainer = solstice.Trainer(**_kwargs(callbacks=[_FailAtBatchEnd(5), saver]))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(template, blobs_datamodule())
+    written = verify(saver.path)["created_unix_ns"]
+    failing = _fail_once("on_train_epoch_start", 5)
+    trainer = solstice.Trainer(**_kwargs(callbacks=[failing, OnExceptionCheckpoint(tmp_path)]))
+    with pytest.warns(RuntimeWarning, match="took no step since") as warned:
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.fit(template, blobs_datamodule(), ckpt_path=saver.path)
+    assert str(saver.path) in str(warned[0].message)
+    assert verify(saver.path)["created_unix_ns"] == written

@@ -106,6 +106,23 @@ def test_the_sweep_stops_when_the_loss_diverges():
     )
 
 
+def test_a_loss_that_is_not_finite_stops_the_sweep():
+    experiment = _mlp_experiment(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), 8, 4)
+    # (the Trainer's `detect_anomaly` is not copied: the sweep diverges on purpose)
+    trainer = solstice.Trainer(devices=1, detect_anomaly=True, enable_progress_bar=False)
+    finder = lr_find(
+        trainer,
+        experiment,
+        blobs_datamodule(),
+        min_lr=1e-3,
+        max_lr=1e30,
+        num_training=60,
+        early_stop_threshold=float("inf"),  # stop on NaN/inf only
+    )
+    *before, last = finder.losses
+    assert finder.early_stopped and not np.isfinite(last) and np.all(np.isfinite(before))
+
+
 def test_suggestion_needs_two_points():
     losses = [1.0, 0.9, 0.3, 2.0]  # slopes along log(lr): -0.1, -0.35, +0.55, +1.7 (/ ln 10)
     finder = LRFinder([1e-3, 1e-2, 1e-1, 1.0], losses, losses, "exponential", 1e-3, 1.0, 4, False)

@@ -17,7 +17,8 @@ from ._sweep import LRSweep, SweepRecorder, check_sweepable
 log = logging.getLogger("solstice")
 
 #: The Trainer settings the sweep takes from the Trainer (or dict) it is given. It sets the
-#: others itself: `max_steps=num_training`, no validation, callbacks, loggers or progress bar.
+#: others itself: `max_steps=num_training`, no validation, callbacks, loggers or progress bar,
+#: and no `detect_anomaly` (the sweep runs the loss into divergence on purpose).
 SWEEP_SETTINGS = (
     "devices",
     "seed",
@@ -26,7 +27,6 @@ SWEEP_SETTINGS = (
     "sharding_rules",
     "limit_train_batches",
     "compilation_cache",
-    "detect_anomaly",
 )
 
 #: How often (in steps, rounded up to a multiple of `steps_per_execution`) the sweep reads
@@ -46,7 +46,6 @@ def _settings(trainer_or_settings: Any) -> dict[str, Any]:
             "sharding_rules": t.sharding_rules,
             "limit_train_batches": t.limit_train_batches,
             "compilation_cache": t.compilation_cache_dir or False,
-            "detect_anomaly": t.detect_anomaly,
         }
     if not isinstance(trainer_or_settings, Mapping):
         raise TypeError(
