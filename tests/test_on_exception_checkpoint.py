@@ -240,3 +240,15 @@ def test_no_checkpoint_before_the_first_step_of_a_mid_epoch_resume(tmp_path):
             trainer.fit(template, blobs_datamodule(), ckpt_path=saver.path)
     assert str(saver.path) in str(warned[0].message)
     assert verify(saver.path)["created_unix_ns"] == written
+
+
+def test_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="plain name"):
+        OnExceptionCheckpoint(tmp_path, filename="a/b")
+    with pytest.raises(ValueError, match="remote storage"):
+        OnExceptionCheckpoint("s3://bucket/run")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        OnExceptionCheckpoint(tmp_path / "file")
+    with pytest.raises(TypeError, match="must be a path"):
+        OnExceptionCheckpoint(3)

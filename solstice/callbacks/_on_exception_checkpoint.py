@@ -65,6 +65,12 @@ class OnExceptionCheckpoint(Callback, Saver):
             raise TypeError(
                 f"`OnExceptionCheckpoint(dirpath=...)` must be a path, got {dirpath!r}."
             )
+        if "://" in str(dirpath):
+            raise ValueError(
+                f"`OnExceptionCheckpoint(dirpath={str(dirpath)!r})`: remote storage is not "
+                "supported here yet; pass a local directory (a failing run should not wait "
+                "for an upload before it ends)."
+            )
         if not isinstance(filename, str) or not filename or Path(filename).name != filename:
             raise ValueError(
                 f"`OnExceptionCheckpoint(filename={filename!r})` must be a plain name (no "
