@@ -3,6 +3,7 @@
 from . import callbacks as callbacks
 from . import datamodules as datamodules
 from . import loggers as loggers
+from . import tuner as tuner
 from ._classification import ClassificationExperiment as ClassificationExperiment
 from ._classification_metrics import ClassificationMetrics as ClassificationMetrics
 from ._experiment import Experiment as Experiment

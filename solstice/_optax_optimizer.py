@@ -4,6 +4,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PyTree
 
@@ -89,6 +90,44 @@ class OptaxOptimizer(Optimizer):
             transformation = optax.with_extra_args_support(transformation)
         updates, opt_state = transformation.update(grads, self.opt_state, params, **extra_args)
         return updates, eqx.tree_at(lambda o: o.opt_state, self, opt_state)
+
+    def with_learning_rate(self, learning_rate: Any) -> "OptaxOptimizer":
+        """This optimizer with its next update made at `learning_rate`: the rate recorded by
+        every `optax.inject_hyperparams` state in `opt_state` is replaced (in its dtype), and
+        that rate is the one the next `update` uses. Exact for any optimizer, whatever its
+        state (Adam's moments, a lookahead...).
+
+        **Raises:**
+
+        `TypeError` if no `optax.inject_hyperparams` state with a `learning_rate` is found,
+        or if the rate is injected as a schedule (the schedule would overwrite it at every
+        update): build the optimizer as
+        `optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)`, with a number.
+        """
+        found = []
+
+        def replace(state: Any) -> Any:
+            if not (_has_hyperparams(state) and "learning_rate" in state.hyperparams):
+                return state
+            if "learning_rate" in (getattr(state, "hyperparams_states", None) or {}):
+                raise TypeError(
+                    "`OptaxOptimizer.with_learning_rate`: the learning rate is injected as a "
+                    "schedule, which sets it again at every update. Inject a number instead: "
+                    "`optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)`."
+                )
+            old = state.hyperparams["learning_rate"]
+            found.append(old)
+            rate = jnp.asarray(learning_rate, dtype=jnp.result_type(old))
+            return state._replace(hyperparams={**state.hyperparams, "learning_rate": rate})
+
+        opt_state = jax.tree.map(replace, self.opt_state, is_leaf=_has_hyperparams)
+        if not found:
+            raise TypeError(
+                "`OptaxOptimizer.with_learning_rate`: the optimizer's state holds no learning "
+                "rate to set. Wrap the optax optimizer with `optax.inject_hyperparams`: "
+                "`optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)`."
+            )
+        return eqx.tree_at(lambda o: o.opt_state, self, opt_state)
 
     def current_learning_rate(self) -> Array | None:
         """The learning rate recorded by `optax.inject_hyperparams`, if any.

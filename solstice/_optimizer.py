@@ -34,3 +34,19 @@ class Optimizer(eqx.Module):
         have a learning rate.
         """
         return None
+
+    def with_learning_rate(self, learning_rate: Any) -> "Optimizer":
+        """This optimizer with its next update made at `learning_rate` (a scalar array; may
+        be traced), everything else unchanged. Used by `solstice.tuner.lr_find` to sweep the
+        rate inside the compiled step.
+
+        Optimizers whose learning rate is part of their state override it; the default
+        raises `TypeError`.
+        """
+        raise TypeError(
+            f"`{type(self).__name__}` cannot set its learning rate per step: it keeps the rate "
+            "outside its state. Use `solstice.OptaxOptimizer(optax.inject_hyperparams("
+            "optax.adam)(learning_rate=1e-3), model)` (any optax optimizer, wrapped with "
+            "`optax.inject_hyperparams`, with a constant rate), or override "
+            "`with_learning_rate` in your `Optimizer`."
+        )

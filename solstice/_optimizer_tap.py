@@ -72,6 +72,9 @@ class Tap(Optimizer):
     def current_learning_rate(self) -> Any:
         return self.inner.current_learning_rate()
 
+    def with_learning_rate(self, learning_rate: Any) -> "Tap":
+        return Tap(self.inner.with_learning_rate(learning_rate), self.carry, self.call, self.rule)
+
     def __getattr__(self, name: str) -> Any:
         # `train_step` may read its optimizer's own fields (`self.optimizer.opt_state`).
         if name in ("inner", "carry", "call", "rule") or name.startswith("__"):

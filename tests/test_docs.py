@@ -32,6 +32,8 @@ EXECUTED_PAGES = [
     "tutorials/configuration.md",
     "tutorials/design-decisions.md",
     "storage.md",
+    "training-controls/lr-find.md",
+    "training-controls/on-exception.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.
@@ -43,6 +45,7 @@ PUBLIC_MODULES = [
     "solstice.trainer",
     "solstice.checkpointing",
     "solstice.storage",
+    "solstice.tuner",
 ]
 
 # Pages in the nav that other work items write. Until they exist, the strict build test puts a

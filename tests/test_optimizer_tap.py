@@ -102,3 +102,16 @@ def test_an_optimizer_the_step_never_calls_is_named():
     exp = SkipsOptimizer(jnp.zeros(3), solstice.OptaxOptimizer(optax.sgd(0.1), jnp.zeros(3)))
     with pytest.raises(ValueError, match="was not called in `train_step`"):
         _fit(exp, 1, Watch())
+
+
+def test_a_tapped_optimizer_keeps_its_learning_rate_door():
+    model = eqx.nn.Linear(3, 1, key=jax.random.key(0))
+    inner = solstice.OptaxOptimizer(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), model)
+    from solstice._optimizer_tap import Tap, tap, untap
+
+    tapped = tap({"opt": inner})["opt"]
+    changed = tapped.with_learning_rate(jnp.float32(0.5))
+    assert isinstance(changed, Tap)
+    np.testing.assert_allclose(changed.current_learning_rate(), 0.5)
+    restored, taps = untap({"opt": changed}, 1)
+    assert type(restored["opt"]) is solstice.OptaxOptimizer and len(taps) == 1

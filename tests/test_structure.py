@@ -8,7 +8,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "solstice"
-SUBPACKAGES = ("callbacks", "checkpointing", "datamodules", "loggers", "storage", "trainer")
+SUBPACKAGES = (
+    "callbacks",
+    "checkpointing",
+    "datamodules",
+    "loggers",
+    "storage",
+    "trainer",
+    "tuner",
+)
 
 
 def _modules(*folders: Path):
@@ -68,6 +76,9 @@ def test_subpackages_import_one_way():
         visit(node, [])
     # the layers, bottom up, as DESIGN says: callbacks and checkpointing never see the trainer
     assert "trainer" not in graph["callbacks"] | graph["checkpointing"] | graph["datamodules"]
+    # the tuner is the top layer: it builds on the trainer, and nothing builds on it
+    assert "trainer" in graph["tuner"]
+    assert not any("tuner" in deps for layer, deps in graph.items() if layer != "tuner")
     assert graph["loggers"] <= {"storage"}, graph["loggers"]
     assert graph["storage"] <= set(), graph["storage"]  # the lowest layer
 

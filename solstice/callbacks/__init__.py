@@ -6,6 +6,7 @@ from ._logging import LoggingCallback as LoggingCallback
 from ._lr_monitor import LearningRateMonitor as LearningRateMonitor
 from ._model_checkpoint import ModelCheckpoint as ModelCheckpoint
 from ._model_summary import ModelSummary as ModelSummary
+from ._on_exception_checkpoint import OnExceptionCheckpoint as OnExceptionCheckpoint
 from ._progress_bar import ProgressBar as ProgressBar
 from ._terminate_on_nan import TerminateOnNaN as TerminateOnNaN
 from ._timer import Timer as Timer

@@ -27,6 +27,7 @@ class TrainAccumulators:
         self.fresh_interval = True
         self.fresh_epoch = True
         self.steps_in_interval = 0
+        self.interval_closed = False  # closed inside a step, not yet published
         self._restored: StoredTree | None = None
 
     @property
@@ -71,6 +72,7 @@ class TrainAccumulators:
     def new_interval(self) -> None:
         self.fresh_interval = True
         self.steps_in_interval = 0
+        self.interval_closed = False
 
     def new_epoch(self) -> None:
         self.new_interval()

@@ -31,6 +31,7 @@ from ..datamodules import DataModule, as_loader
 from ._agreement import Agreement
 from ._arguments import check_stopping
 from ._evaluation import EvaluationInterrupted, evaluate_stage, num_batches
+from ._exception_save import saving_on_exception
 from ._preflight import preflight, validation_loader
 from ._resume import resolve, resume
 from ._run import Run, running, start_run
@@ -255,7 +256,7 @@ def fit(
         trainer.history.persist_to(path, write=jax.process_index() == 0)
     replicated = run.placement.replicated
     run.step_counter = jax.device_put(np.int32(run.progress.global_step), replicated)
-    with running(run, "train"):
+    with running(run, "train"), saving_on_exception(run, savers, save_moment):
         run_fit(run, datamodule)
     trainer._fitted = run.experiment
     return trainer._fitted

@@ -85,6 +85,7 @@ class TrainCaller:
         packed = None
         if close_inside:
             packed, acc.total_flat.leaves = out[5:]
+            acc.interval_closed = True
         acc.steps_in_interval += n
         return step_metrics, packed
 
