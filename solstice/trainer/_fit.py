@@ -257,4 +257,5 @@ def fit(
     with running(run, "train"):
         run_fit(run, datamodule)
     trainer._fitted = run.experiment
+    trainer._fitted_in_step = (run.in_steps, run.in_step_state.tree)
     return trainer._fitted
