@@ -233,6 +233,20 @@ def test_a_resume_after_sigterm_mid_epoch_continues_the_average_exactly(tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_no_device_reads_per_step(monkeypatch):
+    from helpers import blobs_datamodule, make_mlp_experiment
+    from test_no_sync import _PerStepReads, _ReadCounter
+
+    counter = _ReadCounter()
+    counter.install(monkeypatch)
+    probe = _PerStepReads(counter)
+    callbacks = [probe, EMAWeightAveraging(0.9), StochasticWeightAveraging(1)]
+    trainer = _trainer(*callbacks, max_epochs=2, devices=1)
+    trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), blobs_datamodule())
+    assert len(probe.reads_per_step) == 16
+    assert sum(probe.reads_per_step) == 0, probe.reads_per_step
+
+
 # ---------------------------------------------------------------------- SWA
 @pytest.mark.parametrize("start,epoch", [(1, 1), (0.5, 2)])
 def test_swa_is_the_mean_from_the_start_epoch(start, epoch):
