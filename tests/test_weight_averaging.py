@@ -123,6 +123,17 @@ def test_ema_equals_the_ema_by_hand_and_fit_returns_it(every, start):
         assert mse == pytest.approx(mse_by_hand(averaged, xv, yv), rel=1e-5)
 
 
+def test_fused_steps_update_the_average_at_every_step():
+    averages = []
+    for k in (1, 2):
+        ema = EMAWeightAveraging(0.8, update_every_n_steps=3)
+        trainer = _trainer(ema, steps_per_execution=k)
+        trainer.fit(regression(), _data()[0])
+        averages.append(trainer.in_step_value(ema))
+    assert int(averages[1]["count"]) == 4  # steps 0, 3, 6, 9 of 12
+    _close(jax.tree.leaves(averages[0]), jax.tree.leaves(averages[1]))
+
+
 def test_training_is_unchanged_by_averaging():
     """The average is a by-product: the training weights are those of a run without it."""
     with_ema, without = RecordWeights(), RecordWeights()
