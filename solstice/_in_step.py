@@ -47,7 +47,7 @@ class InStep(abc.ABC):
 
     ```python
     class MaxLoss(InStep):
-        def init(self):
+        def init(self, experiment):
             return jnp.asarray(-jnp.inf, jnp.float32)
 
         def update(self, carry, data):
@@ -62,8 +62,10 @@ class InStep(abc.ABC):
     uses_optimizer_calls: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def init(self) -> PyTree:
-        """The initial state: a pytree of arrays (placed on every device)."""
+    def init(self, experiment: Any) -> PyTree:
+        """The initial state, for a run that starts from `experiment` (so that a state may
+        be shaped like its arrays, e.g. an average of its weights): a pytree of arrays. The
+        Trainer places a copy on every device, so it may hold arrays of `experiment`."""
 
     @abc.abstractmethod
     def update(self, carry: PyTree, data: StepData) -> PyTree:
@@ -82,7 +84,7 @@ class FirstNonFinite(InStep):
     def __init__(self, inputs: bool = False):
         self.inputs = inputs
 
-    def init(self) -> jax.Array:
+    def init(self, experiment: Any) -> jax.Array:
         return jnp.asarray(-1, jnp.int32)
 
     def update(self, carry: jax.Array, data: StepData) -> jax.Array:

@@ -103,7 +103,8 @@ class TrainerView(Protocol):
 
     def in_step_value(self, callback: Any) -> PyTree:
         """The current on-device state of `callback.in_step()` (reading it to the host is a
-        device sync: do it at log intervals, not per step)."""
+        device sync: do it at log intervals, not per step); in an evaluation run, that of
+        the fit or checkpoint its experiment comes from; `None` if there is none."""
         ...
 
     def flush_logs(self, *, loggers: bool = True) -> None:

@@ -34,6 +34,7 @@ EXECUTED_PAGES = [
     "storage.md",
     "training-controls/lr-find.md",
     "training-controls/on-exception.md",
+    "training-controls/weight-averaging.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.

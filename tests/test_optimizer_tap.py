@@ -20,7 +20,7 @@ def _norm(tree):
 class LastCall(solstice.InStep):
     uses_optimizer_calls = True
 
-    def init(self):
+    def init(self, experiment):
         return {k: jnp.zeros((), jnp.float32) for k in ("grad", "param", "update", "count")}
 
     def update(self, carry, data):

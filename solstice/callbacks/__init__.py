@@ -10,3 +10,6 @@ from ._on_exception_checkpoint import OnExceptionCheckpoint as OnExceptionCheckp
 from ._progress_bar import ProgressBar as ProgressBar
 from ._terminate_on_nan import TerminateOnNaN as TerminateOnNaN
 from ._timer import Timer as Timer
+from ._weight_averaging import EMAWeightAveraging as EMAWeightAveraging
+from ._weight_averaging import StochasticWeightAveraging as StochasticWeightAveraging
+from ._weight_averaging import WeightAveraging as WeightAveraging

@@ -57,6 +57,16 @@ class Callback:
         is kept in checkpoints. Default: none."""
         return None
 
+    def evaluation_experiment(
+        self, trainer: "TrainerView", experiment: "Experiment"
+    ) -> "Experiment | None":
+        """The experiment that validation, test and predict runs use instead of
+        `experiment` (the run's, or the previous callback's answer), e.g. with averaged
+        weights swapped in; it may differ in array values only. Asked at the start of every
+        such run (also inside `fit`); the run's own experiment is left as it is. Default:
+        `None` (use `experiment`)."""
+        return None
+
     def provided_metrics(self) -> tuple[str, ...]:
         """The metrics this callback logs with `trainer.log_metrics` for others to monitor
         (e.g. `("val/fid",)` logged in `on_validation_end`): they are read into

@@ -210,3 +210,20 @@ def _replicated(saved: list[LeafSpec], sharding: jax.sharding.Sharding) -> dict[
         storage_key(i): jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
         for i, s in enumerate(saved)
     }
+
+
+def read_in_step(
+    path: Path,
+    document: Mapping[str, Any],
+    in_step: dict[str, PyTree],
+    replicated: jax.sharding.Sharding,
+) -> dict[str, PyTree] | None:
+    """The in-step states saved in the training checkpoint at `path` (`document`: its
+    verified metadata), like the templates `in_step` and placed on `replicated`; `None` if it
+    holds none of that structure (written by `solstice.save`, or by a run whose callbacks
+    had other in-step reductions)."""
+    saved = [LeafSpec.from_json(d) for d in document.get("trees", {}).get("in_step", [])]
+    if not in_step or specs(in_step) != saved:
+        return None
+    abstract = {"in_step": abstract_storage(in_step, saved, [replicated] * len(saved))}
+    return from_storage(in_step, saved, read_items(path, abstract)["in_step"])

@@ -2,23 +2,28 @@
 sample counted exactly once (see `_eval_input`), nothing read back but the final metrics."""
 
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import equinox as eqx
 import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from .._experiment import Experiment
+from ..callbacks import Callback
+from ..checkpointing._checkpoint_state import read_in_step
 from ..checkpointing._export import load
+from ..checkpointing._format import open_checkpoint
 from ..datamodules import DataModule, Loader, as_loader
 from ._eval_input import EvalPreparer, with_last
 from ._feeder import InflightLimit, Prefetcher
 from ._flat import FlatTree
 from ._placement import owned_copy
-from ._run import running, start_run
+from ._run import Run, running, start_run
 from ._train_input import batches_from
 
 if TYPE_CHECKING:
-    from ._run import Run
     from ._trainer import Trainer
 
 
@@ -40,6 +45,49 @@ def num_batches(loader: Loader, limit: int | float | None, what: str) -> int | N
             )
         return max(1, int(length * limit)) if length else 0
     return limit if length is None else min(limit, length)
+
+
+def evaluation_state(run: Run) -> FlatTree:
+    """The arrays evaluation and predict runs use: the experiment's, or those of the
+    experiment the callbacks ask for instead (`Callback.evaluation_experiment`, in order,
+    each given the previous one's), placed as the experiment's."""
+    callbacks = [
+        cb
+        for cb in run.trainer.callbacks
+        if type(cb).evaluation_experiment is not Callback.evaluation_experiment
+    ]
+    if not callbacks:
+        return run.experiment_state
+    original = experiment = run.experiment
+    for cb in callbacks:
+        replacement = cb.evaluation_experiment(run.trainer, experiment)
+        if replacement is not None:
+            experiment = _checked_replacement(replacement, original, type(cb).__name__)
+    if experiment is original:
+        return run.experiment_state
+    return FlatTree(run.place(eqx.filter(experiment, eqx.is_array), copy=False))
+
+
+def _checked_replacement(new: Any, original: Experiment, by: str) -> Experiment:
+    name = f"`{by}.evaluation_experiment`"
+    if not isinstance(new, Experiment):
+        raise TypeError(
+            f"{name} returned a `{type(new).__name__}`; it must return a `solstice.Experiment` "
+            "like the one it was given (other array values only), or `None`."
+        )
+    same = eqx.tree_equal(
+        eqx.filter(new, eqx.is_array, inverse=True),
+        eqx.filter(original, eqx.is_array, inverse=True),
+    )
+    shapes = [(x.shape, x.dtype) for x in jax.tree.leaves(eqx.filter(new, eqx.is_array))]
+    before = [(x.shape, x.dtype) for x in jax.tree.leaves(eqx.filter(original, eqx.is_array))]
+    if not same or shapes != before:
+        raise ValueError(
+            f"{name} returned an experiment whose structure, non-array fields or array "
+            "shapes and dtypes differ from the one it was given; it may only change array "
+            "values (e.g. swap averaged weights in with `eqx.combine`)."
+        )
+    return new
 
 
 def _eval_items(run: "Run", loader: Loader, count: int | None, validate: Any, keep_host: bool):
@@ -77,6 +125,7 @@ def run_evaluation(
     items, preparer, decode = _eval_items(
         run, loader, count, run.experiment.validate_batch, start or end
     )
+    state = evaluation_state(run)
     acc, reset, inflight = FlatTree(), run.true, InflightLimit()
     with items:
         for batch_idx, item in enumerate(items):
@@ -85,16 +134,14 @@ def run_evaluation(
             item = preparer.finish_last(item)
             if acc.tree is None:
                 spec = item.batch if decode is None else jax.eval_shape(decode, item.batch)
-                acc.tree = run.steps.empty_accumulator("eval", run.dyn, spec)
+                acc.tree = run.steps.empty_accumulator("eval", state.tree, spec)
             if start:
                 hooks.call(f"on_{stage}_batch_start", item.batch, batch_idx)
             if "eval" not in run.steps.layouts:  # a hook replaced the experiment's structure
-                run.steps.prepare("eval", run.dyn, spec)
-            defs = (run.experiment_state.treedef, acc.treedef)
+                run.steps.prepare("eval", state.tree, spec)
+            defs = (state.treedef, acc.treedef)
             evaluate = run.steps.evaluate(defs, decode, stage=stage, short=item.short)
-            acc.leaves, metrics, ticket = evaluate(
-                run.experiment_state.leaves, acc.leaves, item.batch, reset
-            )
+            acc.leaves, metrics, ticket = evaluate(state.leaves, acc.leaves, item.batch, reset)
             inflight.add(ticket)
             reset = run.false
             if end:
@@ -113,13 +160,14 @@ def run_predict(run: "Run", loader: Loader, count: int | None) -> PyTree:
     hooks = run.hooks
     start, end = (hooks.active(f"on_predict_batch_{e}") for e in ("start", "end"))
     items, preparer, decode = _eval_items(run, loader, count, None, start or end)
+    dyn = evaluation_state(run).tree
     outputs, keeps, inflight = [], [], InflightLimit()
     with items:
         for batch_idx, item in enumerate(items):
             item = preparer.finish_last(item)
             if start:
                 hooks.call("on_predict_batch_start", item.batch, batch_idx)
-            out = run.steps.predict(run.dyn, item.batch, decode, short=item.short)
+            out = run.steps.predict(dyn, item.batch, decode, short=item.short)
             inflight.add(out)
             outputs.append(out)
             keeps.append(item.keep)
@@ -167,9 +215,11 @@ def loader_of(datamodule: DataModule, stage: str) -> Loader:
 
 def for_evaluation(
     trainer: "Trainer", experiment: Any, datamodule: Any, ckpt_path: Any, method: str
-) -> tuple[Any, DataModule]:
+) -> tuple[Any, DataModule, tuple[dict, PyTree] | None]:
     """The experiment and datamodule `validate`/`test`/`predict` work on: the given ones, or
-    those of the last `fit`; with `ckpt_path`, the checkpoint's arrays in that experiment."""
+    those of the last `fit`; with `ckpt_path`, the checkpoint's arrays in that experiment.
+    Third, the in-step reductions and states that go with that experiment (see
+    `in_step_of`)."""
     if datamodule is None:
         datamodule = trainer.datamodule
         if datamodule is None:
@@ -196,8 +246,26 @@ def for_evaluation(
             stacklevel=4,
         )
     if ckpt_path is not None:
-        experiment = load(trainer.find_checkpoint(ckpt_path, method), like=experiment)
-    return experiment, datamodule
+        path = trainer.find_checkpoint(ckpt_path, method)
+        experiment = load(path, like=experiment)
+        return experiment, datamodule, in_step_of(trainer, experiment, path)
+    return experiment, datamodule, in_step_of(trainer, experiment, None)
+
+
+def in_step_of(trainer: "Trainer", experiment: Any, path: str | None) -> tuple[dict, Any] | None:
+    """The in-step reductions and states of the run `experiment` comes from: those of the
+    checkpoint at `path`, or, for the experiment the last `fit` returned, that fit's final
+    ones; `None` for any other experiment (it is evaluated as it is)."""
+    if path is None:
+        fitted = trainer._fitted_in_step
+        return fitted if fitted is not None and experiment is trainer._fitted else None
+    in_steps = Run.in_steps_of(trainer)
+    if not in_steps:
+        return None
+    templates = jax.eval_shape(lambda: {k: s.init(experiment) for k, s in in_steps.items()})
+    document = open_checkpoint(path, hint="")
+    states = read_in_step(Path(path), document, templates, trainer._placement.replicated)
+    return None if states is None else (in_steps, states)
 
 
 def evaluate(
@@ -205,8 +273,12 @@ def evaluate(
 ) -> dict[str, float]:
     """`Trainer.validate` / `Trainer.test`: one evaluation run of the stage's split."""
     method = "validate" if stage == "validation" else stage
-    experiment, datamodule = for_evaluation(trainer, experiment, datamodule, ckpt_path, method)
+    experiment, datamodule, in_step = for_evaluation(
+        trainer, experiment, datamodule, ckpt_path, method
+    )
     run = start_run(trainer, experiment, datamodule, stage, method)
+    if in_step is not None:
+        run.adopt_in_step(*in_step)
     loader = loader_of(datamodule, stage)
     limit = trainer.limit_val_batches if stage == "validation" else trainer.limit_test_batches
     with running(run, stage):
@@ -215,8 +287,12 @@ def evaluate(
 
 def predict(trainer: "Trainer", experiment: Any, datamodule: Any, ckpt_path: Any) -> PyTree:
     """`Trainer.predict`: one predict run."""
-    experiment, datamodule = for_evaluation(trainer, experiment, datamodule, ckpt_path, "predict")
+    experiment, datamodule, in_step = for_evaluation(
+        trainer, experiment, datamodule, ckpt_path, "predict"
+    )
     run = start_run(trainer, experiment, datamodule, "predict", "predict")
+    if in_step is not None:
+        run.adopt_in_step(*in_step)
     loader = loader_of(datamodule, "predict")
     count = num_batches(loader, trainer.limit_predict_batches, "limit_predict_batches")
     with running(run, "predict"):

@@ -259,4 +259,5 @@ def fit(
     with running(run, "train"), saving_on_exception(run, savers, save_moment):
         run_fit(run, datamodule)
     trainer._fitted = run.experiment
+    trainer._fitted_in_step = (run.in_steps, run.in_step_state.tree)
     return trainer._fitted

@@ -59,10 +59,12 @@ class Run:
         self.trainer = trainer
         self.placement = trainer._placement
         self.hooks = Hooks(trainer.callbacks, experiment, trainer, self)
-        self.in_steps = self._in_steps(trainer) if stage == "train" else {}
+        self.in_steps = self.in_steps_of(trainer) if stage == "train" else {}
         keep = any(self.hooks.active(f"on_{s}_batch_end") for s in ("train", "validation", "test"))
         dyn = eqx.filter(experiment, eqx.is_array)
-        self.steps: CompiledSteps = trainer._steps_cache.get(experiment, keep, self.in_steps)
+        # (an evaluation runs no training step: any compiled steps of the structure will do)
+        in_steps = self.in_steps if stage == "train" else None
+        self.steps: CompiledSteps = trainer._steps_cache.get(experiment, keep, in_steps)
         self.experiment_state = FlatTree(self.place(dyn, copy=True))
         self._experiment_cache: tuple[list, Experiment] | None = None
         self.progress = Progress(stage=stage)
@@ -84,13 +86,14 @@ class Run:
         self.true = jax.device_put(np.bool_(True), replicated)
         self.false = jax.device_put(np.bool_(False), replicated)
         self.accumulators = TrainAccumulators(self.true, self.false)
-        initial = {key: ins.init() for key, ins in self.in_steps.items()}
+        initial = {key: ins.init(experiment) for key, ins in self.in_steps.items()}
         self.in_step_state = FlatTree(self.placement.replicate(initial) if initial else None)
         self.step_counter = jax.device_put(np.int32(0), replicated)
 
     @staticmethod
-    def _in_steps(trainer: "Trainer") -> dict[str, InStep]:
-        """The in-step reductions of a fit: each callback's, by its checkpoint name."""
+    def in_steps_of(trainer: "Trainer") -> dict[str, InStep]:
+        """The in-step reductions of a fit of `trainer`: each callback's, by its checkpoint
+        name, and `detect_anomaly`'s."""
         in_steps = {}
         for key, cb in callback_keys(trainer.callbacks):
             in_step = cb.in_step()
@@ -208,8 +211,17 @@ class Run:
         self.publish_interval(packed)
 
     def in_step_value(self, key: str) -> PyTree:
-        """The current on-device state of the in-step reduction `key`."""
-        return self.in_step_state.tree[key]
+        """The current on-device state of the in-step reduction `key`, or `None` if this run
+        carries none (see `adopt_in_step`)."""
+        states = self.in_step_state.tree
+        return None if states is None else states.get(key)
+
+    def adopt_in_step(self, in_steps: dict[str, InStep], states: PyTree) -> None:
+        """An evaluation run: carry the in-step reductions and final states of the fit (or the
+        checkpoint) whose experiment it evaluates, so that callbacks read them as in that fit
+        (e.g. the weight average that `Callback.evaluation_experiment` swaps in)."""
+        self.in_steps = dict(in_steps)
+        self.in_step_state = FlatTree(states or None)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> CheckpointState:

@@ -103,7 +103,9 @@ class RunViews:
 
     def in_step_value(self, callback: Any) -> PyTree:
         """The current on-device state of `callback.in_step()` (reading it to the host is a
-        device sync: at log intervals, not per step)."""
+        device sync: at log intervals, not per step). In a validate/test/predict run, the
+        final state of the fit whose returned experiment it evaluates, or of the
+        `ckpt_path=` checkpoint; `None` where the run has none."""
         for key, cb in callback_keys(self.callbacks):
             if cb is callback:
                 return self._current().in_step_value(key)

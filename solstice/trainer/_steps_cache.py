@@ -30,19 +30,20 @@ class StepsCache:
         self,
         experiment: Experiment,
         keep: bool,
-        in_steps: dict[str, InStep],
+        in_steps: dict[str, InStep] | None,
         *,
         new_structure: bool = False,
     ) -> CompiledSteps:
         """The compiled steps for `experiment`: the last ones if they fit, else new ones.
-        `new_structure`: a hook changed the structure mid-run (the same trace log goes on,
+        `in_steps`: the training steps' in-step reductions (`None`: an evaluation, which
+        runs none, so any will do). `new_structure`: a hook changed the structure mid-run (the same trace log goes on,
         its next traces not counted as retraces)."""
         steps = self.steps
         static = eqx.filter(experiment, eqx.is_array, inverse=True)
         if (
             steps is not None
             and steps.keep_step_metrics == keep
-            and steps.in_steps.keys() == in_steps.keys()
+            and (in_steps is None or steps.in_steps.keys() == in_steps.keys())
             and eqx.tree_equal(static, steps.static)
         ):
             return steps
@@ -60,6 +61,6 @@ class StepsCache:
             self.trace_log,
             keep_step_metrics=keep,
             dyn_shardings=shardings,
-            in_steps=in_steps,
+            in_steps=in_steps or {},
         )
         return self.steps

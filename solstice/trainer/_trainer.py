@@ -131,6 +131,7 @@ class Trainer(RunViews):
         self._steps_cache = StepsCache(self._placement, self.sharding_rules)
         self._run: Run | None = None
         self._fitted: Experiment | None = None  # what the last `fit` returned
+        self._fitted_in_step: tuple[dict, PyTree] | None = None  # its in-step reductions
         self._fit_input: weakref.ref | None = None  # the experiment the last `fit` was given
         self._recompile_warned: set[tuple[str, tuple[str, ...]]] = set()
         self._slow_paths_warned: set[str] = set()

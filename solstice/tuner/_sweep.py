@@ -79,7 +79,7 @@ class StepLosses(InStep):
         self.monitor = monitor
         self.num_training = num_training
 
-    def init(self) -> jax.Array:
+    def init(self, experiment: Any) -> jax.Array:
         return jnp.full((self.num_training,), jnp.nan, jnp.float32)
 
     def update(self, carry: jax.Array, data: StepData) -> jax.Array:
