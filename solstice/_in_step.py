@@ -65,6 +65,13 @@ class InStep(abc.ABC):
     def init(self) -> PyTree:
         """The initial state: a pytree of arrays (placed on every device)."""
 
+    def init_for(self, experiment: Any) -> PyTree:
+        """The initial state for a run of `experiment` (host values are fine: the Trainer
+        places them). Default: `init()`. Override when the state's structure depends on the
+        experiment (one value per optimizer or per module): it must be the structure every
+        `update` returns."""
+        return self.init()
+
     @abc.abstractmethod
     def update(self, carry: PyTree, data: StepData) -> PyTree:
         """Traced, once per training step: the new state from the old one and the step."""

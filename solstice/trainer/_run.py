@@ -84,9 +84,10 @@ class Run:
         self.true = jax.device_put(np.bool_(True), replicated)
         self.false = jax.device_put(np.bool_(False), replicated)
         self.accumulators = TrainAccumulators(self.true, self.false)
-        initial = {key: ins.init() for key, ins in self.in_steps.items()}
+        initial = {key: ins.init_for(experiment) for key, ins in self.in_steps.items()}
         self.in_step_state = FlatTree(self.placement.replicate(initial) if initial else None)
         self.step_counter = jax.device_put(np.int32(0), replicated)
+        self.first_train_call: Any = None  # a `FirstTrainCall`, for `train_step_cost`
 
     @staticmethod
     def _in_steps(trainer: "Trainer") -> dict[str, InStep]:
