@@ -22,6 +22,7 @@ from solstice.callbacks import (
     ProfilerCallback,
     ThroughputMonitor,
 )
+from solstice.callbacks._compile_timer import CompileTimer
 from solstice.datamodules import ArrayDataModule
 
 
@@ -157,7 +158,11 @@ def test_flops_per_step_match_the_analytic_count_and_mfu_uses_the_peak():
     analytic = 3 * 2 * BATCH * (IN * WIDTH + WIDTH * OUT)
     # ...less the input's gradient, which nothing needs (the matmuls' exact count)
     matmuls = analytic - 2 * BATCH * IN * WIDTH
+    watch = CompileTimer()
+    watch.start()
     cost = trainer.train_step_cost()
+    watch.stop()
+    assert watch.stats.compilations == 0 and watch.stats.trace_secs == 0  # JAX's cache
     # XLA adds the activations, the loss and Adam's update to the matmuls
     assert matmuls <= cost.flops <= 1.25 * matmuls, (cost.flops, matmuls)
     assert 0.7 * analytic <= cost.flops <= analytic
