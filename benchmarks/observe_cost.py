@@ -131,6 +131,10 @@ def main() -> None:
                 f"{cpu_ratio(c, plain):.3f}"
             )
         print(line, flush=True)
+    print("XLA's cost analysis of each compiled step (trainer.train_step_cost()):")
+    for c in contestants:
+        cost = c.trainer.train_step_cost()
+        print(f"{c.name:26s} {cost.flops / 1e6:9.2f} MFLOP {cost.bytes_accessed / 1e6:8.2f} MB")
 
 
 if __name__ == "__main__":

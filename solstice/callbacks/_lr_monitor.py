@@ -7,7 +7,7 @@ import jax
 
 from .._optimizer import Optimizer
 from ._callback import Callback
-from ._intervals import is_train_interval
+from ._intervals import is_train_epoch_end, is_train_interval
 
 
 def find_optimizers(tree: Any) -> dict[str, Optimizer]:
@@ -100,7 +100,7 @@ class LearningRateMonitor(Callback):
         if trainer.progress.stage != "train":
             return
         interval = is_train_interval(metrics)
-        epoch_end = any(k.startswith("train/") and k.endswith("_epoch") for k in metrics)
+        epoch_end = is_train_epoch_end(metrics)
         if (self.logging_interval == "step" and interval) or (
             self.logging_interval == "epoch" and epoch_end
         ):
