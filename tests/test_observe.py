@@ -278,3 +278,23 @@ def test_profiler_needs_a_directory():
     with pytest.raises(ValueError, match="no logger of this Trainer has a `log_dir`"):
         dm = ArrayDataModule(train=(x, y), batch_size=16)
         _trainer([ProfilerCallback()], 1).fit(regression(), dm)
+
+
+def test_a_resumed_run_logs_the_norms_of_an_uninterrupted_one(tmp_path):
+    from solstice.callbacks import ModelCheckpoint
+
+    x, y = regression_split(64, 0)
+
+    def fit(steps, *callbacks, ckpt_path=None):
+        trainer = _trainer([NormMonitor(per_module=True), *callbacks], steps, log_every=2)
+        dm = ArrayDataModule(train=(x, y), batch_size=16, seed=0)
+        trainer.fit(regression(), dm, ckpt_path=ckpt_path)
+        return trainer
+
+    straight = fit(6)
+    fit(3, ModelCheckpoint(tmp_path, every_n_train_steps=3, every_n_epochs=None))
+    resumed = fit(6, ModelCheckpoint(tmp_path, every_n_train_steps=3), ckpt_path="last")
+    for name in ("train/grad_norm", "train/update_norm/weight"):
+        expected = _logged(straight, name)
+        assert sorted(expected) == [2, 4, 6]  # (step 2 from the checkpoint's history)
+        assert _logged(resumed, name) == pytest.approx(expected, rel=1e-6)
