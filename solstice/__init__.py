@@ -14,6 +14,7 @@ from ._optax_optimizer import OptaxOptimizer as OptaxOptimizer
 from ._optimizer import Optimizer as Optimizer
 from ._optimizer_tap import OptimizerCall as OptimizerCall
 from ._sgd import SGDOptimizer as SGDOptimizer
+from ._step_cost import StepCost as StepCost
 from ._version import __version__ as __version__
 from .checkpointing import (
     load as load,

@@ -16,6 +16,7 @@ from ._progress import Progress
 
 if TYPE_CHECKING:
     from ._experiment import Experiment
+    from ._step_cost import StepCost
     from .loggers import History, Logger
 
 
@@ -105,6 +106,16 @@ class TrainerView(Protocol):
         """The current on-device state of `callback.in_step()` (reading it to the host is a
         device sync: do it at log intervals, not per step); in an evaluation run, that of
         the fit or checkpoint its experiment comes from; `None` if there is none."""
+        ...
+
+    def train_step_cost(self) -> "StepCost | None":
+        """XLA's cost analysis of the compiled training step (FLOPs, bytes), or `None`
+        before the run's first training step."""
+        ...
+
+    def block_until_ready(self) -> None:
+        """Wait until the devices have run every step dispatched so far (a device sync: for
+        a profiler's trace or a timing, never per step)."""
         ...
 
     def flush_logs(self, *, loggers: bool = True) -> None:

@@ -35,6 +35,7 @@ EXECUTED_PAGES = [
     "training-controls/lr-find.md",
     "training-controls/on-exception.md",
     "training-controls/weight-averaging.md",
+    "observing.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.

@@ -7,6 +7,7 @@ import jax
 
 from .._optimizer import Optimizer
 from ._callback import Callback
+from ._intervals import is_train_epoch_end, is_train_interval
 
 
 def find_optimizers(tree: Any) -> dict[str, Optimizer]:
@@ -98,8 +99,8 @@ class LearningRateMonitor(Callback):
     def on_log(self, trainer, experiment, metrics: dict[str, Any], step: int) -> None:
         if trainer.progress.stage != "train":
             return
-        interval = any(k.startswith("train/") and not k.endswith("_epoch") for k in metrics)
-        epoch_end = any(k.startswith("train/") and k.endswith("_epoch") for k in metrics)
+        interval = is_train_interval(metrics)
+        epoch_end = is_train_epoch_end(metrics)
         if (self.logging_interval == "step" and interval) or (
             self.logging_interval == "epoch" and epoch_end
         ):

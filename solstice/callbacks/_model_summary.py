@@ -67,12 +67,16 @@ def summarize(module: Any, depth: int = 2) -> str:
 
 
 class ModelSummary(Callback):
-    """At fit start, logs a table of parameter counts and shapes per submodule.
+    """At fit start, logs a table of parameter counts and shapes per submodule; at the
+    first training log interval, the FLOPs of a training step.
 
     The table goes to the `"solstice"` Python logger at INFO level and is kept as
     `model_summary.table`; `total_params` (floating-point elements of `experiment.model`, or
     of the whole experiment if it has no `model`) and `total_bytes` (every array of the
-    experiment: model, optimizer state, keys) are kept too.
+    experiment: model, optimizer state, keys) are kept too. `flops_per_step` is the FLOPs
+    of one training step (forward, backward and update, summed over the devices), from
+    XLA's cost analysis of the compiled step (`trainer.train_step_cost()`), known once the
+    first step has been compiled.
 
     **Arguments:**
 
@@ -92,9 +96,26 @@ class ModelSummary(Callback):
         self.table: str | None = None
         self.total_params = 0
         self.total_bytes = 0
+        self.flops_per_step: float | None = None
 
     def on_fit_start(self, trainer, experiment) -> None:
         self.table = summarize(experiment, self.max_depth)
         self.total_params = _row("", getattr(experiment, "model", experiment))[2]
         self.total_bytes = _row("", experiment)[3]
         _log.info("Model summary:\n%s", self.table)
+        self.flops_per_step = None
+
+    def on_log(self, trainer, experiment, metrics: dict[str, Any], step: int) -> None:
+        if self.flops_per_step is not None or trainer.progress.stage != "train":
+            return
+        cost = trainer.train_step_cost()
+        if cost is None:
+            return
+        self.flops_per_step = cost.flops
+        _log.info(
+            "Model summary: a training step is %s FLOPs (%.3g GFLOPs; XLA's cost analysis of "
+            "the compiled step, over %d device(s)).",
+            f"{cost.flops:,.0f}",
+            cost.flops / 1e9,
+            cost.num_devices,
+        )

@@ -4,6 +4,7 @@ import warnings
 
 from .._in_step import FirstNonFinite, InStep
 from ._callback import Callback
+from ._intervals import is_train_epoch_end, is_train_interval
 
 
 class TerminateOnNaN(Callback):
@@ -37,6 +38,8 @@ class TerminateOnNaN(Callback):
     def on_log(self, trainer, experiment, metrics, step) -> None:
         if self.nonfinite_step is not None or trainer.progress.stage != "train":
             return
+        if not (is_train_interval(metrics) or is_train_epoch_end(metrics)):
+            return  # (a callback's own record: no second read at the same moment)
         bad = int(trainer.in_step_value(self))  # at log intervals only: one small read
         if bad < 0:
             return

@@ -6,6 +6,7 @@ from typing import Any
 
 from ._callback import Callback
 from ._compile_timer import CompileTimer
+from ._intervals import is_train_interval
 
 _log = logging.getLogger("solstice")
 
@@ -60,7 +61,7 @@ class Timer(Callback):
     def on_log(self, trainer, experiment, metrics: dict[str, Any], step: int) -> None:
         if self._mark is None or trainer.progress.stage != "train":
             return
-        if not any(k.startswith("train/") and not k.endswith("_epoch") for k in metrics):
+        if not is_train_interval(metrics):
             return
         now = self._now(trainer)
         steps = now[1] - self._mark[1]
@@ -69,11 +70,16 @@ class Timer(Callback):
         if steps <= 0 or secs <= 0:
             return
         self._steady.append((secs, steps))
+        trainer.log_metrics(self.interval_metrics(trainer, steps, secs), step)
+
+    def interval_metrics(self, trainer, steps: int, secs: float) -> dict[str, Any]:
+        """What is logged for a log interval of `steps` steps that ran in `secs` seconds
+        (compilation excluded)."""
         out = {"time/steps_per_sec": steps / secs}
         batch = trainer.train_batch_size
         if batch:
             out["time/samples_per_sec"] = steps * batch / secs
-        trainer.log_metrics(out, step)
+        return out
 
     def on_train_epoch_end(self, trainer, experiment) -> None:
         out = {"time/epoch_secs": time.perf_counter() - self._epoch_start}

@@ -29,6 +29,7 @@ from ._accumulators import TrainAccumulators
 from ._compile import CompiledSteps
 from ._flat import FlatTree
 from ._hooks import Hooks, callback_keys
+from ._step_cost import FirstTrainCall
 from ._trace_log import static_differences
 from ._user_code import warn_at
 
@@ -89,6 +90,7 @@ class Run:
         initial = {key: ins.init(experiment) for key, ins in self.in_steps.items()}
         self.in_step_state = FlatTree(self.placement.replicate(initial) if initial else None)
         self.step_counter = jax.device_put(np.int32(0), replicated)
+        self.first_train_call: FirstTrainCall | None = None  # for `train_step_cost`
 
     @staticmethod
     def in_steps_of(trainer: "Trainer") -> dict[str, InStep]:

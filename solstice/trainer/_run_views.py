@@ -12,6 +12,7 @@ from jaxtyping import PyTree
 
 from .._experiment import Experiment
 from .._progress import Progress
+from .._step_cost import StepCost
 from ..callbacks import ModelCheckpoint
 from ..datamodules import DataModule
 from ._hooks import callback_keys
@@ -110,6 +111,20 @@ class RunViews:
             if cb is callback:
                 return self._current().in_step_value(key)
         raise ValueError(f"{callback!r} is not a callback of this Trainer.")
+
+    def train_step_cost(self) -> StepCost | None:
+        """XLA's cost analysis of the compiled training step (`StepCost`: FLOPs and bytes per
+        step), or `None` before the run's first training step. The first call lowers the
+        step again for the first call's argument shapes; JAX finds the executable in its
+        cache (with `steps_per_execution > 1` the single step is compiled once for it)."""
+        first = None if self._run is None else self._run.first_train_call
+        return None if first is None else first.cost()
+
+    def block_until_ready(self) -> None:
+        """Wait until the devices have run every step dispatched so far: the step counter
+        the last call returned is ready only then (a device sync: not per step)."""
+        run = self._current()
+        jax.block_until_ready((run.step_counter, run.experiment_state.leaves))
 
     def describe_shardings(self) -> str:
         """A table of the experiment's arrays: path, shape, `PartitionSpec` and the bytes each

@@ -14,6 +14,7 @@ from ..datamodules import Loader
 from ._feeder import InflightLimit
 from ._preflight import at_first_batch
 from ._run import ANOMALY
+from ._step_cost import FirstTrainCall
 from ._train_input import TrainInput, train_input
 
 if TYPE_CHECKING:
@@ -77,7 +78,13 @@ class TrainCaller:
         close_inside = closing and n == 1
         if n == 1:
             args += (acc.total_flat.leaves, acc.epoch_flag()) if close_inside else (None, None)
-        out = self._fn(n, batch, close_inside)(*args)
+        fn = self._fn(n, batch, close_inside)
+        if run.first_train_call is None:  # (once per run: for `Trainer.train_step_cost`)
+            single = lambda: self._fn(1, batch, False)  # noqa: E731
+            gathered = self.source.gather is not None
+            devices = run.placement.num_devices
+            run.first_train_call = FirstTrainCall(n, args, fn, single, gathered, devices)
+        out = fn(*args)
         run.experiment_state.leaves, acc.acc_flat.leaves, new_carries = out[:3]
         if new_carries is not None:
             carries.leaves = new_carries
