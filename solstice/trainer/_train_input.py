@@ -6,7 +6,9 @@
   steps, `Feeder(chunked=True)`), gathered into our buffers by the loader when it can
   (`Loader.iter_stacked`); each step takes its batch from the chunk on the device.
 - **fed**: host batches (or stacks of `steps_per_execution` of them) put on the devices by
-  the feeder thread, ahead of the step.
+  the feeder thread, ahead of the step. With microbatches (`accumulate_grad_batches=K`)
+  every item is a stack: the K batches of each of its optimizer steps (fewer at an epoch
+  end). (Microbatched runs take this path only, device-resident loaders included.)
 
 The loop sees only `TrainInput`: `(num_steps, batch)` items, and what the compiled step
 must do with them (`gather`, `decode`, `length`).
@@ -45,14 +47,28 @@ class TrainInput:
     gather: Callable[[Any, jax.Array], PyTree] | None = None
     decode: Callable[[PyTree], PyTree] | None = None
     length: int | None = None
+    accumulate: int = 1
 
     def spec(self, n: int, batch: PyTree) -> PyTree:
         """The shapes of one step's batch, as `train_step` receives it."""
         if self.gather is not None:
             spec = jax.eval_shape(self.gather, batch, jnp.int32(0))
         else:
-            spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
+            spec = self.loader_batch(n, batch, 0)
         return spec if self.decode is None else jax.eval_shape(self.decode, spec)
+
+    def loader_batches(self, n: int, batch: PyTree) -> int:
+        """How many loader batches an item of `n` steps holds: `n`, or with microbatches
+        (`accumulate > 1`) its stack's length (`n * accumulate`, or fewer at an epoch end)."""
+        if self.accumulate == 1:
+            return n
+        return jax.tree.leaves(batch)[0].shape[0]
+
+    def loader_batch(self, n: int, batch: PyTree, i: int) -> PyTree:
+        """Loader batch `i` of an item of `n` steps (a fed item: not gathered)."""
+        if n == 1 and self.accumulate == 1:
+            return batch
+        return jax.tree.map(lambda x: x[i], batch)
 
 
 def batches_from(loader: Loader, start: int, count: int | None) -> Iterator[PyTree]:
@@ -124,7 +140,8 @@ def train_input(
     the epoch has, `None` if unknown). `needs_batches`: per-batch hooks (or `detect_anomaly`)
     need each step's own batch on this side of the step: no gathering, chunks or decoding
     inside it."""
-    gathered = None if needs_batches else _gathered(run, loader, count)
+    accumulate = run.trainer.accumulate_grad_batches
+    gathered = None if needs_batches or accumulate > 1 else _gathered(run, loader, count)
     if gathered is not None:
         yield gathered
         return
@@ -134,7 +151,11 @@ def train_input(
     fused = trainer.steps_per_execution
     # (device batches of a loader on other devices are not chunked: they are on a device)
     chunked = (
-        fused == 1 and not needs_batches and not placement.multi_process and loader.mesh is None
+        fused == 1
+        and accumulate == 1
+        and not needs_batches
+        and not placement.multi_process
+        and loader.mesh is None
     )
     stacks = None
     if chunked:  # a loader that gathers whole chunks into our buffers saves a copy per batch
@@ -154,7 +175,8 @@ def train_input(
         lead=(-progress.global_step) % fused,
         chunked=chunked,
         stacked=stacks is not None,
+        microbatches=accumulate,
     )
     with feeder:
         items = _chunk_steps(feeder, placement) if chunked else feeder
-        yield TrainInput(items, take_from_chunk if chunked else None, decode, None)
+        yield TrainInput(items, take_from_chunk if chunked else None, decode, None, accumulate)
