@@ -49,8 +49,7 @@ def _assert_same_params(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-@pytest.mark.parametrize("fused", [1, 2])
+@pytest.mark.parametrize(("optimizer", "fused"), [("sgd", 1), ("adam", 2)])
 def test_microbatches_give_the_parameters_of_a_k_times_larger_batch(optimizer, fused):
     # 128 samples: 2 steps of 64 per epoch (the order of the samples is the same: the
     # ArrayDataModule's shuffle permutes samples, fixed by (seed, epoch)).
@@ -265,3 +264,58 @@ def test_in_step_reductions_see_the_step_s_averaged_gradients_and_applied_update
     assert big["grad"] > 0
     np.testing.assert_allclose(micro["grad"], big["grad"], rtol=1e-5)
     np.testing.assert_allclose(micro["update"], 0.1 * big["grad"], rtol=1e-5)
+
+
+def test_detect_anomaly_names_the_optimizer_step_whose_microbatch_is_not_finite():
+    x, y = regression_split(128, 0)
+    x[40, 1] = np.nan  # batch 2 of 16 (no shuffling): the first microbatch of step 2
+    dm = ArrayDataModule(train=(x, y), batch_size=16, shuffle=False)
+    trainer = solstice.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        detect_anomaly=True,
+        devices=1,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(FloatingPointError, match=r"input of training step 2 .*`batch\[0\]`"):
+        trainer.fit(_experiment(), dm)
+
+
+def test_a_device_resident_datamodule_and_per_batch_hooks_with_fused_steps():
+    ends = []
+
+    class Ends(Callback):
+        def on_train_batch_end(self, trainer, experiment, metrics, batch, batch_idx):
+            ends.append((batch_idx, trainer.global_step))
+
+    x, y = regression_split(128, 0)
+    trainer = solstice.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        steps_per_execution=2,
+        log_every_n_steps=2,
+        devices=1,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[Ends()],
+    )
+    dm = ArrayDataModule(train=(x, y), batch_size=16, seed=0, on_device=True, mesh=trainer.mesh)
+    on_device = trainer.fit(_experiment(), dm)
+    assert ends == [(i, (i + 1) // 2) for i in range(8)]
+    _, host = _fit(16, 2, max_epochs=1, steps_per_execution=2)
+    _assert_same_params(host, on_device, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_gradients_are_summed_in_float32():
+    def bf16_experiment():
+        model = eqx.nn.Linear(3, 1, key=jax.random.key(0), dtype=jnp.bfloat16)
+        return Regression(model, solstice.OptaxOptimizer(optax.sgd(0.1), model), "tuple")
+
+    _, big = _fit(64, 1, experiment=bf16_experiment(), max_epochs=1)
+    _, micro = _fit(16, 4, experiment=bf16_experiment(), max_epochs=1)
+    assert params_of(micro)[0].dtype == jnp.bfloat16
+    for a, b in zip(params_of(big), params_of(micro)):
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=1e-2
+        )

@@ -51,14 +51,28 @@ def require_optimizers(experiment: Experiment, accumulate: int) -> int:
     return count
 
 
+def _sum_dtype(dtype: Any) -> Any:
+    """The dtype gradients are summed in: at least float32 (bf16 sums lose microbatches)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _sum(total: PyTree, grads: PyTree) -> PyTree:
-    return jax.tree.map(lambda s, g: s + g.astype(jnp.float32), total, grads)
+    return jax.tree.map(lambda s, g: s + g.astype(s.dtype), total, grads)
+
+
+def _zeros(shapes: PyTree) -> PyTree:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _sum_zeros(grad_shapes: PyTree) -> PyTree:
+    """The sum of no gradients: zeros shaped like them, in their summing dtype."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, _sum_dtype(s.dtype)), grad_shapes)
 
 
 def accumulation_rule(microbatches: int) -> TapRule:
     """The `TapRule` of an optimizer step over `microbatches` microbatches. The tap's carry
-    is `(index, sum)`: the microbatch's index in the step (int32) and the f32 sum of the
-    gradients of the microbatches before it."""
+    is `(index, sum)`: the microbatch's index in the step (int32) and the sum (float32 at
+    least) of the gradients of the microbatches before it."""
 
     def rule(inner: Optimizer, grads, params, extra_args, carry):
         index, total = carry
@@ -76,18 +90,13 @@ def accumulation_rule(microbatches: int) -> TapRule:
             shapes = jax.eval_shape(apply)[0]
 
             def hold():
-                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-                return zeros, inner_dyn, grads
+                return _zeros(shapes), inner_dyn, grads
 
             last = index == microbatches - 1
             updates, new_dyn, seen = jax.lax.cond(last, apply, hold)
         return updates, eqx.combine(new_dyn, inner_static), (index + 1, total), seen
 
     return rule
-
-
-def _zeros(shapes: PyTree) -> PyTree:
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def call_shapes(experiment: Experiment, batch: PyTree, count: int) -> tuple[OptimizerCall, ...]:
@@ -152,7 +161,7 @@ class OptimizerSteps:
             out = m_dyn if steps.keep_step_metrics else None
             return (new_dyn, acc, jnp.zeros_like(flag), sums, calls, merged), out
 
-        sums = [_zeros(s.grads) for s in shapes]
+        sums = [_sum_zeros(s.grads) for s in shapes]
         carry = (dyn, acc, reset, sums, calls, merged)
         xs = (micro, jnp.arange(m, dtype=jnp.int32))
         (new_dyn, acc, _, _, calls, merged), ms = jax.lax.scan(body, carry, xs)

@@ -55,10 +55,8 @@ class Trainer(RunViews):
     - `enable_progress_bar`: add a `ProgressBar` unless one is in `callbacks`.
     - `steps_per_execution`: fuse this many training steps into one compiled call
       (`lax.scan`); `log_every_n_steps` must be a multiple of it.
-    - `accumulate_grad_batches`: K batches per optimizer step, scanned as microbatches
-      in one compiled step (gradients averaged, memory of one batch); `global_step`,
-      `max_steps` and every step interval count optimizer steps. An epoch's last r < K
-      batches make one step of r.
+    - `accumulate_grad_batches`: K loader batches per optimizer step, scanned as microbatches
+      of one compiled step; step counts and intervals count optimizer steps.
     - `prefetch`: uploads put on the devices ahead of the step. Small host batches travel in
       chunks of up to 16 per upload when training single steps without per-batch hooks.
     - `compilation_cache`: JAX's persistent compilation cache (`True`:
