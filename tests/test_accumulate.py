@@ -319,3 +319,49 @@ def test_bfloat16_gradients_are_summed_in_float32():
         np.testing.assert_allclose(
             np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=1e-2
         )
+
+
+def test_a_microbatched_step_needs_the_memory_of_one_microbatch_and_the_gradient_sum():
+    # XLA's own accounting of the compiled steps' temporary buffers (activations,
+    # gradients): K=4 microbatches of B need those of one batch of B plus one gradient sum,
+    # far less than one batch of 4B.
+    from solstice.trainer._compile import CompiledSteps
+    from solstice.trainer._trace_log import TraceLog
+
+    model = eqx.nn.MLP(64, 4, 256, 2, key=jax.random.key(0))
+    experiment = solstice.ClassificationExperiment(
+        model, solstice.OptaxOptimizer(optax.sgd(0.1), model), num_classes=4
+    )
+    dyn = eqx.filter(experiment, eqx.is_array)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+    def temp_bytes(rows, microbatches):
+        steps = CompiledSteps(
+            experiment, jax.sharding.SingleDeviceSharding(jax.devices()[0]), TraceLog()
+        )
+        one = {"image": jnp.zeros((rows, 64)), "label": jnp.zeros((rows,), jnp.int32)}
+        acc = steps.empty_accumulator("train", dyn, one)
+        defs = (jax.tree.structure(dyn), jax.tree.structure(acc), jax.tree.structure(None))
+        if microbatches == 1:
+            fn, batch = steps.train(defs), one
+        else:
+            fn = steps.train_accumulated(
+                defs, n=1, m=microbatches, accumulate=microbatches, closing=False
+            )
+            batch = jax.tree.map(lambda x: jnp.stack([x] * microbatches), one)
+        args = (
+            jax.tree.leaves(dyn),
+            jax.tree.leaves(acc),
+            batch,
+            jnp.bool_(True),
+            None,
+            jnp.int32(0),
+            None,
+            None,
+        )
+        return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    micro, small, big = temp_bytes(256, 4), temp_bytes(256, 1), temp_bytes(1024, 1)
+    assert micro <= small + 1.25 * param_bytes, (micro, small, param_bytes)
+    assert big - small > 2 * param_bytes  # (the activations of 3 more batches of 256)
+    assert micro < big - param_bytes, (micro, big)
