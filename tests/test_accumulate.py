@@ -163,18 +163,19 @@ def test_microbatches_on_four_devices_match_one_device():
     _assert_same_params(big, four)
 
 
-@pytest.mark.parametrize("interrupt_at", [1, 4])
-def test_an_interrupted_microbatched_run_resumes_bit_identically(interrupt_at):
-    # 7 batches of 16 an epoch with K=2: 4 steps, the last partial; step 1 is mid-epoch,
-    # step 4 the end of epoch 0.
+@pytest.mark.parametrize(("interrupt_at", "on_device"), [(1, False), (4, False), (3, True)])
+def test_an_interrupted_microbatched_run_resumes_bit_identically(interrupt_at, on_device):
+    # 7 batches of 16 an epoch with K=2: 4 steps, the last partial; steps 1 and 3 are
+    # mid-epoch, step 4 the end of epoch 0. On the device: 4 devices, microbatches gathered.
+    x, y = regression_split(112, 0)
     report = solstice.check_resume(
         lambda: _experiment("adam", 0.05),
-        lambda: _datamodule(112, 16),
+        lambda: ArrayDataModule(train=(x, y), batch_size=16, seed=0, on_device=on_device),
         dict(
             max_epochs=2,
             accumulate_grad_batches=2,
             log_every_n_steps=1,
-            devices=1,
+            devices="auto" if on_device else 1,
             num_sanity_val_steps=0,
         ),
         interrupt_at=interrupt_at,
@@ -365,3 +366,39 @@ def test_a_microbatched_step_needs_the_memory_of_one_microbatch_and_the_gradient
     assert micro <= small + 1.25 * param_bytes, (micro, small, param_bytes)
     assert big - small > 2 * param_bytes  # (the activations of 3 more batches of 256)
     assert micro < big - param_bytes, (micro, big)
+
+
+@pytest.mark.parametrize("fused", [1, 2])
+def test_a_device_resident_datamodule_gathers_each_microbatch_inside_the_step(fused, monkeypatch):
+    from solstice.datamodules._device import DeviceBatchLoader
+
+    x, y = regression_split(112, 0)  # 7 batches of 16: steps of 2, 2, 2 and 1 batch
+
+    def fit(on_device):
+        trainer = solstice.Trainer(
+            max_epochs=2,
+            accumulate_grad_batches=2,
+            steps_per_execution=fused,
+            log_every_n_steps=2,
+            devices=1,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0,
+        )
+        mesh = trainer.mesh if on_device else None
+        dm = ArrayDataModule(train=(x, y), batch_size=16, seed=0, on_device=on_device, mesh=mesh)
+        return trainer, trainer.fit(_experiment(), dm)
+
+    host_t, host = fit(False)
+
+    def not_gathered(*args):
+        raise AssertionError("the device-resident batches were read one by one")
+
+    monkeypatch.setattr(DeviceBatchLoader, "_batches", not_gathered)
+    device_t, device = fit(True)
+    assert device_t.global_step == host_t.global_step == 8
+    _assert_same_params(host, device, rtol=1e-6, atol=1e-7)
+    host_t.flush_logs()
+    device_t.flush_logs()
+    assert device_t.history.metrics["train/mse"] == pytest.approx(
+        host_t.history.metrics["train/mse"], rel=1e-6
+    )

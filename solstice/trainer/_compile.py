@@ -324,23 +324,33 @@ class CompiledSteps:
         return self._get(("train_many", gather, length, decode, defs), build)
 
     def train_accumulated(
-        self, defs: tuple, *, n: int, m: int, accumulate: int, closing: bool, decode=None
+        self,
+        defs: tuple,
+        *,
+        n: int,
+        m: int,
+        accumulate: int,
+        closing: bool,
+        decode=None,
+        gather=None,
     ) -> Callable:
         """The compiled `n` optimizer steps of `m` microbatches each (`accumulate_grad_batches`,
-        see `_microbatches`) on stacked batches `(n * m, batch, ...)`, with the signature and
-        outputs of `train` (closing the log interval inside when `closing`)."""
+        see `_microbatches`) on stacked batches `(n * m, batch, ...)` (or, with `gather`, on
+        its data), with the signature and outputs of `train` (closing the log interval inside
+        when `closing`)."""
         partial = m != accumulate
         name = "train_accumulated" + ("_partial" if partial else "") + ("_many" if n > 1 else "")
         name += "_and_log" if closing else ""
 
         def build() -> Callable:
-            optimizer_steps = OptimizerSteps(self, accumulate, decode)
+            optimizer_steps = OptimizerSteps(self, accumulate, decode, gather)
 
             def fn(dyn, acc, batches, reset, carries, step, total, epoch_reset):
                 dyn, acc, carries = self._unflatten(defs, dyn, acc, carries)
-                self._record(name, batches, acc, key="batches")
+                seen = batches if gather is None else jax.eval_shape(gather, batches, step)
+                self._record(name, seen, acc, key="batches")
                 dyn, acc, ms, carries, step = optimizer_steps.many(
-                    dyn, acc, batches, reset, carries, step, n
+                    dyn, acc, batches, reset, carries, step, n, m
                 )
                 out = (*self._flatten(dyn, acc, carries), ms, step)
                 if closing:
@@ -352,7 +362,8 @@ class CompiledSteps:
             fn_name += ("s_fused" if n > 1 else "") + ("_and_log" if closing else "")
             return jax.jit(_named(fn, fn_name), donate_argnums=(0, 1, 4, 6))
 
-        return self._get(("train_accumulated", n, m, accumulate, closing, decode, defs), build)
+        key = ("train_accumulated", n, m, accumulate, closing, decode, gather, defs)
+        return self._get(key, build)
 
     @staticmethod
     def _unflatten(defs: tuple, dyn: list, acc: list, carries: list | None) -> tuple:

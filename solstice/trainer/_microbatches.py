@@ -110,42 +110,49 @@ def call_shapes(experiment: Experiment, batch: PyTree, count: int) -> tuple[Opti
     return eqx.filter_eval_shape(calls, experiment, batch)
 
 
-def _row(tree: PyTree, i: Any) -> PyTree:
-    return jax.tree.map(lambda x: x[i], tree)
-
-
 class OptimizerSteps:
     """The traced optimizer steps of a microbatched run, built on `steps` (the run's
     `CompiledSteps`: its experiment template, accumulators, batch transform and in-step
     reductions). `accumulate` is `Trainer(accumulate_grad_batches=)`: it keys each
-    microbatch's batch transform (`step * accumulate + j`, unique over the run)."""
+    microbatch's batch transform and gather (`step * accumulate + j`, unique over the run).
 
-    def __init__(self, steps: Any, accumulate: int, decode: Callable | None):
+    A step's microbatches are rows of a stack `(m, batch, ...)`, or, with `gather` (a
+    device-resident loader, see `_train_input`), gathered from its data one at a time."""
+
+    def __init__(
+        self, steps: Any, accumulate: int, decode: Callable | None, gather: Callable | None
+    ):
         self.steps = steps
         self.accumulate = accumulate
         self.decode = decode
+        self.gather = gather
 
-    def _batch(self, row: PyTree, step: jax.Array, j: jax.Array) -> PyTree:
-        batch = row if self.decode is None else self.decode(row)
-        return self.steps._transformed(batch, step * self.accumulate + j)
+    def _batch(self, source: PyTree, step: jax.Array, j: jax.Array) -> PyTree:
+        """Microbatch `j` of the optimizer step after global step `step`, as `train_step`
+        receives it."""
+        key = step * self.accumulate + j
+        if self.gather is not None:
+            batch = self.gather(source, key)
+        else:
+            batch = jax.tree.map(lambda x: x[j], source)
+        batch = batch if self.decode is None else self.decode(batch)
+        return self.steps._transformed(batch, key)
 
-    def one(self, dyn, acc, micro, reset, carries, step):
-        """Traced: one optimizer step over `micro` `(m, batch, ...)`. Returns `(dyn, acc,
+    def one(self, dyn, acc, source, reset, carries, step, m: int):
+        """Traced: one optimizer step over `m` microbatches of `source`. Returns `(dyn, acc,
         per-microbatch metrics (m, ...) or None, carries, step + 1)`."""
         steps = self.steps
         exp = steps.combine(dyn)
         count = require_optimizers(exp, self.accumulate)
-        m = jax.tree.leaves(micro)[0].shape[0]
-        shapes = call_shapes(exp, self._batch(_row(micro, 0), step, jnp.int32(0)), count)
+        shapes = call_shapes(exp, self._batch(source, step, jnp.int32(0)), count)
         rule = accumulation_rule(m)
         wants = carries is not None
         calls = _zeros(shapes) if wants and _reads_calls(steps) else None
         merged = _zeros(steps.layouts["train"].shapes) if wants else None
 
-        def body(carry, x):
+        def body(carry, j):
             dyn, acc, flag, sums, calls, merged = carry
-            row, j = x
-            batch = self._batch(row, step, j)
+            batch = self._batch(source, step, j)
             exp = steps.combine(dyn)
             tapped = tap(exp, rule, [(j, s) for s in sums])
             new, metrics = check_train_output(call_step(tapped, "train_step", batch), exp)
@@ -163,12 +170,13 @@ class OptimizerSteps:
 
         sums = [_sum_zeros(s.grads) for s in shapes]
         carry = (dyn, acc, reset, sums, calls, merged)
-        xs = (micro, jnp.arange(m, dtype=jnp.int32))
-        (new_dyn, acc, _, _, calls, merged), ms = jax.lax.scan(body, carry, xs)
+        (new_dyn, acc, _, _, calls, merged), ms = jax.lax.scan(
+            body, carry, jnp.arange(m, dtype=jnp.int32)
+        )
         if carries is not None:
             data = StepData(
                 steps.metrics("train", merged),
-                micro,
+                self._stacked(source, step, m),
                 step + 1,
                 steps.combine(new_dyn),
                 exp,
@@ -177,20 +185,31 @@ class OptimizerSteps:
             carries = {k: steps.in_steps[k].update(c, data) for k, c in carries.items()}
         return new_dyn, acc, ms, carries, step + 1
 
-    def many(self, dyn, acc, stacked, reset, carries, step, n: int):
-        """Traced: `n` optimizer steps on `stacked` `(n * m, batch, ...)` (one `one` call, or
-        a scan of them). Per-microbatch metrics come back as `(n * m, ...)`."""
+    def _stacked(self, source: PyTree, step: jax.Array, m: int) -> PyTree:
+        """The step's microbatches, stacked `(m, batch, ...)` (what in-step reductions see)."""
+        if self.gather is None:
+            return source
+        rows = [self.gather(source, step * self.accumulate + j) for j in range(m)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+    def many(self, dyn, acc, source, reset, carries, step, n: int, m: int):
+        """Traced: `n` optimizer steps of `m` microbatches on `source`: a stack `(n * m,
+        batch, ...)` or gathered data (one `one` call, or a scan of them). Per-microbatch
+        metrics come back as `(n * m, ...)`."""
         if n == 1:
-            return self.one(dyn, acc, stacked, reset, carries, step)
-        split = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), stacked)
+            return self.one(dyn, acc, source, reset, carries, step, m)
+        xs = None
+        if self.gather is None:
+            xs = jax.tree.map(lambda x: x.reshape(n, m, *x.shape[1:]), source)
 
         def body(carry, micro):
             dyn, acc, flag, carries, step = carry
-            dyn, acc, ms, carries, step = self.one(dyn, acc, micro, flag, carries, step)
+            micro = source if micro is None else micro
+            dyn, acc, ms, carries, step = self.one(dyn, acc, micro, flag, carries, step, m)
             return (dyn, acc, jnp.zeros_like(flag), carries, step), ms
 
         (dyn, acc, _, carries, step), ms = jax.lax.scan(
-            body, (dyn, acc, reset, carries, step), split
+            body, (dyn, acc, reset, carries, step), xs, length=n
         )
         if ms is not None:
             ms = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), ms)

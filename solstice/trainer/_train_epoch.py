@@ -58,6 +58,7 @@ class TrainCaller:
                     accumulate=source.accumulate,
                     closing=closing,
                     decode=source.decode,
+                    gather=source.gather,
                 )
             elif n == 1:
                 fn = self._steps.train(
@@ -79,7 +80,7 @@ class TrainCaller:
         args = [
             run.experiment_state.leaves,
             acc.acc_flat.leaves,
-            batch,
+            self.source.data(batch),
             acc.reset_flag(),
             carries.leaves,
             run.step_counter,

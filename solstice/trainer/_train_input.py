@@ -8,7 +8,7 @@
 - **fed**: host batches (or stacks of `steps_per_execution` of them) put on the devices by
   the feeder thread, ahead of the step. With microbatches (`accumulate_grad_batches=K`)
   every item is a stack: the K batches of each of its optimizer steps (fewer at an epoch
-  end). (Microbatched runs take this path only, device-resident loaders included.)
+  end). A gathered microbatched step gathers each of its microbatches in turn.
 
 The loop sees only `TrainInput`: `(num_steps, batch)` items, and what the compiled step
 must do with them (`gather`, `decode`, `length`).
@@ -20,7 +20,7 @@ import itertools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,14 @@ if TYPE_CHECKING:
     from ._run import Run
 
 log = logging.getLogger("solstice")
+
+
+class Microbatched(NamedTuple):
+    """A gathered item of microbatched steps: the loader's device data, and how many
+    microbatches each of the item's optimizer steps gathers from it."""
+
+    data: Any
+    microbatches: int
 
 
 @dataclasses.dataclass
@@ -52,7 +60,7 @@ class TrainInput:
     def spec(self, n: int, batch: PyTree) -> PyTree:
         """The shapes of one step's batch, as `train_step` receives it."""
         if self.gather is not None:
-            spec = jax.eval_shape(self.gather, batch, jnp.int32(0))
+            spec = jax.eval_shape(self.gather, self.data(batch), jnp.int32(0))
         else:
             spec = self.loader_batch(n, batch, 0)
         return spec if self.decode is None else jax.eval_shape(self.decode, spec)
@@ -62,7 +70,14 @@ class TrainInput:
         (`accumulate > 1`) its stack's length (`n * accumulate`, or fewer at an epoch end)."""
         if self.accumulate == 1:
             return n
+        if isinstance(batch, Microbatched):
+            return n * batch.microbatches
         return jax.tree.leaves(batch)[0].shape[0]
+
+    @staticmethod
+    def data(batch: PyTree) -> PyTree:
+        """What the compiled step receives of an item."""
+        return batch.data if isinstance(batch, Microbatched) else batch
 
     def loader_batch(self, n: int, batch: PyTree, i: int) -> PyTree:
         """Loader batch `i` of an item of `n` steps (a fed item: not gathered)."""
@@ -95,9 +110,24 @@ def _device_schedule(progress: Any, total: int, fused: int, data: Any):
         yield 1, data
 
 
+def _microbatch_schedule(progress: Any, total: int, fused: int, k: int, data: Any):
+    """`(num_steps, Microbatched)` items for the rest of a device-resident epoch of
+    optimizer steps of `k` microbatches: as `_device_schedule` in steps, then one partial
+    step over the last r < k batches."""
+    remaining = max(0, total - progress.batch_idx)
+    steps = _device_schedule(dataclasses.replace(progress, batch_idx=0), remaining // k, fused, 0)
+    for n, _ in steps:
+        yield n, Microbatched(data, k)
+    if remaining % k:
+        yield 1, Microbatched(data, remaining % k)
+
+
 def _gathered(run: "Run", loader: Loader, count: int | None) -> TrainInput | None:
-    """The gathered path, if `loader` keeps the epoch on exactly the Trainer's devices."""
+    """The gathered path, if `loader` keeps the epoch on exactly the Trainer's devices. With
+    microbatches (`k > 1`) the gather is keyed by `global_step * k + j` (microbatch `j`),
+    so the epoch's batch 0 is at `k` times the epoch's first optimizer step."""
     progress, fused = run.progress, run.trainer.steps_per_execution
+    k = run.trainer.accumulate_grad_batches
     if loader.mesh is None:
         return None
     if tuple(loader.mesh.devices.flat) != tuple(run.placement.devices):
@@ -112,13 +142,17 @@ def _gathered(run: "Run", loader: Loader, count: int | None) -> TrainInput | Non
                 stacklevel=6,
             )
         return None
-    found = loader.device_epoch(first_step=progress.global_step - progress.batch_idx)
+    first_step = k * (progress.global_step - progress.batch_idx // k)
+    found = loader.device_epoch(first_step=first_step)
     if found is None:
         return None
     gather, data = found
     total = loader.num_batches() if count is None else count
     if total is None:
         return None
+    if k > 1:
+        items = _microbatch_schedule(progress, total, fused, k, data)
+        return TrainInput(items, gather, None, None, k)
     return TrainInput(_device_schedule(progress, total, fused, data), gather, None, fused)
 
 
@@ -141,7 +175,7 @@ def train_input(
     need each step's own batch on this side of the step: no gathering, chunks or decoding
     inside it."""
     accumulate = run.trainer.accumulate_grad_batches
-    gathered = None if needs_batches or accumulate > 1 else _gathered(run, loader, count)
+    gathered = None if needs_batches else _gathered(run, loader, count)
     if gathered is not None:
         yield gathered
         return
