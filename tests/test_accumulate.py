@@ -402,3 +402,47 @@ def test_a_device_resident_datamodule_gathers_each_microbatch_inside_the_step(fu
     assert device_t.history.metrics["train/mse"] == pytest.approx(
         host_t.history.metrics["train/mse"], rel=1e-6
     )
+
+
+def _write_key(batch, step):
+    """A device transform that writes its key into every sample's first input."""
+    x, y = batch
+    return x.at[:, 0].set(jnp.asarray(step, x.dtype)), y
+
+
+class KeyedData(ArrayDataModule):
+    @property
+    def device_transform(self):
+        return _write_key
+
+
+class Keys(solstice.InStep):
+    def init(self):
+        return jnp.zeros((2,), jnp.float32)
+
+    def update(self, carry, data):
+        return data.batch[0][:, 0, 0]  # the key of each microbatch of the step
+
+
+class KeyWatch(Callback):
+    def __init__(self):
+        self.reduction = Keys()
+
+    def in_step(self):
+        return self.reduction
+
+
+def test_each_microbatch_has_its_own_transform_key_and_in_steps_see_them_all():
+    x, y = regression_split(128, 0)
+    watch = KeyWatch()
+    trainer = solstice.Trainer(
+        max_steps=3,
+        accumulate_grad_batches=2,
+        devices=1,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[watch],
+    )
+    trainer.fit(_experiment(), KeyedData(train=(x, y), batch_size=16, seed=0))
+    # The third optimizer step (after global step 2): microbatches keyed 2*2+0 and 2*2+1.
+    np.testing.assert_array_equal(jax.device_get(trainer.in_step_value(watch)), [4.0, 5.0])

@@ -166,17 +166,18 @@ class OptimizerSteps:
                 calls = calls_of(taps)
             sums = [t.carry[1] for t in taps]
             out = m_dyn if steps.keep_step_metrics else None
-            return (new_dyn, acc, jnp.zeros_like(flag), sums, calls, merged), out
+            seen = batch if wants else None  # (what in-step reductions see, stacked)
+            return (new_dyn, acc, jnp.zeros_like(flag), sums, calls, merged), (out, seen)
 
         sums = [_sum_zeros(s.grads) for s in shapes]
         carry = (dyn, acc, reset, sums, calls, merged)
-        (new_dyn, acc, _, _, calls, merged), ms = jax.lax.scan(
+        (new_dyn, acc, _, _, calls, merged), (ms, batches) = jax.lax.scan(
             body, carry, jnp.arange(m, dtype=jnp.int32)
         )
         if carries is not None:
             data = StepData(
                 steps.metrics("train", merged),
-                self._stacked(source, step, m),
+                batches,
                 step + 1,
                 steps.combine(new_dyn),
                 exp,
@@ -184,13 +185,6 @@ class OptimizerSteps:
             )
             carries = {k: steps.in_steps[k].update(c, data) for k, c in carries.items()}
         return new_dyn, acc, ms, carries, step + 1
-
-    def _stacked(self, source: PyTree, step: jax.Array, m: int) -> PyTree:
-        """The step's microbatches, stacked `(m, batch, ...)` (what in-step reductions see)."""
-        if self.gather is None:
-            return source
-        rows = [self.gather(source, step * self.accumulate + j) for j in range(m)]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
     def many(self, dyn, acc, source, reset, carries, step, n: int, m: int):
         """Traced: `n` optimizer steps of `m` microbatches on `source`: a stack `(n * m,
