@@ -23,7 +23,8 @@ class StepData(NamedTuple):
     """What an `InStep` sees of one training step (traced values).
 
     - `metrics`: the `Metrics` the step returned.
-    - `batch`: the batch `train_step` received.
+    - `batch`: the batch `train_step` received (with `accumulate_grad_batches`: the step's
+      microbatches as `train_step` received them, stacked `(m, batch...)`).
     - `step`: the global step just taken, counting from 1 (an int32 scalar).
     - `experiment`: the experiment `train_step` returned (the one the next step starts from).
     - `previous`: the experiment the step started from.

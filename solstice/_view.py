@@ -50,6 +50,7 @@ class TrainerView(Protocol):
     max_steps: int | None
     log_every_n_steps: int
     steps_per_execution: int
+    accumulate_grad_batches: int
     fast_dev_run: int
 
     @property

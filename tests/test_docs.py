@@ -36,6 +36,7 @@ EXECUTED_PAGES = [
     "training-controls/on-exception.md",
     "training-controls/weight-averaging.md",
     "observing.md",
+    "training-controls/accumulate.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.

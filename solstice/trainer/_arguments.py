@@ -47,7 +47,7 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
     check_int("check_val_every_n_epoch", a["check_val_every_n_epoch"], minimum=1)
     if a["num_sanity_val_steps"] != -1:
         check_int("num_sanity_val_steps (or -1 for the whole split)", a["num_sanity_val_steps"])
-    for name in ("log_every_n_steps", "steps_per_execution", "prefetch"):
+    for name in ("log_every_n_steps", "steps_per_execution", "prefetch", "accumulate_grad_batches"):
         check_int(name, a[name], minimum=1)
     for stage, value in zip(LIMITS, limits):
         check_limit(f"limit_{stage}_batches", value)
@@ -63,6 +63,7 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
         )
     hparams = {"max_epochs": max_epochs, "max_steps": max_steps, "seed": a["seed"]}
     hparams.update(log_every_n_steps=log_every, steps_per_execution=fused)
+    hparams.update(accumulate_grad_batches=a["accumulate_grad_batches"])
     return {"max_epochs": max_epochs, "max_steps": max_steps, "limits": limits, "hparams": hparams}
 
 

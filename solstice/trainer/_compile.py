@@ -22,6 +22,7 @@ from .._in_step import InStep, StepData
 from .._metrics import Metrics
 from .._optimizer_tap import calls_of, optimizers_of, tap, untap
 from ..loggers._packed import PackedMetrics, pack_scalars, packed_names
+from ._microbatches import OptimizerSteps
 from ._step_checks import (
     call_step,
     check_metric_leaves,
@@ -111,7 +112,7 @@ class CompiledSteps:
         if transform != self.batch_transform:
             self.batch_transform = transform
             for key in list(self._jitted):
-                if key[0] in ("train", "train_many"):
+                if key[0] in ("train", "train_many", "train_accumulated"):
                     del self._jitted[key]
 
     def user_function(self, method: str) -> Callable | None:
@@ -321,6 +322,48 @@ class CompiledSteps:
             return jax.jit(_named(fn, "train_steps_fused"), donate_argnums=(0, 1, 4))
 
         return self._get(("train_many", gather, length, decode, defs), build)
+
+    def train_accumulated(
+        self,
+        defs: tuple,
+        *,
+        n: int,
+        m: int,
+        accumulate: int,
+        closing: bool,
+        decode=None,
+        gather=None,
+    ) -> Callable:
+        """The compiled `n` optimizer steps of `m` microbatches each (`accumulate_grad_batches`,
+        see `_microbatches`) on stacked batches `(n * m, batch, ...)` (or, with `gather`, on
+        its data), with the signature and outputs of `train` (closing the log interval inside
+        when `closing`)."""
+        partial = m != accumulate
+        name = "train_accumulated" + ("_partial" if partial else "") + ("_many" if n > 1 else "")
+        name += "_and_log" if closing else ""
+
+        def build() -> Callable:
+            optimizer_steps = OptimizerSteps(self, accumulate, decode, gather)
+
+            def fn(dyn, acc, batches, reset, carries, step, total, epoch_reset):
+                dyn, acc, carries = self._unflatten(defs, dyn, acc, carries)
+                seen = batches if gather is None else jax.eval_shape(gather, batches, step)
+                self._record(name, seen, acc, key="batches")
+                dyn, acc, ms, carries, step = optimizer_steps.many(
+                    dyn, acc, batches, reset, carries, step, n, m
+                )
+                out = (*self._flatten(dyn, acc, carries), ms, step)
+                if closing:
+                    packed, total = self._close("train", acc, defs[1].unflatten(total), epoch_reset)
+                    out += (packed, jax.tree.leaves(total))
+                return out
+
+            fn_name = "train_step_partial" if partial else "train_step"
+            fn_name += ("s_fused" if n > 1 else "") + ("_and_log" if closing else "")
+            return jax.jit(_named(fn, fn_name), donate_argnums=(0, 1, 4, 6))
+
+        key = ("train_accumulated", n, m, accumulate, closing, decode, gather, defs)
+        return self._get(key, build)
 
     @staticmethod
     def _unflatten(defs: tuple, dyn: list, acc: list, carries: list | None) -> tuple:

@@ -64,13 +64,15 @@ class _Stacker:
             return self._items[i]
         return jax.tree.unflatten(self._treedef, [buffer[i] for buffer in self._buffers])
 
-    def take(self) -> PyTree:
-        """The stack, padded to `size` with copies of the last batch; starts a new one."""
+    def take(self, *, exact: bool = False) -> PyTree:
+        """The stack, padded to `size` with copies of the last batch (`exact`: only the
+        batches added, unpadded); starts a new one."""
         n, self.count = self.count, 0
         if self._buffers is None:
-            return jax.tree.map(
-                lambda *xs: jnp.stack(xs), *self._items, *[self._items[-1]] * (self.size - n)
-            )
+            pad = [] if exact else [self._items[-1]] * (self.size - n)
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *self._items, *pad)
+        if exact:
+            return jax.tree.unflatten(self._treedef, [buffer[:n] for buffer in self._buffers])
         for buffer in self._buffers:
             buffer[n:] = buffer[n - 1]
         return jax.tree.unflatten(self._treedef, self._buffers)
@@ -259,6 +261,7 @@ class Feeder(Prefetcher):
         lead: int = 0,
         chunked: bool = False,
         stacked: bool = False,
+        microbatches: int = 1,
     ):
         if stacked and not chunked:
             raise ValueError("`stacked=True` feeds chunks: it needs `chunked=True`.")
@@ -267,7 +270,10 @@ class Feeder(Prefetcher):
         self._placement = placement
         self._group = group
         self._lead = lead
-        if stacked:
+        self._micro = microbatches
+        if microbatches > 1:
+            items = self._microbatch_items()
+        elif stacked:
             items = self._stacked_items()
         elif chunked:
             items = self._chunk_items()
@@ -289,6 +295,38 @@ class Feeder(Prefetcher):
                 yield self._group, self._placement.put_stacked_batches(stack.take(), owned=owned)
         for i in range(stack.count):  # the remainder, batch by batch
             yield 1, self._placement.put_batch(stack.batch(i))
+
+    def _microbatch_items(self) -> Iterator[tuple[int, PyTree]]:
+        """Items `(n, stacked)` of `n` optimizer steps of `microbatches` batches each,
+        stacked `(n * microbatches, batch, ...)`: single steps for the first `lead` steps,
+        then `group` steps at a time; at the end, the full steps left one by one, then the
+        last r < `microbatches` batches as one (partial) step."""
+        k, group = self._micro, self._group
+        single = _Stacker(k)
+        fused = _Stacker(k * group) if group > 1 else None
+        lead = self._lead
+        for batch in self._batches:
+            batch = self._prepare(batch)
+            if fused is None or lead > 0:
+                single.add(batch)
+                if single.count == k:
+                    lead = max(0, lead - 1)
+                    yield 1, self._put_stack(single)
+            else:
+                fused.add(batch)
+                if fused.count == fused.size:
+                    yield group, self._put_stack(fused)
+        for i in range(0 if fused is None else fused.count):  # what is left, step by step
+            single.add(fused.batch(i))  # type: ignore[union-attr]
+            if single.count == k:
+                yield 1, self._put_stack(single)
+        if single.count:
+            yield 1, self._put_stack(single)
+
+    def _put_stack(self, stack: "_Stacker") -> PyTree:
+        """The stack's batches on the devices: all `size` of them, or the `count` so far."""
+        owned = stack.owned
+        return self._placement.put_stacked_batches(stack.take(exact=True), owned=owned)
 
     def _chunk_items(self) -> Iterator[tuple[int, PyTree]]:
         """Items `(n, stacked)`: `n` batches stacked along a new leading axis, padded to the

@@ -14,6 +14,7 @@ from jaxtyping import PyTree
 
 from ..datamodules import DataModule, as_loader
 from ._evaluation import num_batches, run_evaluation
+from ._microbatches import require_optimizers
 from ._resume import check_settings
 
 if TYPE_CHECKING:
@@ -47,7 +48,10 @@ def _sanity_check(run: "Run", datamodule: DataModule) -> frozenset[str] | None:
 
 
 def preflight(run: "Run", datamodule: DataModule) -> None:
-    """Before the first step: the sanity validation and the check of `val/*` names."""
+    """Before the first step: the sanity validation and the check of `val/*` names (and,
+    with microbatches, that the experiment has a `solstice.Optimizer` to tap)."""
+    if run.trainer.accumulate_grad_batches > 1:
+        require_optimizers(run.experiment, run.trainer.accumulate_grad_batches)
     run.progress.stage = "sanity_check"
     try:
         run.val_metric_names = _sanity_check(run, datamodule)

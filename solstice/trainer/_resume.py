@@ -35,6 +35,9 @@ _CONSEQUENCES = {
     "not bit for bit",
     "steps_per_execution": "the steps are compiled differently: the result matches to float "
     "tolerance, not bit for bit",
+    "accumulate_grad_batches": "each optimizer step averages another number of batches, and "
+    "schedules counted in steps advance at another pace: the resumed run is not the run that "
+    "was interrupted",
     "datamodule": "another DataModule gives other batches: the resumed run is not the run "
     "that was interrupted",
     "train_batch_size": "other batches, and schedules counted in steps advance at another "
@@ -59,6 +62,14 @@ def check_settings(
                 f"is {new}. The position it records counts batches of {old}, so an exact "
                 f"resume is impossible. Resume with batch size {old}, or from a checkpoint "
                 "taken at the end of an epoch."
+            )
+        if key == "accumulate_grad_batches" and mid_epoch:
+            raise ValueError(
+                f"`{source}` was taken mid-epoch with `accumulate_grad_batches={old}`; this "
+                f"run has {new}. The rest of the epoch would group its batches into other "
+                f"optimizer steps, so an exact resume is impossible. Resume with "
+                f"`accumulate_grad_batches={old}`, or from a checkpoint taken at the end of an "
+                "epoch."
             )
         differences.append(f"`{key}` {old} in the checkpoint, {new} now: {consequence}")
     if differences:

@@ -265,6 +265,7 @@ def run_settings(run: Run) -> dict[str, Any]:
         "processes": jax.process_count(),
         "seed": trainer.seed,
         "steps_per_execution": trainer.steps_per_execution,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "log_every_n_steps": trainer.log_every_n_steps,
         "train_batch_size": run.train_batch_size,
         "datamodule": None if datamodule is None else type(datamodule).__qualname__,

@@ -36,7 +36,7 @@ class TrainCaller:
     def __init__(self, run: "Run", source: TrainInput):
         self.run = run
         self.source = source
-        self._fns: dict[tuple[int, bool], Any] = {}
+        self._fns: dict[tuple[int, int, bool], Any] = {}
         self._steps = run.steps
         self._dyn_def = run.experiment_state.treedef
 
@@ -47,10 +47,21 @@ class TrainCaller:
             self._steps, self._dyn_def = run.steps, run.experiment_state.treedef
             self._steps.prepare("train", run.dyn, source.spec(n, batch))
             self._fns.clear()
-        fn = self._fns.get((n, closing))
+        m = source.loader_batches(n, batch) // n  # microbatches per optimizer step
+        fn = self._fns.get((n, m, closing))
         if fn is None:
             defs = (self._dyn_def, run.accumulators.acc_flat.treedef, run.in_step_state.treedef)
-            if n == 1:
+            if source.accumulate > 1:
+                fn = self._steps.train_accumulated(
+                    defs,
+                    n=n,
+                    m=m,
+                    accumulate=source.accumulate,
+                    closing=closing,
+                    decode=source.decode,
+                    gather=source.gather,
+                )
+            elif n == 1:
                 fn = self._steps.train(
                     defs, closing=closing, gather=source.gather, decode=source.decode
                 )
@@ -58,25 +69,25 @@ class TrainCaller:
                 fn = self._steps.train_many(
                     defs, gather=source.gather, length=source.length, decode=source.decode
                 )
-            self._fns[(n, closing)] = fn
+            self._fns[(n, m, closing)] = fn
         return fn
 
     def __call__(self, n: int, batch: PyTree, closing: bool) -> tuple[PyTree, Any]:
         """Run `n` steps on `batch`; `(step metrics or None, packed interval or None)`.
-        Single steps close the log interval in the same call (one dispatch, not two); fused
-        calls close it separately (`Run.close_interval`)."""
+        Single steps (and microbatched ones) close the log interval in the same call (one
+        dispatch, not two); fused calls close it separately (`Run.close_interval`)."""
         run = self.run
         acc, carries = run.accumulators, run.in_step_state
         args = [
             run.experiment_state.leaves,
             acc.acc_flat.leaves,
-            batch,
+            self.source.data(batch),
             acc.reset_flag(),
             carries.leaves,
             run.step_counter,
         ]
-        close_inside = closing and n == 1
-        if n == 1:
+        close_inside = closing and (n == 1 or self.source.accumulate > 1)
+        if n == 1 or self.source.accumulate > 1:
             args += (acc.total_flat.leaves, acc.epoch_flag()) if close_inside else (None, None)
         fn = self._fn(n, batch, close_inside)
         if run.first_train_call is None:  # (once per run: for `Trainer.train_step_cost`)
@@ -106,22 +117,25 @@ def _first_batch(run: "Run", spec: PyTree) -> None:
     at_first_batch(run, spec)
 
 
-def _advance(run: "Run", n: int, step_metrics: PyTree, batch: PyTree, hooks: bool) -> None:
-    """Count `n` steps done; with per-batch end hooks, one at a time, each hook seeing the
-    position after its own step."""
+def _advance(
+    run: "Run", source: TrainInput, n: int, step_metrics: PyTree, batch: PyTree, hooks: bool
+) -> None:
+    """Count `n` steps done; with per-batch end hooks, one loader batch at a time, each hook
+    seeing the position after its own batch (the global step advances with the last
+    microbatch of each optimizer step, as in Lightning)."""
     progress = run.progress
+    rows = source.loader_batches(n, batch)
     if not hooks:
         progress.global_step += n
-        progress.batch_idx += n
+        progress.batch_idx += rows
         return
-    for i in range(n):
-        progress.global_step += 1
+    for i in range(rows):
+        progress.global_step += (i + 1) % (rows // n) == 0
         progress.batch_idx += 1
-        one = step_metrics if n == 1 else _slice(step_metrics, i)
         run.hooks.call(
             "on_train_batch_end",
-            run.steps.metrics("train", one),
-            batch if n == 1 else _slice(batch, i),
+            run.steps.metrics("train", source.loader_batch(n, step_metrics, i)),
+            source.loader_batch(n, batch, i),
             progress.batch_idx - 1,
         )
 
@@ -130,8 +144,9 @@ def run_train_epoch(run: "Run", loader: Loader, count: int | None, boundary: Any
     """Run (the rest of) one training epoch; stop early on `should_stop` or `max_steps`.
     `boundary()` is called after every compiled call (checkpoints, signals)."""
     trainer, progress, hooks = run.trainer, run.progress, run.hooks
-    if trainer.max_steps is not None:
-        remaining = progress.batch_idx + max(0, trainer.max_steps - progress.global_step)
+    if trainer.max_steps is not None:  # (in loader batches: K per optimizer step)
+        steps_left = max(0, trainer.max_steps - progress.global_step)
+        remaining = progress.batch_idx + steps_left * trainer.accumulate_grad_batches
         count = remaining if count is None else min(count, remaining)
     batch_start, batch_end = (hooks.active(f"on_train_batch_{e}") for e in ("start", "end"))
     needs_batches = batch_start or batch_end or trainer.detect_anomaly
@@ -143,8 +158,8 @@ def run_train_epoch(run: "Run", loader: Loader, count: int | None, boundary: Any
             if first:
                 _first_batch(run, source.spec(n, batch))
                 first = False
-            for i in range(n) if batch_start else ():
-                one = batch if n == 1 else _slice(batch, i)
+            for i in range(source.loader_batches(n, batch)) if batch_start else ():
+                one = source.loader_batch(n, batch, i)
                 hooks.call("on_train_batch_start", one, progress.batch_idx + i)
             step = progress.global_step
             closing = log_every.crossed(step, step + n)
@@ -153,10 +168,10 @@ def run_train_epoch(run: "Run", loader: Loader, count: int | None, boundary: Any
             if needs_batches:  # (the per-batch work: `detect_anomaly`, per-batch end hooks)
                 if trainer.detect_anomaly:
                     check_anomaly(run, batch, n, step)
-                _advance(run, n, step_metrics, batch, batch_end)
+                _advance(run, source, n, step_metrics, batch, batch_end)
             else:
                 progress.global_step = step + n
-                progress.batch_idx += n
+                progress.batch_idx += source.loader_batches(n, batch)
             if packed is not None:  # the step closed the log interval on the device as well
                 run.publish_interval(packed)
             elif closing:
@@ -179,7 +194,12 @@ def check_anomaly(run: "Run", batch: PyTree, n: int, first_step: int) -> None:
     bad = int(run.in_step_value(ANOMALY))  # the one read per call this debugging option costs
     if bad < 0:
         return
-    one = batch if n == 1 else _slice(batch, bad - first_step - 1)
+    rows = jax.tree.leaves(batch)[0].shape[0] // n if run.trainer.accumulate_grad_batches > 1 else 0
+    index = bad - first_step - 1
+    if rows:  # the microbatches of the bad optimizer step
+        one = jax.tree.map(lambda x: x[index * rows : (index + 1) * rows], batch)
+    else:
+        one = batch if n == 1 else _slice(batch, index)
     host = jax.device_get(one)
     leaves = [
         f"`batch{jax.tree_util.keystr(path)}`"

@@ -6,7 +6,9 @@
   steps, `Feeder(chunked=True)`), gathered into our buffers by the loader when it can
   (`Loader.iter_stacked`); each step takes its batch from the chunk on the device.
 - **fed**: host batches (or stacks of `steps_per_execution` of them) put on the devices by
-  the feeder thread, ahead of the step.
+  the feeder thread, ahead of the step. With microbatches (`accumulate_grad_batches=K`)
+  every item is a stack: the K batches of each of its optimizer steps (fewer at an epoch
+  end). A gathered microbatched step gathers each of its microbatches in turn.
 
 The loop sees only `TrainInput`: `(num_steps, batch)` items, and what the compiled step
 must do with them (`gather`, `decode`, `length`).
@@ -18,7 +20,7 @@ import itertools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("solstice")
 
 
+class Microbatched(NamedTuple):
+    """A gathered item of microbatched steps: the loader's device data, and how many
+    microbatches each of the item's optimizer steps gathers from it."""
+
+    data: Any
+    microbatches: int
+
+
 @dataclasses.dataclass
 class TrainInput:
     """An epoch's training input: `items` are `(num_steps, batch)`; `gather` (traced, keyed by
@@ -45,14 +55,35 @@ class TrainInput:
     gather: Callable[[Any, jax.Array], PyTree] | None = None
     decode: Callable[[PyTree], PyTree] | None = None
     length: int | None = None
+    accumulate: int = 1
 
     def spec(self, n: int, batch: PyTree) -> PyTree:
         """The shapes of one step's batch, as `train_step` receives it."""
         if self.gather is not None:
-            spec = jax.eval_shape(self.gather, batch, jnp.int32(0))
+            spec = jax.eval_shape(self.gather, self.data(batch), jnp.int32(0))
         else:
-            spec = batch if n == 1 else jax.tree.map(lambda x: x[0], batch)
+            spec = self.loader_batch(n, batch, 0)
         return spec if self.decode is None else jax.eval_shape(self.decode, spec)
+
+    def loader_batches(self, n: int, batch: PyTree) -> int:
+        """How many loader batches an item of `n` steps holds: `n`, or with microbatches
+        (`accumulate > 1`) its stack's length (`n * accumulate`, or fewer at an epoch end)."""
+        if self.accumulate == 1:
+            return n
+        if isinstance(batch, Microbatched):
+            return n * batch.microbatches
+        return jax.tree.leaves(batch)[0].shape[0]
+
+    @staticmethod
+    def data(batch: PyTree) -> PyTree:
+        """What the compiled step receives of an item."""
+        return batch.data if isinstance(batch, Microbatched) else batch
+
+    def loader_batch(self, n: int, batch: PyTree, i: int) -> PyTree:
+        """Loader batch `i` of an item of `n` steps (a fed item: not gathered)."""
+        if n == 1 and self.accumulate == 1:
+            return batch
+        return jax.tree.map(lambda x: x[i], batch)
 
 
 def batches_from(loader: Loader, start: int, count: int | None) -> Iterator[PyTree]:
@@ -79,9 +110,24 @@ def _device_schedule(progress: Any, total: int, fused: int, data: Any):
         yield 1, data
 
 
+def _microbatch_schedule(progress: Any, total: int, fused: int, k: int, data: Any):
+    """`(num_steps, Microbatched)` items for the rest of a device-resident epoch of
+    optimizer steps of `k` microbatches: as `_device_schedule` in steps, then one partial
+    step over the last r < k batches."""
+    remaining = max(0, total - progress.batch_idx)
+    steps = _device_schedule(dataclasses.replace(progress, batch_idx=0), remaining // k, fused, 0)
+    for n, _ in steps:
+        yield n, Microbatched(data, k)
+    if remaining % k:
+        yield 1, Microbatched(data, remaining % k)
+
+
 def _gathered(run: "Run", loader: Loader, count: int | None) -> TrainInput | None:
-    """The gathered path, if `loader` keeps the epoch on exactly the Trainer's devices."""
+    """The gathered path, if `loader` keeps the epoch on exactly the Trainer's devices. With
+    microbatches (`k > 1`) the gather is keyed by `global_step * k + j` (microbatch `j`),
+    so the epoch's batch 0 is at `k` times the epoch's first optimizer step."""
     progress, fused = run.progress, run.trainer.steps_per_execution
+    k = run.trainer.accumulate_grad_batches
     if loader.mesh is None:
         return None
     if tuple(loader.mesh.devices.flat) != tuple(run.placement.devices):
@@ -96,13 +142,17 @@ def _gathered(run: "Run", loader: Loader, count: int | None) -> TrainInput | Non
                 stacklevel=6,
             )
         return None
-    found = loader.device_epoch(first_step=progress.global_step - progress.batch_idx)
+    first_step = k * (progress.global_step - progress.batch_idx // k)
+    found = loader.device_epoch(first_step=first_step)
     if found is None:
         return None
     gather, data = found
     total = loader.num_batches() if count is None else count
     if total is None:
         return None
+    if k > 1:
+        items = _microbatch_schedule(progress, total, fused, k, data)
+        return TrainInput(items, gather, None, None, k)
     return TrainInput(_device_schedule(progress, total, fused, data), gather, None, fused)
 
 
@@ -124,6 +174,7 @@ def train_input(
     the epoch has, `None` if unknown). `needs_batches`: per-batch hooks (or `detect_anomaly`)
     need each step's own batch on this side of the step: no gathering, chunks or decoding
     inside it."""
+    accumulate = run.trainer.accumulate_grad_batches
     gathered = None if needs_batches else _gathered(run, loader, count)
     if gathered is not None:
         yield gathered
@@ -134,7 +185,11 @@ def train_input(
     fused = trainer.steps_per_execution
     # (device batches of a loader on other devices are not chunked: they are on a device)
     chunked = (
-        fused == 1 and not needs_batches and not placement.multi_process and loader.mesh is None
+        fused == 1
+        and accumulate == 1
+        and not needs_batches
+        and not placement.multi_process
+        and loader.mesh is None
     )
     stacks = None
     if chunked:  # a loader that gathers whole chunks into our buffers saves a copy per batch
@@ -154,7 +209,8 @@ def train_input(
         lead=(-progress.global_step) % fused,
         chunked=chunked,
         stacked=stacks is not None,
+        microbatches=accumulate,
     )
     with feeder:
         items = _chunk_steps(feeder, placement) if chunked else feeder
-        yield TrainInput(items, take_from_chunk if chunked else None, decode, None)
+        yield TrainInput(items, take_from_chunk if chunked else None, decode, None, accumulate)

@@ -55,6 +55,8 @@ class Trainer(RunViews):
     - `enable_progress_bar`: add a `ProgressBar` unless one is in `callbacks`.
     - `steps_per_execution`: fuse this many training steps into one compiled call
       (`lax.scan`); `log_every_n_steps` must be a multiple of it.
+    - `accumulate_grad_batches`: K loader batches per optimizer step, scanned as microbatches
+      of one compiled step; step counts and intervals count optimizer steps.
     - `prefetch`: uploads put on the devices ahead of the step. Small host batches travel in
       chunks of up to 16 per upload when training single steps without per-batch hooks.
     - `compilation_cache`: JAX's persistent compilation cache (`True`:
@@ -98,6 +100,7 @@ class Trainer(RunViews):
         devices: "str | int | Sequence[jax.Device]" = "auto",
         enable_progress_bar: bool = True,
         steps_per_execution: int = 1,
+        accumulate_grad_batches: int = 1,
         prefetch: int = 2,
         compilation_cache: "bool | str" = True,
         sharding_rules: Sequence[ShardingRule] = (),
@@ -115,6 +118,7 @@ class Trainer(RunViews):
         self.seed: int = seed
         self.detect_anomaly: bool = detect_anomaly
         self.steps_per_execution: int = steps_per_execution
+        self.accumulate_grad_batches: int = accumulate_grad_batches
         self.prefetch: int = prefetch
         self.hparams = settings["hparams"]
         callbacks, loggers = check_objects(callbacks, loggers, enable_progress_bar)
