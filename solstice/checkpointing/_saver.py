@@ -1,10 +1,10 @@
 """`Saver`: a component that writes training checkpoints (Kauldron's `ckpt.should_save`).
 
-At every moment a save may happen (an epoch end, a step boundary, a signal), the Trainer asks
-each saver whether it saves (`plan`: the saver decides and updates its books), then captures
-the run's `CheckpointState` once, so that every checkpoint of that moment holds every saver's
-books as they are after all of that moment's decisions, and hands it to each saver that said
-yes (`write`). With several processes every process takes the same decisions in the same
+At every moment a save may happen (an epoch end, a step boundary, a validation within an
+epoch, a signal), the Trainer asks each saver whether it saves (`plan`: the saver decides and
+updates its books), then captures the run's `CheckpointState` once, so that every checkpoint
+of that moment holds every saver's books as they are after all of that moment's decisions,
+and hands it to each saver that said yes (`write`). With several processes every process takes the same decisions in the same
 order (a save is collective); time-triggered decisions are agreed first (`time_due`).
 """
 
@@ -18,14 +18,16 @@ from ._checkpoint_state import CheckpointState
 
 EPOCH = "epoch"
 STEP = "step"
+VALIDATION = "validation"
 INTERRUPT = "interrupt"
 
 
 @dataclasses.dataclass(frozen=True)
 class SaveMoment:
     """When the Trainer asks: `kind` is `"epoch"` (after `on_train_epoch_end`), `"step"`
-    (after a training call) or `"interrupt"` (a signal); `time_due` is this saver's timed
-    trigger as agreed by every process (step moments only)."""
+    (after a training call), `"validation"` (after a validation of `val_check_interval`,
+    within an epoch) or `"interrupt"` (a signal, `max_time`); `time_due` is this saver's
+    timed trigger as agreed by every process (step moments only)."""
 
     kind: str
     time_due: bool = False
