@@ -223,43 +223,57 @@ class SigtermInValidation(Callback):
             signal.raise_signal(signal.SIGTERM)
 
 
-def test_sigterm_during_a_validation_within_an_epoch_resumes_bit_for_bit(tmp_path):
-    def trainer(*callbacks):
+class SigtermBeforeValidation(Callback):
+    """SIGTERM during step `step`, after which a validation is due."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, experiment, metrics, batch, batch_idx):
+        if trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_sigterm_at_or_during_a_validation_within_an_epoch_resumes_bit_for_bit(tmp_path):
+    def trainer(folder, *callbacks):
         return _trainer(
             *callbacks,
             EarlyStopping("val/loss", patience=100),
-            ModelCheckpoint(tmp_path / "ckpts", every_n_epochs=None),
+            ModelCheckpoint(tmp_path / folder, every_n_epochs=None),
             val_check_interval=3,
             log_every_n_steps=2,
         )
 
-    reference = trainer()
+    reference = trainer("reference")
     expected = reference.fit(_exp(), blobs_datamodule())
     reference.flush_logs()
+    for name, sender in [
+        ("during", SigtermInValidation(step=11)),  # the validation stops before its 2nd batch
+        ("before", SigtermBeforeValidation(step=11)),  # the boundary saves before validating
+    ]:
+        interrupted = trainer(name, sender)
+        with pytest.raises(SystemExit) as info:
+            interrupted.fit(_exp(), blobs_datamodule())
+        assert info.value.code == 128 + signal.SIGTERM
+        path = interrupted.checkpoint_callbacks[0].last_model_path
+        progress = _metadata(path)["progress"]
+        assert progress["global_step"] == 11 and progress["batch_idx"] == 3
+        assert progress["validation_pending"] and progress["validation_runs"] == 2
 
-    interrupted = trainer(SigtermInValidation(step=11))
-    with pytest.raises(SystemExit) as info:
-        interrupted.fit(_exp(), blobs_datamodule())
-    assert info.value.code == 128 + signal.SIGTERM
-    path = interrupted.checkpoint_callbacks[0].last_model_path
-    progress = _metadata(path)["progress"]
-    assert progress["global_step"] == 11 and progress["batch_idx"] == 3
-    assert progress["validation_pending"] and progress["validation_runs"] == 2
-
-    resumed = trainer()
-    result = resumed.fit(_exp(), blobs_datamodule(), ckpt_path=path)
-    resumed.flush_logs()
-    assert resumed.progress.state_dict() == reference.progress.state_dict()
-    assert resumed.callback_metrics == reference.callback_metrics
-    assert resumed.history.steps == reference.history.steps
-    assert resumed.history.metrics == reference.history.metrics
-    stoppers = [
-        [cb.state_dict() for cb in t.callbacks if isinstance(cb, EarlyStopping)]
-        for t in (reference, resumed)
-    ]
-    assert stoppers[0] == stoppers[1]
-    for a, b in zip(params_of(expected), params_of(result)):
-        assert (np.asarray(a) == np.asarray(b)).all()
+        resumed = trainer(name)
+        result = resumed.fit(_exp(), blobs_datamodule(), ckpt_path=path)
+        resumed.flush_logs()
+        assert resumed.progress.state_dict() == reference.progress.state_dict(), name
+        assert resumed.callback_metrics == reference.callback_metrics, name
+        assert resumed.history.steps == reference.history.steps, name
+        assert resumed.history.metrics == reference.history.metrics, name
+        stoppers = [
+            [cb.state_dict() for cb in t.callbacks if isinstance(cb, EarlyStopping)]
+            for t in (reference, resumed)
+        ]
+        assert stoppers[0] == stoppers[1], name
+        for a, b in zip(params_of(expected), params_of(result), strict=True):
+            assert (np.asarray(a) == np.asarray(b)).all(), name
 
 
 # ---------------------------------------------------------------------- min_epochs / min_steps
@@ -355,3 +369,20 @@ def test_overfit_batches_trains_and_validates_on_the_same_batches():
     train = blobs_datamodule().splits["train"]["image"]
     rows = {row.tobytes() for row in train}
     assert all(row.tobytes() in rows for batch in first for row in batch)
+
+
+def test_the_step_boundaries_of_loop_controls_never_read_the_device(monkeypatch):
+    from test_no_sync import _PerStepReads, _ReadCounter
+
+    counter = _ReadCounter()
+    counter.install(monkeypatch)
+    probe = _PerStepReads(counter)
+    trainer = _trainer(
+        probe,
+        val_check_interval=datetime.timedelta(hours=1),  # the clocks are read at every step
+        max_time={"hours": 1},
+        min_steps=4,
+    )
+    trainer.fit(_exp(), blobs_datamodule())
+    assert len(probe.reads_per_step) == 16
+    assert sum(probe.reads_per_step) == 0, probe.reads_per_step

@@ -107,13 +107,16 @@ def step_boundary(run: Run, savers: list[Saver], n: int) -> None:
 def validate_within_epoch(run: Run, savers: list[Saver], due: list[bool] | None) -> None:
     """A validation of `val_check_interval` (or the one a signal interrupted, on resume),
     then its save moment (top-k checkpoints ranked by it; step saves of this boundary)."""
-    run.progress.validation_pending = True
+    progress, runs = run.progress, run.progress.validation_runs
+    progress.validation_pending = True
     assert run.datamodule is not None  # (set by `start_run`)
     if not _validate(run, run.datamodule):
         stop_for_signal(run, _received(run), savers)
         return
-    run.progress.validation_pending = False
-    save_moment(run, (VALIDATION, STEP), savers, due or [False] * len(savers))
+    progress.validation_pending = False
+    validated = progress.validation_runs > runs  # (not without a validation split)
+    kinds = (VALIDATION, STEP) if validated else (STEP,)
+    save_moment(run, kinds, savers, due or [False] * len(savers))
 
 
 def _interrupt_save(run: Run, savers: list[Saver], due: list[bool] | None) -> None:

@@ -135,16 +135,11 @@ class LoopControls:
         self.deadline = Every(seconds=self.max_time, clock=clock)
         self.val_batches: int | None = None  # the float interval, in batches of this epoch
         self._said_deferred = False
-
-    @property
-    def within_epochs(self) -> bool:
-        """Whether validation follows `val_check_interval` (not only epoch ends)."""
-        return self.interval is not None
-
-    @property
-    def active(self) -> bool:
-        """Whether step boundaries have anything to decide here."""
-        return self.within_epochs or self.max_time is not None
+        #: whether validation follows `val_check_interval` (not only epoch ends)
+        self.within_epochs = self.interval is not None
+        #: whether a clock is read at step boundaries; whether they have anything to decide
+        self.timed = seconds is not None or self.max_time is not None
+        self.active = self.within_epochs or self.timed
 
     def start(self, step: int) -> None:
         """At the start of training: the clocks start now."""
@@ -178,6 +173,8 @@ class LoopControls:
 
     def clock_views(self) -> list[bool]:
         """This process's view of the clocks: `[validation due, max_time passed]`."""
+        if not self.timed:
+            return [False, False]
         return [self.val_clock.time_due(), self.deadline.time_due()]
 
     def validation_due(self, progress: "Progress", n: int, time_due: bool) -> bool:
