@@ -293,8 +293,50 @@ def test_min_epochs_and_min_steps_defer_early_stopping(caplog, kwargs, global_st
         trainer.fit(_exp(), blobs_datamodule())
     assert trainer.global_step == global_step
     assert trainer.stopped["by"] == "EarlyStopping" and trainer.stopped["epoch"] == 2
-    deferred = [r for r in caplog.records if "is not reached yet" in r.getMessage()]
+    deferred = [r for r in caplog.records if "has not been met" in r.getMessage()]
     assert len(deferred) == (1 if kwargs else 0)
+
+
+class StopEveryStep(Callback):
+    def on_train_batch_end(self, trainer, experiment, metrics, batch, batch_idx):
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize(
+    ("min_epochs", "min_steps", "global_step"), [(3, None, 24), (None, 12, 12)]
+)
+def test_should_stop_before_min_epochs_or_min_steps_waits(
+    caplog, min_epochs, min_steps, global_step
+):
+    # Lightning: test_trainer_min_steps_and_min_epochs_not_reached (should_stop every step)
+    trainer = _trainer(StopEveryStep(), max_epochs=10, min_epochs=min_epochs, min_steps=min_steps)
+    with caplog.at_level(logging.INFO, logger="solstice"):
+        trainer.fit(_exp(), blobs_datamodule())
+    assert trainer.global_step == global_step
+    message = (
+        f"Trainer was signaled to stop but the required `min_epochs={min_epochs}` or "
+        f"`min_steps={min_steps}` has not been met"
+    )
+    assert sum(message in r.getMessage() for r in caplog.records) == 1
+
+
+def test_val_check_interval_checkpoint_files(tmp_path):
+    # Lightning: test_val_check_interval_checkpoint_files (0.2 of 10 batches: every 2 steps)
+    checkpoint = ModelCheckpoint(tmp_path, monitor="val/step", mode="max", save_top_k=-1)
+
+    class StepAsMetric(Callback):
+        def provided_metrics(self):
+            return ("val/step",)
+
+        def on_validation_end(self, trainer, experiment):
+            trainer.log_metrics({"val/step": float(trainer.global_step)})
+
+    trainer = _trainer(
+        StepAsMetric(), checkpoint, val_check_interval=0.2, max_epochs=1, limit_train_batches=10
+    )
+    trainer.fit(_exp(), blobs_datamodule(n_train=320))
+    files = {p.name for p in tmp_path.iterdir() if p.is_dir()}
+    assert files == {f"epoch=0-step={s}" for s in [2, 4, 6, 8, 10]}
 
 
 # ---------------------------------------------------------------------- max_time

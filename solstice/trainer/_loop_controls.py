@@ -222,11 +222,11 @@ class LoopControls:
             self._said_deferred = True
             p = run.progress
             log.info(
-                "Trainer was asked to stop at epoch %d (global step %d), but `min_epochs=%s` "
-                "or `min_steps=%s` is not reached yet: training continues until it is.",
-                p.epoch,
-                p.global_step,
+                "Trainer was signaled to stop but the required `min_epochs=%s` or `min_steps="
+                "%s` has not been met (epoch %d, global step %d). Training will continue...",
                 self.min_epochs,
                 self.min_steps,
+                p.epoch,
+                p.global_step,
             )
         return False
