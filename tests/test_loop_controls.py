@@ -151,6 +151,10 @@ def test_an_interval_longer_than_the_epoch_is_named():
         trainer.fit(_exp(), blobs_datamodule())
 
 
+def test_fast_dev_run_validates_its_one_batch_whatever_the_interval():
+    assert _fit_validations(fast_dev_run=True, val_check_interval=5) == [1]
+
+
 def test_max_time_formats():
     for value in ("00:01:30:00", {"hours": 1, "minutes": 30}, datetime.timedelta(minutes=90)):
         assert _trainer(max_time=value).max_time == datetime.timedelta(hours=1, minutes=30)

@@ -55,8 +55,10 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
     interval = check_val_check_interval(
         a["val_check_interval"], a["check_val_every_n_epoch"], a["steps_per_execution"]
     )
-    max_time = parse_max_time(a["max_time"])
-    loop = (interval, max_time, a["check_val_every_n_epoch"], a["min_epochs"], a["min_steps"])
+    every_n_epochs, max_time = a["check_val_every_n_epoch"], parse_max_time(a["max_time"])
+    if a["fast_dev_run"] is not False:  # one batch of each stage, validated (as Lightning)
+        interval, every_n_epochs = None, 1
+    loop = (interval, max_time, every_n_epochs, a["min_epochs"], a["min_steps"])
     if a["num_sanity_val_steps"] != -1:
         check_int("num_sanity_val_steps (or -1 for the whole split)", a["num_sanity_val_steps"])
     for name in ("log_every_n_steps", "steps_per_execution", "prefetch"):
