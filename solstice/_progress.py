@@ -16,6 +16,8 @@ class Progress:
     - `epoch_logged`: the current epoch's training metrics are published (its batches are
       done; a signal may still stop its validation, which a resume then runs again without
       publishing them twice).
+    - `validation_pending`: a validation of `val_check_interval` is due at this position and
+      has not completed (a signal came first): a resume runs it before the next batch.
     - `stage`: what the Trainer is doing: `"train"`, `"validation"`, `"test"`, `"predict"`
       or `None`.
     """
@@ -25,6 +27,7 @@ class Progress:
     batch_idx: int = 0
     validation_runs: int = 0
     epoch_logged: bool = False
+    validation_pending: bool = False
     stage: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -36,3 +39,4 @@ class Progress:
         for field in ("epoch", "global_step", "batch_idx", "validation_runs"):
             setattr(self, field, int(state[field]))
         self.epoch_logged = bool(state.get("epoch_logged", False))
+        self.validation_pending = bool(state.get("validation_pending", False))

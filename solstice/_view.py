@@ -6,6 +6,7 @@ experiment, flush the logs). They never touch its private attributes, and the ca
 package does not import the Trainer's module.
 """
 
+import datetime
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,9 +46,16 @@ class TrainerView(Protocol):
         """The global training batch size, once the first batch has been seen."""
         ...
 
+    @property
+    def fitting(self) -> bool:
+        """Whether `fit` is running (its validations included; not `validate`/`test`)."""
+        ...
+
     # ---- settings
     max_epochs: int | None
     max_steps: int | None
+    check_val_every_n_epoch: int | None
+    val_check_interval: "int | float | datetime.timedelta | None"
     log_every_n_steps: int
     steps_per_execution: int
     accumulate_grad_batches: int

@@ -11,6 +11,7 @@ processes share and resumes from them (`checkpoint_stage`). Writes `OUT_DIR/<pro
 and the error of any stage that failed).
 """
 
+import datetime
 import itertools
 import json
 import os
@@ -188,6 +189,48 @@ def agreement_stage(out_dir: str, result: dict) -> None:
     result["agreement"] = info
 
 
+class _HoursInProcessOne(solstice.callbacks.Callback):
+    """`trainer.clock`: an hour per training step in process 1; real time in process 0."""
+
+    def __init__(self):
+        self.hours, self.validated = 0, []
+
+    def __call__(self) -> float:
+        return 3600.0 * self.hours if jax.process_index() == 1 else time.monotonic()
+
+    def on_train_batch_end(self, trainer, experiment, metrics, batch, batch_idx):
+        self.hours += 1
+
+    def on_validation_end(self, trainer, experiment):
+        self.validated.append(trainer.global_step)
+
+
+def loop_controls_stage(out_dir: str, result: dict) -> None:
+    """A timed `val_check_interval` (2 hours) and `max_time` (5 hours) due on process 1's
+    clock only: every process validates and stops at the same steps. Calls end at steps 2,
+    4, 6: validations at 2 and 4, the stop at 6 (with the validation due there pending)."""
+    from solstice.trainer import _agreement
+
+    _agreement.AGREE_EVERY_SECONDS = 0.0  # an agreement point at every step boundary
+    clock = _HoursInProcessOne()
+    saver = ModelCheckpoint(os.path.join(out_dir, "ckpt_loop"), every_n_epochs=None)
+    trainer = solstice.Trainer(
+        **TRAINER_KW,
+        callbacks=[clock, saver],
+        val_check_interval=datetime.timedelta(hours=2),
+        max_time={"hours": 5},
+    )
+    trainer.clock = clock
+    trainer.fit(experiment(), datamodule())  # returns: max_time is not an error
+    saver.wait()
+    result["loop_controls"] = {
+        "validated": clock.validated,
+        "global_step": trainer.global_step,
+        "stopped_by": (trainer.stopped or {}).get("by"),
+        "last": saver.last_model_path,
+    }
+
+
 def main(process_id: int, num_processes: int, port: int, num_devices: int, out_dir: str) -> None:
     jax.config.update("jax_num_cpu_devices", num_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -232,6 +275,7 @@ def main(process_id: int, num_processes: int, port: int, num_devices: int, out_d
     stage("replace", replace)
     stage("checkpoint", lambda: checkpoint_stage(out_dir, result, arrays))
     stage("agreement", lambda: agreement_stage(out_dir, result))
+    stage("loop_controls", lambda: loop_controls_stage(out_dir, result))
     np.savez(os.path.join(out_dir, f"{process_id}.npz"), **arrays)
     with open(os.path.join(out_dir, f"{process_id}.json"), "w") as f:
         json.dump(result, f)

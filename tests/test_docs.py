@@ -37,6 +37,7 @@ EXECUTED_PAGES = [
     "training-controls/weight-averaging.md",
     "observing.md",
     "training-controls/accumulate.md",
+    "training-controls/loop.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.

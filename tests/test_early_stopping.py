@@ -20,8 +20,11 @@ class _FakeTrainer(types.SimpleNamespace):
         super().__init__(
             callback_metrics=dict(callback_metrics or {}),
             current_epoch=current_epoch,
+            global_step=current_epoch,
             should_stop=False,
             stopped=None,
+            fitting=True,
+            val_check_interval=None,
         )
 
     def stop(self, reason, *, by):

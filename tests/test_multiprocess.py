@@ -307,3 +307,16 @@ def test_a_timed_checkpoint_due_on_one_clock_is_saved_by_every_process(run):
     saved = sorted(p for p in (out / "ckpt_timed").iterdir() if p.is_dir())
     assert [p.name for p in saved] == ["epoch=1-step=14"]
     verify(saved[0])
+
+
+def test_loop_controls_due_on_one_clock_act_in_every_process(run):
+    results, out = run
+    infos = _stage(results, "loop_controls")
+    for info in infos:
+        assert info["validated"] == [2, 4]
+        assert info["global_step"] == 6 and info["stopped_by"] == "max_time"
+        assert info["last"] == str(out / "ckpt_loop" / "epoch=0-step=6")
+    assert _checkpoints(out / "ckpt_loop") == ["epoch=0-step=6"]
+    document = verify(out / "ckpt_loop" / "epoch=0-step=6")
+    assert document["checkpoint"]["reason"] == "interrupt"
+    assert document["progress"]["validation_pending"]  # due at step 6, after the stop

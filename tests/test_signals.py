@@ -73,6 +73,7 @@ def test_signal_saves_flushes_and_ends_like_the_signal(tmp_path, signum):
         "batch_idx": 6,
         "validation_runs": 0,
         "epoch_logged": False,
+        "validation_pending": False,
     }
     assert _logged_steps(tmp_path)[-1] == 6  # the loggers were flushed
     assert {s: signal.getsignal(s) for s in before} == before
@@ -227,6 +228,7 @@ def test_signal_during_validation_stops_it_and_the_resume_reruns_it(tmp_path):
         "batch_idx": 8,
         "validation_runs": 0,
         "epoch_logged": True,  # published before validation: a resume does not again
+        "validation_pending": False,  # (an epoch-end validation: the open epoch says so)
     }
 
     resumed = trainer()

@@ -31,8 +31,9 @@ class EarlyStopping(Callback):
     `patience` checks, with Lightning's semantics.
 
     The metric is checked at the end of every epoch in which it was computed (`val/*`
-    metrics: epochs that ran validation; others, e.g. `train/loss_epoch`: every epoch). At
-    each check, in this order:
+    metrics: epochs that ran validation; others, e.g. `train/loss_epoch`: every epoch); with
+    `Trainer(val_check_interval=...)`, a `val/*` metric right after every validation (as in
+    Lightning), so a stop can come within an epoch. At each check, in this order:
 
     1. `check_finite` and the value is NaN or infinite: stop.
     2. `stopping_threshold` reached (below it for `"min"`, above for `"max"`): stop, the
@@ -106,7 +107,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch = 0
         self.stop_reason: str | None = None
         self._best_arrays: tuple[list[LeafSpec], dict[str, Any]] | None = None
-        self._current_is_best = False
+        self._best_step: int | None = None  # the global step of the best check, this fit
 
     def required_metrics(self) -> tuple[str, ...]:
         return (self.monitor,)
@@ -170,26 +171,42 @@ class EarlyStopping(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, experiment) -> None:
         self._monitor.start()
-        self._current_is_best = False
+        self._best_step = None
 
     def on_validation_end(self, trainer, experiment) -> None:
         self._monitor.note_validation(trainer)
+        if self._checks_after_validation(trainer):
+            self._check(trainer)
 
     def on_train_epoch_end(self, trainer, experiment) -> None:
+        if not self._checks_after_validation(trainer):
+            self._check(trainer)
+
+    def _checks_after_validation(self, trainer: TrainerView) -> bool:
+        """Whether to check right after each validation of a fit (with `val_check_interval`,
+        validations happen within epochs), not at epoch ends."""
+        return (
+            trainer.fitting
+            and trainer.val_check_interval is not None
+            and self.monitor.startswith("val/")
+        )
+
+    def _check(self, trainer: TrainerView) -> None:
         current = self._monitor.read(trainer)
         if current is None:
-            self._current_is_best = False  # trained on since the last check
             return
-        previous_best_epoch = self.best_epoch
+        previous_best = self.best_score
         stop, reason = self.check(current, trainer.current_epoch)
-        self._current_is_best = self.best_epoch == trainer.current_epoch
-        if self.restore_best and self._current_is_best and self.best_epoch != previous_best_epoch:
+        improved = self.best_score != previous_best  # the experiment now is the best
+        if improved:
+            self._best_step = trainer.global_step
+        if self.restore_best and improved:
             stored, leaf_specs = to_storage(eqx.filter(trainer.experiment, eqx.is_array))
             self._best_arrays = (
                 [LeafSpec.from_json(d) for d in leaf_specs],
                 jax.device_get(stored),
             )
-        if stop:
+        if stop and reason is not None:
             trainer.stop(reason, by="EarlyStopping")
             self.stopped_epoch = trainer.current_epoch
             self.stop_reason = reason
@@ -199,7 +216,11 @@ class EarlyStopping(Callback):
         self._monitor.check_seen(trainer)
 
     def on_fit_end(self, trainer, experiment) -> None:
-        if self.restore_best and self.best_epoch is not None and not self._current_is_best:
+        if (
+            self.restore_best
+            and self.best_epoch is not None
+            and self._best_step != trainer.global_step
+        ):
             self._restore(trainer)
 
     def _restore(self, trainer: TrainerView) -> None:

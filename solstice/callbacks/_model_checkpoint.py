@@ -28,7 +28,7 @@ from ..checkpointing._format import (
 )
 from ..checkpointing._orbax import CheckpointWriter
 from ..checkpointing._remote import RemoteCheckpoints, staging_dir
-from ..checkpointing._saver import EPOCH, INTERRUPT, SaveMoment, Saver
+from ..checkpointing._saver import EPOCH, INTERRUPT, VALIDATION, SaveMoment, Saver
 from ..checkpointing._tree import all_finite
 from ..storage._paths import check_path, is_remote, url_join
 from ._callback import Callback
@@ -71,7 +71,9 @@ class ModelCheckpoint(Callback, Saver):
     When to save (triggers combine; each fires on its own): every `every_n_epochs` epochs at
     the end of the epoch (after validation, so `val/*` metrics can be monitored), every
     `every_n_train_steps` training steps, and every `train_time_interval`. Pass
-    `every_n_epochs=None` to save only on steps or time.
+    `every_n_epochs=None` to save only on steps or time. With `Trainer(val_check_interval=...)`
+    and a `val/*` monitor, right after every validation within an epoch too (in the epochs
+    `every_n_epochs` selects), ranked by it.
 
     What to keep (Lightning's semantics): the best `save_top_k` checkpoints by `monitor`
     (`-1`: all; `0`: none), plus the most recent one if `save_last`. Without `monitor`,
@@ -330,15 +332,17 @@ class ModelCheckpoint(Callback, Saver):
         if trainer.fast_dev_run or self._planned is not None:
             return None
         step = trainer.global_step
-        if moment.kind == EPOCH:
-            # `None` unless measured this epoch: an epoch that did not validate is not ranked
-            # with an earlier validation's value (it can still be the last checkpoint)
+        if moment.kind == VALIDATION and not self._ranks_validations:
+            return None
+        if moment.kind in (EPOCH, VALIDATION):
+            # `None` unless measured since the last read: an epoch that did not validate is
+            # not ranked with an earlier validation's value (it can still be the last one)
             score = self._monitor.read(trainer) if self._monitor is not None else None
             if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
                 return None
-            if self.monitor is None and step == self._last_global_step_saved:
-                return None  # a step-triggered save of this very state exists
-            return self._plan(trainer, EPOCH, score, taken)
+            if score is None and step == self._last_global_step_saved:
+                return None  # a save of this very state exists, and this one ranks nothing
+            return self._plan(trainer, moment.kind, score, taken)
         if step == self._last_global_step_saved:
             return None  # saved (or decided not to) at this very step already
         if moment.kind == INTERRUPT:
@@ -351,6 +355,13 @@ class ModelCheckpoint(Callback, Saver):
             return None
         score = self._monitor.current(trainer) if self._monitor is not None else None
         return self._plan(trainer, reason, score, taken)
+
+    @property
+    def _ranks_validations(self) -> bool:
+        """Whether a validation within an epoch (`val_check_interval`) is a save moment:
+        with a `val/*` monitor, so the top k are written right after the validation that
+        ranks them."""
+        return self.monitor is not None and self.monitor.startswith("val/")
 
     def planned_path(self, plan: _Save) -> Path:
         return plan.path

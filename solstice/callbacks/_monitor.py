@@ -27,7 +27,8 @@ class Monitor:
     """Reads one metric from `trainer.callback_metrics` (host floats, updated at epoch ends
     and after validation).
 
-    A `val/...` metric is fresh only in epochs that ran validation; any other metric (e.g.
+    A `val/...` metric is fresh once after each validation (read at the epoch end, or
+    right after a validation of `val_check_interval`); any other metric (e.g.
     `train/loss_epoch`) at every epoch end. A metric that should be fresh but is absent, or
     was never seen by the end of training, raises `ValueError` listing the metrics that do
     exist.
@@ -40,25 +41,25 @@ class Monitor:
         self.owner = owner
         self.seen = False
         self.epoch_ends = 0
-        self._validated_epoch: int | None = None
+        self._validated = False  # a validation ran since the last `read`
 
     def start(self) -> None:
         """Called at the start of training."""
         self.seen = False
         self.epoch_ends = 0
-        self._validated_epoch = None
+        self._validated = False
 
     def note_validation(self, trainer: "TrainerView") -> None:
-        self._validated_epoch = trainer.current_epoch
-
-    def fresh(self, trainer: "TrainerView") -> bool:
-        return not self.key.startswith("val/") or self._validated_epoch == trainer.current_epoch
+        self._validated = True
 
     def read(self, trainer: "TrainerView") -> float | None:
-        """At an epoch end: the metric if it was computed this epoch, else `None`."""
+        """At an epoch end or after a validation: the metric if it was computed since the
+        last read (a `val/*` metric: a validation ran), else `None`."""
         self.epoch_ends += 1
-        if not self.fresh(trainer):
-            return None
+        if self.key.startswith("val/"):
+            if not self._validated:
+                return None
+            self._validated = False
         if self.key not in trainer.callback_metrics:
             raise self.missing(trainer)
         self.seen = True

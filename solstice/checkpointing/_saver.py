@@ -1,12 +1,12 @@
 """`Saver`: a component that writes training checkpoints (Kauldron's `ckpt.should_save`).
 
-At every moment a save may happen (an epoch end, a step boundary, a signal, an exception), the
-Trainer asks each saver whether it saves (`plan`: the saver decides and updates its books),
-then captures the run's `CheckpointState` once, so that every checkpoint of that moment holds
-every saver's books as they are after all of that moment's decisions, and hands it to each
-saver that said yes (`write`). With several processes every process takes the same decisions
-in the same order (a save is collective); time-triggered decisions are agreed first
-(`time_due`).
+At every moment a save may happen (an epoch end, a step boundary, a validation within an
+epoch, a signal, an exception), the Trainer asks each saver whether it saves (`plan`: the
+saver decides and updates its books), then captures the run's `CheckpointState` once, so that
+every checkpoint of that moment holds every saver's books as they are after all of that
+moment's decisions, and hands it to each saver that said yes (`write`). With several processes
+every process takes the same decisions in the same order (a save is collective);
+time-triggered decisions are agreed first (`time_due`).
 """
 
 import abc
@@ -20,6 +20,7 @@ from ._find import find_best, find_last
 
 EPOCH = "epoch"
 STEP = "step"
+VALIDATION = "validation"
 INTERRUPT = "interrupt"
 EXCEPTION = "exception"
 
@@ -27,8 +28,9 @@ EXCEPTION = "exception"
 @dataclasses.dataclass(frozen=True)
 class SaveMoment:
     """When the Trainer asks: `kind` is `"epoch"` (after `on_train_epoch_end`), `"step"`
-    (after a training call), `"interrupt"` (a signal) or `"exception"` (`fit` is raising,
-    and its state is one a resume can continue from; only savers with
+    (after a training call), `"validation"` (after a validation of `val_check_interval`,
+    within an epoch), `"interrupt"` (a signal, `max_time`) or `"exception"` (`fit` is
+    raising, and its state is one a resume can continue from; only savers with
     `saves_on_exception` are asked); `time_due` is this saver's timed trigger as agreed by
     every process (step moments only)."""
 

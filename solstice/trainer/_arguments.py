@@ -10,6 +10,7 @@ from .._checks import check_int
 from ..callbacks import Callback, ProgressBar
 from ..checkpointing._saver import Saver
 from ..loggers import Logger
+from ._loop_controls import check_overfit, check_val_check_interval, parse_max_time
 
 Limit = int | float | None
 LIMITS = ("train", "val", "test", "predict")
@@ -30,21 +31,34 @@ def check_limit(name: str, value: Any) -> None:
 
 
 def check_arguments(**arguments: Any) -> dict[str, Any]:
-    """Check the Trainer's loop settings (its keyword arguments); apply `fast_dev_run`.
+    """Check the Trainer's loop settings (its keyword arguments); apply `fast_dev_run` and
+    `overfit_batches`.
 
     **Returns:** `{"max_epochs": ..., "max_steps": ..., "limits": (train, val, test,
-    predict)}` as they apply. (When to stop is checked by `fit`, the only method that needs
-    it: see `check_stopping`.)"""
+    predict), "hparams": ..., "loop": (val_check_interval, max_time,
+    check_val_every_n_epoch, min_epochs, min_steps, overfit_batches)}` as they apply. (When
+    to stop is checked by `fit`, the only method that needs it: see `check_stopping`.)"""
     a = arguments
     check_int("max_epochs", a["max_epochs"], allow_none=True)
     check_int("max_steps", a["max_steps"], allow_none=True)
     max_epochs, max_steps = a["max_epochs"], a["max_steps"]
     limits = tuple(a[f"limit_{stage}_batches"] for stage in LIMITS)
+    overfit = check_overfit(a["overfit_batches"], *limits[:2])
+    if overfit:  # the same batches every epoch, validated on
+        limits = (overfit, overfit, *limits[2:])
     if a["fast_dev_run"] is not False:
         check_int("fast_dev_run", int(a["fast_dev_run"]), minimum=1)
         n = int(a["fast_dev_run"])
         max_epochs, max_steps, limits = 1, None, (n, n, n, n)
-    check_int("check_val_every_n_epoch", a["check_val_every_n_epoch"], minimum=1)
+    for name in ("min_epochs", "min_steps"):
+        check_int(name, a[name], allow_none=True)
+    interval = check_val_check_interval(
+        a["val_check_interval"], a["check_val_every_n_epoch"], a["steps_per_execution"]
+    )
+    every_n_epochs, max_time = a["check_val_every_n_epoch"], parse_max_time(a["max_time"])
+    if a["fast_dev_run"] is not False:  # one batch of each stage, validated (as Lightning)
+        interval, every_n_epochs = None, 1
+    loop = (interval, max_time, every_n_epochs, a["min_epochs"], a["min_steps"])
     if a["num_sanity_val_steps"] != -1:
         check_int("num_sanity_val_steps (or -1 for the whole split)", a["num_sanity_val_steps"])
     for name in ("log_every_n_steps", "steps_per_execution", "prefetch", "accumulate_grad_batches"):
@@ -64,7 +78,13 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
     hparams = {"max_epochs": max_epochs, "max_steps": max_steps, "seed": a["seed"]}
     hparams.update(log_every_n_steps=log_every, steps_per_execution=fused)
     hparams.update(accumulate_grad_batches=a["accumulate_grad_batches"])
-    return {"max_epochs": max_epochs, "max_steps": max_steps, "limits": limits, "hparams": hparams}
+    return {
+        "max_epochs": max_epochs,
+        "max_steps": max_steps,
+        "limits": limits,
+        "hparams": hparams,
+        "loop": (*loop, overfit),
+    }
 
 
 def check_objects(

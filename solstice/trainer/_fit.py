@@ -1,14 +1,16 @@
-"""The fit loop, top to bottom: epochs of training, validation at their ends, and the moments
-at which savers act and signals are obeyed.
+"""The fit loop, top to bottom: epochs of training, validation at their ends (or every
+`val_check_interval`), and the moments at which savers act and signals are obeyed.
 
 ```
 fit
   preflight (sanity validation, checks)            on_fit_start, on_train_start
-  for each epoch until a limit or a stop:
+  for each epoch until a limit, a stop (after min_epochs/min_steps) or max_time:
     on_train_epoch_start
     run_train_epoch: for each call of the compiled step
-        step boundary: step and time saves, signals (agreed between processes)
-    epoch metrics published, validation           on_train_epoch_end
+        step boundary: signals, max_time (agreed between processes), or a validation of
+          `val_check_interval` and its save moment, or step and time saves
+    epoch metrics published, validation (without `val_check_interval`)
+                                                  on_train_epoch_end
     epoch moment: epoch saves
   on_train_end, on_fit_end
 ```
@@ -26,7 +28,7 @@ import numpy as np
 
 from .._experiment import Experiment
 from ..checkpointing._format import HISTORY_FILE
-from ..checkpointing._saver import EPOCH, INTERRUPT, STEP, SaveMoment, Saver
+from ..checkpointing._saver import EPOCH, INTERRUPT, STEP, VALIDATION, SaveMoment, Saver
 from ..datamodules import DataModule, as_loader
 from ._agreement import Agreement
 from ._arguments import check_stopping
@@ -76,23 +78,75 @@ def _received(run: Run) -> int:
     return 0 if signals is None or signals.received is None else int(signals.received)
 
 
-def step_boundary(run: Run, savers: list[Saver]) -> None:
-    """After every compiled training call: step- and time-triggered saves, then signals,
-    decided at agreement points (every boundary with one process; with several, steps every
-    process picks alike, see `Agreement`)."""
-    step = run.progress.global_step
-    if not savers and not run.agreement.multi_process:  # (the common case: nothing to decide)
-        if run.signals.received is not None:
+def step_boundary(run: Run, savers: list[Saver], n: int) -> None:
+    """After every compiled training call (of `n` steps): signals, `max_time`, validation
+    (`val_check_interval`) and step- and time-triggered saves, decided at agreement points
+    (every boundary with one process; with several, steps every process picks alike, see
+    `Agreement`)."""
+    step, controls = run.progress.global_step, run.controls
+    if not savers and not run.agreement.multi_process and not controls.active:
+        if run.signals.received is not None:  # (the common case: nothing else to decide)
             stop_for_signal(run, int(run.signals.received), savers, [])
         return
-    signum, due = 0, [False] * len(savers)
+    signum, due, clocks = 0, [False] * len(savers), [False, False]
     if run.agreement.due(step):
-        mine = [saver.time_due() for saver in savers]
-        signum, due = run.agreement.agree(step, _received(run), mine)
-    if signum:
-        stop_for_signal(run, signum, savers, due)
+        mine = [saver.time_due() for saver in savers] + controls.clock_views()
+        signum, agreed = run.agreement.agree(step, _received(run), mine)
+        due, clocks = agreed[: len(savers)], agreed[len(savers) :]
+    validate = controls.validation_due(run.progress, n, clocks[0])
+    if signum or clocks[1]:
+        run.progress.validation_pending = validate  # a resume runs it first
+        if signum:
+            stop_for_signal(run, signum, savers, due)
+        else:
+            stop_for_time(run, savers, due)
+    elif validate:
+        validate_within_epoch(run, savers, due)
     else:
         save_moment(run, (STEP,), savers, due)
+
+
+def validate_within_epoch(run: Run, savers: list[Saver], due: list[bool] | None) -> None:
+    """A validation of `val_check_interval` (or the one a signal interrupted, on resume),
+    then its save moment (top-k checkpoints ranked by it; step saves of this boundary)."""
+    progress, runs = run.progress, run.progress.validation_runs
+    progress.validation_pending = True
+    assert run.datamodule is not None  # (set by `start_run`)
+    if not _validate(run, run.datamodule):
+        stop_for_signal(run, _received(run), savers)
+        return
+    progress.validation_pending = False
+    validated = progress.validation_runs > runs  # (not without a validation split)
+    kinds = (VALIDATION, STEP) if validated else (STEP,)
+    save_moment(run, kinds, savers, due or [False] * len(savers))
+
+
+def _interrupt_save(run: Run, savers: list[Saver], due: list[bool] | None) -> None:
+    """Every saver writes (this boundary's step and time saves, or else an interrupt save:
+    one moment), then the loggers are flushed."""
+    if due is None:  # between epochs
+        save_moment(run, (INTERRUPT,), savers, [False] * len(savers))
+    else:
+        save_moment(run, (STEP, INTERRUPT), savers, due)
+    for saver in savers:
+        saver.wait()
+    run.trainer._logging.flush()
+
+
+def stop_for_time(run: Run, savers: list[Saver], due: list[bool] | None = None) -> None:
+    """`max_time` has passed (agreed by every process): save and flush as a signal would,
+    and end the fit normally; a resume continues it."""
+    p = run.progress
+    log.warning(
+        "max_time=%s reached: stopping at global step %d (epoch %d, batch %d).",
+        run.controls.max_time,
+        p.global_step,
+        p.epoch,
+        p.batch_idx,
+    )
+    reason = f"`max_time={run.controls.max_time}` reached (a resume continues the run)."
+    run.stop(reason, "max_time", final=False)
+    _interrupt_save(run, savers, due)
 
 
 def stop_for_signal(
@@ -112,47 +166,47 @@ def stop_for_signal(
     run.stop(
         f"{name} received: the run was interrupted (a resume continues it).", name, final=False
     )
-    if due is None:  # between epochs
-        save_moment(run, (INTERRUPT,), savers, [False] * len(savers))
-    else:  # this boundary's step and time saves, or else an interrupt save: one moment
-        save_moment(run, (STEP, INTERRUPT), savers, due)
-    for saver in savers:
-        saver.wait()
-    run.trainer._logging.flush()
+    _interrupt_save(run, savers, due)
     run.signals.finish(signum)  # raises, unless a previous Python handler chose otherwise
 
 
-def _agreed_signal(run: Run) -> int:
-    """Between epochs: the signal to act on, agreed by every process."""
-    return run.agreement.agree(run.progress.global_step, _received(run), ())[0]
+def _agreed_stop(run: Run) -> tuple[int, bool]:
+    """Between epochs: the signal to act on and whether `max_time` has passed, agreed by
+    every process."""
+    time_up = run.controls.clock_views()[1]
+    signum, agreed = run.agreement.agree(run.progress.global_step, _received(run), [time_up])
+    return signum, agreed[0]
 
 
 def fit_done(run: Run) -> bool:
     trainer, p = run.trainer, run.progress
     return (
-        run.should_stop
+        run.controls.stop_due(run)
         or (trainer.max_epochs is not None and p.epoch >= trainer.max_epochs)
         or (trainer.max_steps is not None and p.global_step >= trainer.max_steps)
     )
 
 
 def run_fit(run: Run, datamodule: DataModule) -> None:
-    """Train until `max_epochs`/`max_steps` or a stop."""
+    """Train until `max_epochs`/`max_steps`, a stop or `max_time`."""
     savers = savers_of(run)
     with SignalWatch() as run.signals:
         run.agreement = Agreement(run.placement, run.progress.global_step)
         try:
             if not fit_done(run):
                 preflight(run, datamodule)
+            run.controls.start(run.progress.global_step)
             run.hooks.call("on_fit_start")
             run.hooks.call("on_train_start")
             while not fit_done(run):
-                signum = _agreed_signal(run)
+                signum, time_up = _agreed_stop(run)
                 if signum:
                     stop_for_signal(run, signum, savers)
-                    continue
-                train_epoch(run, datamodule, savers)
-            signum = _agreed_signal(run)
+                elif time_up:
+                    stop_for_time(run, savers)
+                else:
+                    train_epoch(run, datamodule, savers)
+            signum, _ = _agreed_stop(run)
             if signum:
                 stop_for_signal(run, signum, savers)
             run.hooks.call("on_train_end")
@@ -164,7 +218,7 @@ def run_fit(run: Run, datamodule: DataModule) -> None:
 def train_epoch(run: Run, datamodule: DataModule, savers: list[Saver]) -> None:
     """One epoch (or what is left of it): its batches, its metrics, validation, its end."""
     progress, trainer = run.progress, run.trainer
-    datamodule.set_epoch(progress.epoch)
+    datamodule.set_epoch(run.controls.data_epoch(progress.epoch))
     loader = as_loader(datamodule.train_dataloader())
     count = num_batches(loader, trainer.limit_train_batches, "limit_train_batches")
     name = type(datamodule).__name__
@@ -174,18 +228,24 @@ def train_epoch(run: Run, datamodule: DataModule, savers: list[Saver]) -> None:
             "Check the training split is not empty and is at least one batch long."
         )
     run.num_training_batches = count
+    run.controls.epoch_start(count)
     if progress.batch_idx == 0:
         run.accumulators.new_epoch()
     run.hooks.call("on_train_epoch_start")
+    if progress.validation_pending:  # resumed where a signal interrupted a validation
+        validate_within_epoch(run, savers, None)
     steps_before = progress.global_step
-    run_train_epoch(run, loader, count, lambda: step_boundary(run, savers))
+    if not run.interrupted:
+        run_train_epoch(run, loader, count, lambda n: step_boundary(run, savers, n))
+    if run.interrupted:  # a signal whose handler returned, or `max_time`: saved as it is
+        return
     if progress.global_step == steps_before and progress.batch_idx == 0:
         raise ValueError(
             f"The training dataloader of `{name}` yielded no batches in epoch "
             f"{progress.epoch}; an empty training split cannot be fitted."
         )
     _publish_epoch(run)
-    if run.validate_every.crossed(progress.epoch, progress.epoch + 1):
+    if run.controls.validates_at_epoch_end(progress.epoch):
         if not _validate(run, datamodule):
             # A signal stopped validation: the epoch stays open (all its batches done), so
             # the checkpoint the signal takes reruns validation when resumed.
@@ -214,7 +274,7 @@ def _publish_epoch(run: Run) -> None:
 
 
 def _validate(run: Run, datamodule: DataModule) -> bool:
-    """Run validation at an epoch end; `False` if a signal interrupted it."""
+    """Run a validation of the fit; `False` if a signal interrupted it."""
     loader = validation_loader(run, datamodule)
     if loader is None:
         return True
@@ -226,6 +286,7 @@ def _validate(run: Run, datamodule: DataModule) -> bool:
     finally:
         run.progress.stage = "train"
     run.progress.validation_runs += 1
+    run.controls.validated(run.progress.global_step)
     return True
 
 

@@ -22,12 +22,16 @@ if TYPE_CHECKING:
 
 
 def validation_loader(run: "Run", datamodule: DataModule):
-    """The validation loader of the fit, or `None` if this run never validates."""
-    trainer = run.trainer
+    """The validation loader of the fit (with `overfit_batches`, the training loader), or
+    `None` if this run never validates."""
+    trainer, every = run.trainer, run.trainer.check_val_every_n_epoch
     if trainer.limit_val_batches == 0:
         return None
-    if trainer.max_epochs is not None and trainer.max_epochs < trainer.check_val_every_n_epoch:
+    if trainer.max_epochs is not None and every is not None and trainer.max_epochs < every:
         return None
+    if trainer.overfit_batches:  # validation on the training batches it overfits
+        datamodule.set_epoch(run.controls.data_epoch(run.progress.epoch))
+        return as_loader(datamodule.train_dataloader())
     loader = datamodule.val_dataloader()
     return None if loader is None else as_loader(loader)
 

@@ -199,6 +199,8 @@ def _restore_stop(
             log.info("Resuming a run that %s had stopped, as asked.", stopped.get("by"))
             return
         run.should_stop, run.stopped = True, dict(stopped)
+        if not run.controls.min_reached(run.progress):
+            return  # deferred until `min_epochs`/`min_steps`, as in the run that stopped
         warnings.warn(
             f"The run in `{path}` was stopped by {stopped.get('by')} at epoch "
             f"{stopped.get('epoch')} (global step {stopped.get('global_step')}): "

@@ -29,6 +29,7 @@ from ._accumulators import TrainAccumulators
 from ._compile import CompiledSteps
 from ._flat import FlatTree
 from ._hooks import Hooks, callback_keys
+from ._loop_controls import LoopControls
 from ._step_cost import FirstTrainCall
 from ._trace_log import static_differences
 from ._user_code import warn_at
@@ -69,10 +70,12 @@ class Run:
         self.experiment_state = FlatTree(self.place(dyn, copy=True))
         self._experiment_cache: tuple[list, Experiment] | None = None
         self.progress = Progress(stage=stage)
-        # when metrics are published (steps) and validation runs (epochs)
+        # when metrics are published (steps); when validation runs and a stop takes effect
         self.log_every = Every(steps=trainer.log_every_n_steps)
-        self.validate_every = Every(steps=trainer.check_val_every_n_epoch)
+        self.controls = LoopControls(trainer)
+        self.fitting = stage == "train"
         self.should_stop = False
+        self.interrupted = False  # stopped by a signal or `max_time`: a resume continues
         self.stopped: dict[str, Any] | None = None
         self.datamodule: DataModule | None = None
         self.num_training_batches: int | None = None
@@ -163,8 +166,10 @@ class Run:
 
     # ------------------------------------------------------------------ stopping
     def stop(self, reason: str, by: str, *, final: bool = True) -> None:
-        """Stop after the current step (see `Trainer.stop`); the first reason is kept."""
+        """Stop after the current step (see `Trainer.stop`); the first reason is kept. Not
+        `final`: an interruption (a signal, `max_time`), which a resume continues."""
         self.should_stop = True
+        self.interrupted = self.interrupted or not final
         if self.stopped is None:
             self.stopped = {
                 "by": by,

@@ -42,6 +42,12 @@ class RunViews:
         return Progress() if self._run is None else self._run.progress
 
     @property
+    def fitting(self) -> bool:
+        """Whether `fit` is running (its validations included; not `validate`/`test`)."""
+        run = self._run
+        return run is not None and run.fitting and run.progress.stage is not None
+
+    @property
     def current_epoch(self) -> int:
         return self.progress.epoch
 

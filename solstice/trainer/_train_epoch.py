@@ -141,8 +141,9 @@ def _advance(
 
 
 def run_train_epoch(run: "Run", loader: Loader, count: int | None, boundary: Any) -> None:
-    """Run (the rest of) one training epoch; stop early on `should_stop` or `max_steps`.
-    `boundary()` is called after every compiled call (checkpoints, signals)."""
+    """Run (the rest of) one training epoch; stop early on a stop or `max_steps`.
+    `boundary(n)` is called after every compiled call of `n` steps (checkpoints, signals,
+    validation within the epoch)."""
     trainer, progress, hooks = run.trainer, run.progress, run.hooks
     if trainer.max_steps is not None:  # (in loader batches: K per optimizer step)
         steps_left = max(0, trainer.max_steps - progress.global_step)
@@ -176,15 +177,15 @@ def run_train_epoch(run: "Run", loader: Loader, count: int | None, boundary: Any
                 run.publish_interval(packed)
             elif closing:
                 run.close_interval()
-            boundary()  # step-triggered checkpoints, SIGINT/SIGTERM
-            if run.should_stop:
+            boundary(n)  # step-triggered checkpoints, SIGINT/SIGTERM, validation
+            if run.should_stop and run.controls.stop_due(run):
                 break
     if run.accumulators.restoring:
         # Resumed at the very end of an epoch's batches: no step has shown the metrics'
         # structure yet, so take it from the epoch's first batch.
         first = next(iter(loader))  # its shapes only
         run.accumulators.init(run.steps.empty_accumulator("train", run.dyn, first))
-    if run.accumulators.steps_in_interval:
+    if run.accumulators.steps_in_interval and not run.interrupted:  # (else: checkpointed)
         run.close_interval()
 
 

@@ -1,8 +1,10 @@
 """`Trainer`: the settings of a run, and fit / validate / test / predict."""
 
+import datetime
 import os
+import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,7 +37,17 @@ class Trainer(RunViews):
     **Arguments:**
 
     - `max_epochs`, `max_steps`: when `fit` stops (it needs one; the others need neither).
-    - `check_val_every_n_epoch`: validate after every n-th training epoch.
+    - `min_epochs`, `min_steps`: a stop asked before them (`EarlyStopping`, `trainer.stop`)
+      waits until they are done (said once in the log).
+    - `max_time`: a `timedelta`, a dict (`{"hours": 2}`) or `"DD:HH:MM:SS"`: this fit's
+      wall-clock budget. Once passed, `fit` stops at the next step boundary, every saver
+      writes, and it returns normally; `ckpt_path="last"` continues the run.
+    - `check_val_every_n_epoch`: validate after every n-th training epoch (`None`: by
+      `val_check_interval` steps only, counted across epochs).
+    - `val_check_interval`: also validate within epochs: every N training steps (an int),
+      a fraction of the epoch (a float) or a `timedelta` of wall clock; see the loop page.
+    - `overfit_batches`: train on the same N batches (or fraction) every epoch, and validate
+      on them.
     - `num_sanity_val_steps`: validation batches `fit` runs before training (2, as in
       Lightning; `-1`: all; `0`: none) so an error in `eval_step` shows in seconds. No hook,
       no log, no change: a run with it is bit-identical to one without.
@@ -81,12 +93,29 @@ class Trainer(RunViews):
     ```
     """
 
+    #: The loop's clock (for `val_check_interval` as a `timedelta` and `max_time`): seconds,
+    #: `time.monotonic` by default; set `trainer.clock` to a function to drive time in tests.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    max_epochs: int | None
+    max_steps: int | None
+    min_epochs: int | None
+    min_steps: int | None
+    max_time: datetime.timedelta | None
+    check_val_every_n_epoch: int | None
+    val_check_interval: "int | float | datetime.timedelta | None"
+    overfit_batches: int | float
+
     def __init__(
         self,
         *,
         max_epochs: int | None = None,
         max_steps: int | None = None,
-        check_val_every_n_epoch: int = 1,
+        min_epochs: int | None = None,
+        min_steps: int | None = None,
+        max_time: "datetime.timedelta | dict | str | None" = None,
+        check_val_every_n_epoch: int | None = 1,
+        val_check_interval: "int | float | datetime.timedelta | None" = None,
+        overfit_batches: int | float = 0,
         num_sanity_val_steps: int = 2,
         limit_train_batches: int | float | None = None,
         limit_val_batches: int | float | None = None,
@@ -107,9 +136,9 @@ class Trainer(RunViews):
         detect_anomaly: bool = False,
     ):
         settings = check_arguments(**{k: v for k, v in locals().items() if k != "self"})
-        self.max_epochs: int | None = settings["max_epochs"]
-        self.max_steps: int | None = settings["max_steps"]
-        self.check_val_every_n_epoch: int = check_val_every_n_epoch
+        self.max_epochs, self.max_steps = settings["max_epochs"], settings["max_steps"]
+        self.val_check_interval, self.max_time, self.check_val_every_n_epoch = settings["loop"][:3]
+        self.min_epochs, self.min_steps, self.overfit_batches = settings["loop"][3:]
         self.num_sanity_val_steps: int = num_sanity_val_steps
         self.limit_train_batches, self.limit_val_batches = settings["limits"][:2]
         self.limit_test_batches, self.limit_predict_batches = settings["limits"][2:]
@@ -129,7 +158,10 @@ class Trainer(RunViews):
         self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
         self._placement = Placement(devices)
         self.sharding_rules = check_sharding_rules(sharding_rules)
-        # What outlives a run: its results, and what the next run can reuse.
+        self._init_results()
+
+    def _init_results(self) -> None:
+        """What outlives a run: its results, and what the next run can reuse."""
         self.callback_metrics: dict[str, float] = {}
         self._logged: dict[tuple[str, ...], Mapping[str, Any]] = {}  # see `logged_metrics`
         self._steps_cache = StepsCache(self._placement, self.sharding_rules)
