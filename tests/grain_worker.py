@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grain  # noqa: E402
