@@ -26,6 +26,7 @@ from grain_worker import (  # noqa: E402
     DIM,
     N_TRAIN,
     N_VAL,
+    Decode,
     grain_datamodule,
     make_datamodule,
     make_experiment,
@@ -97,6 +98,12 @@ def test_fit_and_validate_match_array_datamodule_bit_for_bit(files):
     assert trainer.validate(got, grain_datamodule(files)) == reference.validate(
         expected, array_datamodule()
     )
+    # predict: every record once, in order (70 rows: batches of 32, 32 and 6)
+    to_predict = GrainDataModule(predict=files["val"], operations=[Decode()], batch_size=32)
+    predicted = np.asarray(trainer.predict(got, to_predict))
+    assert predicted.shape == (N_VAL, 4)  # logits of 4 classes
+    reference_dm = ArrayDataModule(predict=splits()["val"], batch_size=32)
+    np.testing.assert_array_equal(predicted, np.asarray(reference.predict(expected, reference_dm)))
 
 
 def test_each_process_reads_its_share_of_every_global_batch():
