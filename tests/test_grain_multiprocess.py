@@ -3,11 +3,13 @@
 This file is also the worker: `python test_grain_multiprocess.py PROCESS_ID PORT DATA_DIR`.
 Each process builds the same `GrainDataModule` over the same array_record files (sharded by
 `grain.sharding.ShardByJaxProcess()`, the default) and records the rows it reads of every
-batch. The evaluation batches are 64 of 70 records, so process 1's share of the short last
-batch is empty (an empty batch: the Trainer pads it, as for every loader, see
-test_multiprocess.py). The test checks that the shares make up the single-process batches.
+batch, then fits one epoch through the Trainer. The evaluation batches are 64 of 70 records, so
+process 1's share of the short last batch is empty (an empty batch, which the Trainer pads).
+The test checks that the shares make up the single-process batches, and that the fit and its
+validation match one process driving two devices.
 """
 
+import json
 import os
 import socket
 import sys
@@ -40,6 +42,23 @@ def shares(dm) -> dict[str, np.ndarray]:
     return out
 
 
+def fit(data_dir, devices=None) -> tuple[dict, dict]:
+    """One epoch of `fit`, validating at its end (process 1's share of the last batch is
+    empty): the parameters and `callback_metrics`."""
+    import equinox as eqx
+    import jax
+    from grain_worker import make_experiment
+
+    import solstice
+
+    kwargs = dict(max_epochs=1, enable_progress_bar=False, compilation_cache=False)
+    trainer = solstice.Trainer(**kwargs, devices=devices)
+    experiment = trainer.fit(make_experiment(), make_datamodule(data_dir))
+    params = jax.tree.leaves(eqx.filter(experiment.model, eqx.is_array))
+    arrays = {f"param{i}": np.asarray(p.addressable_data(0)) for i, p in enumerate(params)}
+    return arrays, dict(trainer.callback_metrics)
+
+
 def worker(process_id: int, port: int, data_dir: str) -> None:
     import jax
 
@@ -53,6 +72,10 @@ def worker(process_id: int, port: int, data_dir: str) -> None:
     )
     assert jax.process_count() == NUM_PROCESSES
     np.savez(os.path.join(data_dir, f"shares{process_id}.npz"), **shares(make_datamodule(data_dir)))
+    arrays, metrics = fit(data_dir)
+    np.savez(os.path.join(data_dir, f"params{process_id}.npz"), **arrays)
+    with open(os.path.join(data_dir, f"metrics{process_id}.json"), "w") as f:
+        json.dump(metrics, f)
     jax.distributed.shutdown()
 
 
@@ -62,7 +85,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_read_their_shares_of_every_global_batch(tmp_path):
+@pytest.mark.slow
+def test_two_processes_read_their_shares_and_fit_as_one_process(tmp_path):
     from grain_worker import write_files
 
     write_files(tmp_path)
@@ -90,6 +114,17 @@ def test_two_processes_read_their_shares_of_every_global_batch(tmp_path):
         else:
             assert [len(p) for p in parts] == [len(rows) // 2] * 2, name
         np.testing.assert_array_equal(np.concatenate(parts), rows, err_msg=name)
+
+    params, metrics = fit(tmp_path, devices=NUM_PROCESSES)  # one process, two devices
+    for i in range(NUM_PROCESSES):
+        with np.load(tmp_path / f"params{i}.npz") as npz:
+            for name, value in params.items():
+                np.testing.assert_allclose(npz[name], value, rtol=1e-5, atol=1e-6)
+        with open(tmp_path / f"metrics{i}.json") as f:
+            got = json.load(f)
+        assert set(got) == set(metrics) and "val/accuracy" in got
+        for name, value in metrics.items():
+            assert got[name] == pytest.approx(value, rel=1e-5), name
 
 
 if __name__ == "__main__":
