@@ -307,3 +307,14 @@ def test_grain_worker_processes_make_the_same_batches():
         if not parsed:
             flags.FLAGS.unparse_flags()
     assert_same_batches(got, list(GrainLoader(source, 16, **kw))[2:])
+
+
+def test_import_solstice_does_not_import_grain():
+    code = (
+        "import sys, solstice, solstice.datamodules; "
+        "print(sorted(m for m in ('grain', 'array_record') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "[]"
