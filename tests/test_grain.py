@@ -178,6 +178,29 @@ def test_a_resumed_epoch_reads_no_record_before_its_batch():
     assert sorted(source.read) == sorted(loader.indices()[4 * 16 : 6 * 16].tolist())
 
 
+def test_the_batch_index_is_grains_iterator_state():
+    # Grain's iterator over the epoch's batches, after k of them, is at state `next_index` k;
+    # restored by Grain (`set_state`), it goes on as `iter_from(k)`, which the Trainer calls
+    # with the batch index the checkpoint records
+    loader = GrainLoader(
+        records(splits()["train"]),
+        16,
+        operations=[Noise()],
+        shuffle=True,
+        seed=4,
+        epoch=1,
+        drop_last=True,
+    )
+    iterator = iter(loader.dataset().to_iter_dataset(loader.read_options))
+    for _ in range(3):
+        next(iterator)
+    state = iterator.get_state()
+    assert state == {"next_index": 3}
+    restored = iter(loader.dataset().to_iter_dataset(loader.read_options))
+    restored.set_state(state)
+    assert_same_batches(list(restored), list(loader.iter_from(3)))
+
+
 def test_a_run_resumes_bit_for_bit_mid_epoch_and_at_an_epoch_end(files):
     kwargs = {**trainer_kwargs(), "max_epochs": 2}
     for step in (8, 6):  # 6 steps an epoch: mid-epoch 2, and the end of epoch 1
