@@ -25,6 +25,7 @@ from solstice.datamodules import (
     DataModule,
     Digits,
     FashionMNIST,
+    GrainDataModule,
     TorchDataModule,
     batch_size_of,
 )
@@ -77,6 +78,30 @@ def _torch_dm(tmp_path, *, seed=0, on_device=False):
         batch_size=16,
         eval_batch_size=8,
         seed=seed,
+    )
+
+
+def _grain_dm(tmp_path, *, seed=0, on_device=False):
+    """Each split as an array_record file (float32 bytes: the image, then the label), decoded
+    by a Grain `Map`."""
+    grain = pytest.importorskip("grain")
+    writer_module = pytest.importorskip("array_record.python.array_record_module")
+
+    class Decode(grain.transforms.Map):
+        def map(self, record):
+            row = np.frombuffer(record, np.float32)
+            return {"image": row[:-1].reshape(2, 3, 3), "label": np.int64(row[-1])}
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, split in _array_splits().items():
+        files[name] = tmp_path / f"{name}.array_record"
+        writer = writer_module.ArrayRecordWriter(str(files[name]), "group_size:1")
+        for x, y in zip(split["image"], split["label"]):
+            writer.write(np.append(x.ravel(), np.float32(y)).astype(np.float32).tobytes())
+        writer.close()
+    return GrainDataModule(
+        **files, operations=[Decode()], batch_size=16, eval_batch_size=8, seed=seed
     )
 
 
@@ -158,6 +183,7 @@ CASES = {
         extra_keys=("colour",),
     ),
     "torch": Case(_torch_dm, (2, 3, 3), 5, device=False),
+    "grain": Case(_grain_dm, (2, 3, 3), 5, device=False),
 }
 
 PARAMS = [
@@ -189,6 +215,8 @@ def _equal(a, b):
 
 
 def _split_size(dm, split):
+    if isinstance(dm, GrainDataModule):
+        return len(dm.sources[split])
     if isinstance(dm, TorchDataModule):
         return len(dm.splits[split])
     return batch_size_of(dm.splits[split])
@@ -196,6 +224,13 @@ def _split_size(dm, split):
 
 def _reference_rows(dm, split):
     """Every example of `split`, decoded, straight from the stored arrays."""
+    if isinstance(dm, GrainDataModule):
+        records = []
+        for record in dm.sources[split]:
+            for op in dm.operations:
+                record = op.map(record)
+            records.append(record)
+        return jax.tree.map(lambda *rows: np.stack(rows).astype(rows[0].dtype), *records)
     if isinstance(dm, TorchDataModule):
         from solstice.datamodules._torch import collate
 

@@ -11,6 +11,7 @@ from ._datamodule import DataModule as DataModule
 from ._decode import PixelDecode as PixelDecode
 from ._device import DeviceBatchLoader as DeviceBatchLoader
 from ._digits import Digits as Digits
+from ._grain import GrainDataModule as GrainDataModule
 from ._loader import BatchLoader as BatchLoader
 from ._loader import epoch_permutation as epoch_permutation
 from ._loader_api import IterableLoader as IterableLoader

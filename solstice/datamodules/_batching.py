@@ -10,6 +10,22 @@ from jaxtyping import PyTree
 
 MASK_KEY = "mask"
 
+_NARROW = {
+    np.dtype(np.int64): np.dtype(np.int32),
+    np.dtype(np.uint64): np.dtype(np.uint32),
+    np.dtype(np.float64): np.dtype(np.float32),
+    np.dtype(np.complex128): np.dtype(np.complex64),
+}
+
+
+def narrow_64bit(x: np.ndarray) -> np.ndarray:
+    """`x` with a 64-bit dtype made 32-bit, as JAX without x64 would store it anyway (done
+    here, explicitly, by the adapters of other libraries' data); unchanged with x64 on."""
+    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]
+        return x
+    target = _NARROW.get(x.dtype)
+    return x if target is None else x.astype(target)
+
 
 def stack_length(batch_nbytes: int, *, max_batches: int, max_bytes: int) -> int:
     """How many batches of `batch_nbytes` bytes one stack holds: as many as fit in

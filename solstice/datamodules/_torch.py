@@ -12,16 +12,10 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._checks import check_int
+from ._batching import narrow_64bit
 from ._datamodule import DataModule
 from ._loader_api import Loader
 from ._order import OrderedLoader
-
-_NARROW = {
-    np.dtype(np.int64): np.dtype(np.int32),
-    np.dtype(np.uint64): np.dtype(np.uint32),
-    np.dtype(np.float64): np.dtype(np.float32),
-    np.dtype(np.complex128): np.dtype(np.complex64),
-}
 
 
 def _import_torch():
@@ -48,14 +42,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     return x
 
 
-def _narrow(x: np.ndarray) -> np.ndarray:
-    # JAX without x64 stores 64-bit values as 32-bit anyway; do it here, explicitly.
-    if jax.config.jax_enable_x64:  # type: ignore[attr-defined]
-        return x
-    target = _NARROW.get(x.dtype)
-    return x if target is None else x.astype(target)
-
-
 def name_entries(item: Any, keys: Sequence[str] | None) -> Any:
     """Name the entries of a sample (or collated batch): tuples/lists take `keys` in order,
     dicts keep theirs, a single tensor becomes `{keys[0]: item}`. With `keys=None` the
@@ -79,12 +65,12 @@ def collate(samples: list[Any], keys: Sequence[str] | None) -> PyTree:
     """Stack samples into one batch of numpy arrays (a dict, or the samples' own structure
     with `keys=None`)."""
     structured = [jax.tree.map(_to_numpy, name_entries(s, keys)) for s in samples]
-    return jax.tree.map(lambda *xs: _narrow(np.stack(xs)), *structured)
+    return jax.tree.map(lambda *xs: narrow_64bit(np.stack(xs)), *structured)
 
 
 def convert_batch(batch: Any, keys: Sequence[str] | None) -> PyTree:
     """Turn one already-collated DataLoader batch into numpy arrays (see `collate`)."""
-    return jax.tree.map(lambda x: _narrow(_to_numpy(x)), name_entries(batch, keys))
+    return jax.tree.map(lambda x: narrow_64bit(_to_numpy(x)), name_entries(batch, keys))
 
 
 class DatasetLoader(OrderedLoader):
