@@ -95,9 +95,14 @@ def test_page_code_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     namespace = {"__name__": "docs_" + re.sub(r"\W", "_", page.removesuffix(".md"))}
-    for start, code in blocks:
-        # Blank lines first, so the compiled block's line numbers are the page's own.
-        exec(compile("\n" * start + code, str(path), "exec"), namespace)
+    environ = dict(os.environ)  # a page may point the process somewhere (AWS_ENDPOINT_URL)
+    try:
+        for start, code in blocks:
+            # Blank lines first, so the compiled block's line numbers are the page's own.
+            exec(compile("\n" * start + code, str(path), "exec"), namespace)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ class RemoteDir:
             ) from None
         self.url = url.rstrip("/")
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            # a filesystem of its own: fsspec's cached instances keep the endpoint and
+            # credentials of their creation, which the environment may have changed since
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True)
         except ImportError as error:
             raise ImportError(
                 f"`{url}`: fsspec needs a package for this filesystem: {error}"
