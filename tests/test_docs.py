@@ -31,6 +31,7 @@ EXECUTED_PAGES = [
     "tutorials/library-compatibility.md",
     "tutorials/configuration.md",
     "tutorials/design-decisions.md",
+    "training-controls/precision.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.

@@ -10,6 +10,7 @@ from .._checks import check_int
 from ..callbacks import Callback, ProgressBar
 from ..checkpointing._saver import Saver
 from ..loggers import Logger
+from ._precision import policy_for
 
 Limit = int | float | None
 LIMITS = ("train", "val", "test", "predict")
@@ -51,6 +52,7 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
         check_int(name, a[name], minimum=1)
     for stage, value in zip(LIMITS, limits):
         check_limit(f"limit_{stage}_batches", value)
+    policy_for(a["precision"])  # an unknown name raises, listing the valid ones
     if not isinstance(a["detect_anomaly"], bool):
         raise TypeError(f"`detect_anomaly` must be True or False, got {a['detect_anomaly']!r}.")
     log_every, fused = a["log_every_n_steps"], a["steps_per_execution"]

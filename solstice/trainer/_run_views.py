@@ -15,6 +15,7 @@ from .._progress import Progress
 from ..callbacks import ModelCheckpoint
 from ..datamodules import DataModule
 from ._hooks import callback_keys
+from ._precision import LOSS_SCALE
 from ._sharding_rules import describe_shardings
 
 if TYPE_CHECKING:
@@ -108,6 +109,15 @@ class RunViews:
             if cb is callback:
                 return self._current().in_step_value(key)
         raise ValueError(f"{callback!r} is not a callback of this Trainer.")
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale under `precision="16-mixed"`, else `None` (reading it is
+        a device sync: not per step)."""
+        run = self._run
+        if run is None or LOSS_SCALE not in run.in_steps:
+            return None
+        return float(run.in_step_value(LOSS_SCALE).scale)
 
     def describe_shardings(self) -> str:
         """A table of the experiment's arrays: path, shape, `PartitionSpec` and the bytes each
