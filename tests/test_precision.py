@@ -4,6 +4,7 @@ casts everything, 16-mixed skips overflowing steps and adapts its loss scale, re
 exact."""
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -104,15 +105,17 @@ def test_small_updates_are_not_lost_in_bf16():
     np.testing.assert_allclose(trained.model.weight, np.full((1, 3), 1.0 - 2e-4), rtol=1e-6)
 
 
+@functools.cache
+def _digits_accuracy(precision):
+    trainer = _trainer(precision, max_epochs=3, limit_val_batches=0)
+    trainer.fit(make_mlp_experiment(width=64), Digits(batch_size=32))
+    return trainer.test()["test/accuracy"]
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_digits_trains_to_the_accuracy_of_float32(precision):
-    def accuracy(precision):
-        trainer = _trainer(precision, max_epochs=3, limit_val_batches=0)
-        trainer.fit(make_mlp_experiment(width=64), Digits(batch_size=32))
-        return trainer.test()["test/accuracy"]
-
-    reference = accuracy("32-true")
-    got = accuracy(precision)
+    reference = _digits_accuracy("32-true")
+    got = _digits_accuracy(precision)
     assert reference > 0.85
     assert abs(got - reference) < 0.03, (got, reference)
 
@@ -208,10 +211,11 @@ def _weights(experiment):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(experiment.model)])
 
 
-def test_16_mixed_unscales_the_gradients():
+@pytest.mark.parametrize("fused", [1, 2])
+def test_16_mixed_unscales_the_gradients(fused):
     dm = _batches(0.1, 0.1)
     exact = _trainer("32-true", max_steps=2).fit(_scaled(), dm)
-    trainer = _trainer("16-mixed", max_steps=2)
+    trainer = _trainer("16-mixed", max_steps=2, steps_per_execution=fused, log_every_n_steps=2)
     mixed = trainer.fit(_scaled(), dm)
     np.testing.assert_allclose(_weights(mixed), _weights(exact), rtol=3e-3, atol=1e-3)
     assert trainer.loss_scale == 2.0**15
