@@ -304,3 +304,66 @@ def test_the_loss_scale_resumes_with_the_run(tmp_path, monkeypatch):
     resumed = _trainer("16-mixed", max_steps=8, callbacks=[ModelCheckpoint(tmp_path)])
     resumed.fit(_small(), dm(), ckpt_path="last")
     assert resumed.loss_scale == 2.0**17  # a fresh scale would have grown once, at step 8
+
+
+class _BatchNormNet(eqx.Module):
+    linear: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.linear = eqx.nn.Linear(8, 16, key=k1)
+        self.norm = eqx.nn.BatchNorm(16, axis_name="batch", mode="batch")
+        self.head = eqx.nn.Linear(16, 4, key=k2)
+
+    def __call__(self, x, state, *, key=None):
+        h, state = self.norm(jax.nn.relu(self.linear(x)), state)
+        return self.head(h), state
+
+
+def test_bf16_mixed_keeps_batch_norm_statistics_in_float32():
+    model, state = eqx.nn.make_with_state(_BatchNormNet)(jax.random.key(0))
+    optimizer = solstice.OptaxOptimizer(optax.adam(1e-2), model)
+    start = solstice.ClassificationExperiment(model, optimizer, num_classes=4, state=state)
+    trainer = _trainer("bf16-mixed", max_epochs=2)
+    trained = trainer.fit(start, blobs_datamodule())
+    assert _floating_dtypes(trained) == {"float32"}
+    before, after = jax.tree.leaves(start.state), jax.tree.leaves(trained.state)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))  # statistics moved
+    assert trainer.callback_metrics["val/accuracy"] > 0.8
+
+
+class TwoUpdatesPerStep(Scaled):
+    """A train_step that scans over two halves of its batch, updating the model once per
+    half: the model travels through the `lax.scan` carry."""
+
+    def train_step(self, batch):
+        x, y = batch
+        halves = (x.reshape(2, -1, 3), y.reshape(2, -1))
+
+        def update(carry, half):
+            model, optimizer = carry
+            hx, hy = half
+
+            def loss(model):
+                out = jax.vmap(model)(hx)[:, 0].astype(jnp.float32)
+                return solstice.scale_loss(jnp.mean((out - hy) ** 2))
+
+            grads = eqx.filter_grad(loss)(model)
+            updates, optimizer = optimizer(grads, eqx.filter(model, eqx.is_array))
+            return (eqx.apply_updates(model, updates), optimizer), None
+
+        (model, optimizer), _ = jax.lax.scan(update, (self.model, self.optimizer), halves)
+        new = eqx.tree_at(lambda e: (e.model, e.optimizer), self, (model, optimizer))
+        return new, SquaredError(jax.vmap(self.model)(x)[:, 0] - y)
+
+
+def test_a_model_updated_inside_the_steps_own_loop_is_explained():
+    # bf16 weights + float32 updates are float32: the scan's carry changes dtype
+    model = eqx.nn.Linear(3, 1, key=jax.random.key(0))
+    start = TwoUpdatesPerStep(model, solstice.SGDOptimizer(model, 0.05))
+    assert int(_trainer("32-true", max_steps=2).fit(start, _batches(0.1, 0.1)).optimizer.count) == 4
+    with pytest.raises(TypeError, match="carry") as caught:
+        _trainer("bf16-mixed", max_steps=1).fit(start, _batches(0.1))
+    assert "Update the model once per step" in "\n".join(caught.value.__notes__)

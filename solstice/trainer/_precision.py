@@ -15,13 +15,21 @@ which the experiment is kept.
 - `"bf16-true"`: every floating leaf of the experiment, the optimizer state included, is cast
   to bfloat16 when a run starts, and each batch's in the step.
 
+Composing with other optimizer taps (microbatching): `apply_policy` wraps whatever `call`
+runs the step. Its `PolicyTap` keeps one structure across calls (it may sit in a `lax.scan`
+carry), but the model it updates does not: bf16 weights plus float32 updates are float32.
+So a loop inside the step must not carry the model across an optimizer call; run the last
+update outside the loop, or call `apply_policy` inside the loop's body (its carry is then
+the float32 masters).
+
 Evaluation and prediction compute in the same dtype. Metrics come back in float32 (their sums
 and confusion counts accumulate over a whole epoch); predictions in float32 under the mixed
 policies (the dtype of the parameters, jmp's "output dtype"), as returned under `bf16-true`.
 """
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
@@ -32,7 +40,7 @@ from jaxtyping import PyTree
 from .._in_step import InStep, StepData
 from .._loss_scaling import DynamicScaling, LossScale, loss_scaling
 from .._optimizer import Optimizer
-from .._optimizer_tap import OptimizerCall, Tap, optimizers_of, tap, untap
+from .._optimizer_tap import OptimizerCall, optimizers_of, untap
 
 LOSS_SCALE = "loss_scale"  # the in-step state of `16-mixed`'s dynamic loss scale
 
@@ -85,6 +93,11 @@ class PolicyRule:
     compute: Any
     scaling: bool
 
+    def unscale(self, grads: PyTree, scale: jax.Array) -> PyTree:
+        """The gradients of a scaled loss in float32, divided by the scale."""
+        grads = upcast(grads, self.compute)
+        return jax.tree.map(lambda g: g / scale if _is_float(g) else g, grads)
+
     def __call__(
         self, inner: Optimizer, grads: PyTree, params: PyTree, extra_args: dict, carry: Any
     ) -> tuple[PyTree, Optimizer, Any, PyTree]:
@@ -93,12 +106,60 @@ class PolicyRule:
         if not self.scaling:
             updates, stepped = inner(grads, params, **extra_args)
             return updates, stepped, carry, grads
-        grads = jax.tree.map(lambda g: g / carry["scale"] if _is_float(g) else g, grads)
+        grads = self.unscale(grads, carry["scale"])
         finite = _all_finite(grads)
         updates, stepped = inner(grads, params, **extra_args)
         updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
         new_carry = {"scale": carry["scale"], "finite": finite & carry["finite"]}
         return updates, _select(finite, stepped, inner), new_carry, grads
+
+
+class PolicyTap(Optimizer):
+    """An `Optimizer` wrapped for one training step under a mixed policy: calls go through
+    `rule` (a `PolicyRule`), whose carry it keeps. Unlike the optimizer tap's `Tap`, it
+    records nothing, so it has the same structure before and after its call (it may travel
+    through a `lax.scan` over microbatches, inside another tap)."""
+
+    inner: Optimizer
+    carry: Any
+    rule: PolicyRule = eqx.field(static=True)
+
+    def __call__(
+        self, grads: PyTree, params: PyTree | None = None, **extra_args: Any
+    ) -> tuple[PyTree, "PolicyTap"]:
+        updates, inner, carry, _ = self.rule(self.inner, grads, params, extra_args, self.carry)
+        return updates, PolicyTap(inner, carry, self.rule)
+
+    def current_learning_rate(self) -> Any:
+        return self.inner.current_learning_rate()
+
+    def __getattr__(self, name: str) -> Any:
+        # `train_step` may read its optimizer's own fields (`self.optimizer.opt_state`).
+        if name in ("inner", "carry", "rule") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _wrap(experiment: PyTree, rule: PolicyRule, carry: Any) -> PyTree:
+    wrap = lambda x: PolicyTap(x, carry, rule) if _is_optimizer(x) else x  # noqa: E731
+    return jax.tree.map(wrap, experiment, is_leaf=_is_optimizer)
+
+
+def _unwrap(experiment: PyTree, expected: int) -> tuple[PyTree, list[PolicyTap]]:
+    """`experiment` with its `PolicyTap`s unwrapped, and them; `untap`'s error if the step
+    did not keep `expected` of them."""
+    taps: list[PolicyTap] = []
+
+    def unwrap(x: Any) -> Any:
+        if isinstance(x, PolicyTap):
+            taps.append(x)
+            return x.inner
+        return x
+
+    unwrapped = jax.tree.map(unwrap, experiment, is_leaf=_is_optimizer)
+    if len(taps) != expected:
+        untap(experiment, expected)  # raises, naming the mistake
+    return unwrapped, taps
 
 
 class LossScaleState(InStep):
@@ -187,25 +248,47 @@ def apply_policy(
     state = _loss_scale(policy, experiment, count, carries)
     carry = None if state is None else {"scale": state.scale, "finite": jnp.asarray(True)}
     rule = PolicyRule(policy.compute, state is not None)
-    tapped = tap(low, rule, [carry] * count) if count else low
-    with loss_scaling(jnp.asarray(1.0) if state is None else state.scale) as scaling:
+    tapped = _wrap(low, rule, carry) if count else low
+    scale = jnp.asarray(1.0, jnp.float32) if state is None else state.scale
+    with loss_scaling(scale) as scaling, _explain_loop_carries(policy):
         new, metrics, calls = call(tapped, batch)
     if state is not None and not scaling.used:
         _raise_unscaled(experiment)
-    taps: list[Tap] = []
+    taps: list[PolicyTap] = []
     if count:
-        new, taps = untap(new, count)
-    if calls:  # what the optimizers saw: float32 gradients (unscaled) and parameters
-        calls = tuple(
-            OptimizerCall(t.call.grads, upcast(t.call.params, policy.compute), t.call.updates)
-            for t in taps
-            if t.call is not None
+        new, taps = _unwrap(new, count)
+    # What the optimizers saw: the gradients in float32, unscaled, and the parameters.
+    calls = tuple(
+        OptimizerCall(
+            upcast(c.grads, policy.compute) if state is None else rule.unscale(c.grads, scale),
+            upcast(c.params, policy.compute),
+            c.updates,
         )
+        for c in calls
+    )
     new = _onto_masters(experiment, low, new)
     if state is not None and carries is not None and policy.scaling is not None:
         finite = jnp.all(jnp.stack([t.carry["finite"] for t in taps]))
         carries = {**carries, LOSS_SCALE: policy.scaling.adjust(state, finite)}
     return new, upcast(metrics, policy.compute), calls, carries
+
+
+@contextlib.contextmanager
+def _explain_loop_carries(policy: Policy) -> Iterator[None]:
+    """A `TypeError` while tracing the step (a loop whose carry changed dtype: the model
+    updated inside the step's own `lax.scan`) gets a note saying why, and what to do."""
+    try:
+        yield
+    except TypeError as error:
+        if "carry" in str(error) and hasattr(error, "add_note"):
+            error.add_note(
+                f'(Solstice) Under `precision="{policy.name}"` the step runs on a '
+                f"{jnp.dtype(policy.compute).name} copy of the model and the optimizer's "
+                "updates are float32, so a parameter updated inside a loop of the step "
+                "(`lax.scan`, `fori_loop`) comes out float32. Update the model once per "
+                'step (outside loops), or use `precision="bf16-true"` or "32-true".'
+            )
+        raise
 
 
 def _loss_scale(
