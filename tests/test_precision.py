@@ -276,14 +276,15 @@ def test_16_mixed_in_step_reductions_see_unscaled_float32_gradients():
     assert norms["16-mixed"] == pytest.approx(norms["32-true"], rel=3e-3)
 
 
-def test_a_16_mixed_run_resumes_bit_for_bit():
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-true"])
+def test_a_run_with_a_policy_resumes_bit_for_bit(precision):
     def kwargs():
         return dict(
             max_epochs=1,
             log_every_n_steps=3,
             devices=1,
             enable_progress_bar=False,
-            precision="16-mixed",
+            precision=precision,
         )
 
     def make():
@@ -367,3 +368,21 @@ def test_a_model_updated_inside_the_steps_own_loop_is_explained():
     with pytest.raises(TypeError, match="carry") as caught:
         _trainer("bf16-mixed", max_steps=1).fit(start, _batches(0.1))
     assert "Update the model once per step" in "\n".join(caught.value.__notes__)
+
+
+def test_bf16_mixed_data_parallel_matches_one_device():
+    def weights(experiment):
+        arrays = jax.tree.leaves(eqx.filter(experiment.model, eqx.is_array))
+        return np.concatenate([np.ravel(x) for x in arrays])
+
+    def trained(devices):
+        trainer = _trainer("bf16-mixed", max_epochs=1, devices=devices)
+        exp = trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), blobs_datamodule())
+        assert _floating_dtypes(exp) == {"float32"}
+        return weights(exp)
+
+    start = weights(make_mlp_experiment(in_size=8, num_classes=4))
+    one, two = trained(1), trained(2)
+    moved = np.max(np.abs(one - start))
+    assert moved > 1e-2
+    assert np.max(np.abs(one - two)) < 0.05 * moved  # bf16 sums in another order
