@@ -133,6 +133,11 @@ class PolicyTap(Optimizer):
     def current_learning_rate(self) -> Any:
         return self.inner.current_learning_rate()
 
+    def with_learning_rate(self, learning_rate: Any) -> "PolicyTap":
+        """The wrapped optimizer's `with_learning_rate` (for `lr_find`), wrapped again."""
+        inner = getattr(self.inner, "with_learning_rate")(learning_rate)  # noqa: B009
+        return PolicyTap(inner, self.carry, self.rule)
+
     def __getattr__(self, name: str) -> Any:
         # `train_step` may read its optimizer's own fields (`self.optimizer.opt_state`).
         if name in ("inner", "carry", "rule") or name.startswith("__"):
@@ -169,7 +174,7 @@ class LossScaleState(InStep):
     def __init__(self, scaling: DynamicScaling):
         self.scaling = scaling
 
-    def init(self) -> LossScale:
+    def init(self, experiment: Any = None) -> LossScale:
         return self.scaling.init()
 
     def update(self, carry: LossScale, data: StepData) -> LossScale:
