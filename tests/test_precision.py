@@ -255,7 +255,7 @@ def test_16_mixed_in_step_reductions_see_unscaled_float32_gradients():
     class GradNorm(solstice.InStep):
         uses_optimizer_calls = True
 
-        def init(self):
+        def init(self, experiment=None):  # (main's InStep.init takes the experiment)
             return jnp.zeros((), jnp.float32)
 
         def update(self, carry, data):
