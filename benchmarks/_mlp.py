@@ -144,8 +144,11 @@ def limit(hidden, x, y, batch_size, k=1, fresh=False) -> Contestant:
     return Contestant(name, timed(epoch))
 
 
-def solstice_fit(hidden, x, y, batch_size, *, k=1, on_device=False, defaults=False) -> Contestant:
-    """`Trainer.fit`, timed per epoch of one running `fit` (see `EpochGate`)."""
+def solstice_fit(
+    hidden, x, y, batch_size, *, k=1, on_device=False, defaults=False, precision=None
+) -> Contestant:
+    """`Trainer.fit`, timed per epoch of one running `fit` (see `EpochGate`); `precision`:
+    `Trainer(precision=)`."""
     dm = ArrayDataModule(train={"image": x, "label": y}, batch_size=batch_size, on_device=on_device)
     n_steps = len(x) // batch_size
     gate = EpochGate()
@@ -157,6 +160,8 @@ def solstice_fit(hidden, x, y, batch_size, *, k=1, on_device=False, defaults=Fal
             log_every_n_steps=n_steps - n_steps % k,  # one log per epoch, a multiple of k
             steps_per_execution=k,
         )
+    if precision is not None:
+        kwargs["precision"] = precision
     trainer = solstice.Trainer(**kwargs)
     gate.start(trainer, make_experiment(hidden), dm)
     gate.release()  # warm-up: compile
@@ -172,6 +177,8 @@ def solstice_fit(hidden, x, y, batch_size, *, k=1, on_device=False, defaults=Fal
         name += f" K={k}"
     if defaults:
         name += " (defaults)"
+    if precision is not None:
+        name += f" ({precision})"
     contestant = Contestant(name, timed(epoch))
     contestant.close = gate.close  # type: ignore[attr-defined]
     return contestant
@@ -249,6 +256,11 @@ def parse(description: str, hidden: list[int], batch_size: int, rounds: int):
         default=None,
         help="torch.set_num_threads for Lightning (default: torch's own choice)",
     )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="also time `solstice fit` under this `Trainer(precision=)`, e.g. bf16-mixed",
+    )
     return parser.parse_args()
 
 
@@ -265,6 +277,8 @@ def build(args, *, fused: int | None, include_defaults: bool) -> tuple[list[Cont
         cs.append(solstice_fit(hidden, x, y, b, k=fused, on_device=True))
     if include_defaults:
         cs.append(solstice_fit(hidden, x, y, b, defaults=True))
+    if args.precision:
+        cs.append(solstice_fit(hidden, x, y, b, precision=args.precision))
     cs.append(naive_loop(hidden, x, y, b))
     if not args.no_peers:
         peers = [("keras fit (jax)", "peer_keras.py", {"KERAS_BACKEND": "jax"}, [])]

@@ -1,6 +1,7 @@
 """Compute-bound benchmark: MLP 784-512-512-10, batch 128, 60k MNIST-shaped samples.
 
     python benchmarks/compute_bound.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/compute_bound.py --precision bf16-mixed   # also a bf16-mixed fit
 
 Solstice `fit` against the limit (its own compiled step on a batch already on the device),
 a hand-written Equinox loop, Keras 3 `fit` (JAX backend) and Lightning (CPU torch), one epoch
@@ -27,6 +28,7 @@ def main() -> None:
         ratio_line(by, "limit (fresh batches)", "limit"),
         ratio_line(by, "solstice fit (fit per epoch)", "limit"),
         ratio_line(by, "solstice fit (defaults)", fit),
+        *([ratio_line(by, f"{fit} ({args.precision})", fit)] if args.precision else []),
         *notes,
     ):
         print(line)

@@ -9,6 +9,7 @@ from ._classification_metrics import ClassificationMetrics as ClassificationMetr
 from ._experiment import Experiment as Experiment
 from ._in_step import InStep as InStep
 from ._in_step import StepData as StepData
+from ._loss_scaling import scale_loss as scale_loss
 from ._metrics import Metrics as Metrics
 from ._optax_optimizer import OptaxOptimizer as OptaxOptimizer
 from ._optimizer import Optimizer as Optimizer

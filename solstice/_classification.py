@@ -13,6 +13,7 @@ from jaxtyping import PyTree
 
 from ._classification_metrics import ClassificationMetrics
 from ._experiment import Experiment
+from ._loss_scaling import scale_loss
 from ._optimizer import Optimizer
 
 
@@ -169,6 +170,9 @@ class ClassificationExperiment(Experiment):
                 in_axes=(0, None, 0 if keys is not None else None),
                 out_axes=(0, None),
             )(x, state, keys)
+        # The softmax and loss in float32 at least, whatever the model computes in (the
+        # precision policies run it in bfloat16 or float16).
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         if logits.ndim != 2 or logits.shape[-1] != self.num_classes:
             raise ValueError(
                 f"The model produced logits of shape {logits.shape[1:]} per example, but "
@@ -195,7 +199,7 @@ class ClassificationExperiment(Experiment):
                 loss = jnp.mean(losses)
             else:
                 loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-            return loss, (logits, losses, state)
+            return scale_loss(loss), (logits, losses, state)  # scaled under 16-mixed only
 
         (_, (logits, losses, state)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
             self.model

@@ -39,6 +39,7 @@ EXECUTED_PAGES = [
     "training-controls/accumulate.md",
     "training-controls/loop.md",
     "data/grain.md",
+    "training-controls/precision.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.

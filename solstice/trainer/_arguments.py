@@ -11,6 +11,7 @@ from ..callbacks import Callback, ProgressBar
 from ..checkpointing._saver import Saver
 from ..loggers import Logger
 from ._loop_controls import check_overfit, check_val_check_interval, parse_max_time
+from ._precision import policy_for
 
 Limit = int | float | None
 LIMITS = ("train", "val", "test", "predict")
@@ -65,6 +66,13 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
         check_int(name, a[name], minimum=1)
     for stage, value in zip(LIMITS, limits):
         check_limit(f"limit_{stage}_batches", value)
+    if policy_for(a["precision"]).scaling is not None and a["accumulate_grad_batches"] > 1:
+        raise ValueError(
+            f'`precision="{a["precision"]}"` with `accumulate_grad_batches='
+            f"{a['accumulate_grad_batches']}`: dynamic loss scaling does not yet run across "
+            'microbatches. Use `precision="bf16-mixed"` (no loss scaling; it composes with '
+            "microbatching), or one batch per optimizer step."
+        )
     if not isinstance(a["detect_anomaly"], bool):
         raise TypeError(f"`detect_anomaly` must be True or False, got {a['detect_anomaly']!r}.")
     log_every, fused = a["log_every_n_steps"], a["steps_per_execution"]

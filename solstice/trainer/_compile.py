@@ -23,6 +23,7 @@ from .._metrics import Metrics
 from .._optimizer_tap import calls_of, optimizers_of, tap, untap
 from ..loggers._packed import PackedMetrics, pack_scalars, packed_names
 from ._microbatches import OptimizerSteps
+from ._precision import POLICIES, Policy, apply_policy
 from ._step_checks import (
     call_step,
     check_metric_leaves,
@@ -79,6 +80,7 @@ class CompiledSteps:
       `Trainer(sharding_rules=)`), or `None` to keep them `replicated`.
     - `in_steps`: the in-step reductions (`Callback.in_step`) the training steps carry, by
       name; their states travel with the experiment through every training call.
+    - `policy`: the precision policy every step computes under (`Trainer(precision=)`).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class CompiledSteps:
         keep_step_metrics: bool = False,
         dyn_shardings: PyTree = None,
         in_steps: dict[str, InStep] | None = None,
+        policy: Policy = POLICIES["32-true"],
     ):
         _, self.static = eqx.partition(experiment, eqx.is_array)
         template, self._full_def = jax.tree.flatten(experiment)
@@ -100,6 +103,7 @@ class CompiledSteps:
         self.trace_log = trace_log
         self.keep_step_metrics = keep_step_metrics
         self.in_steps = dict(in_steps or {})
+        self.policy = policy
         self.layouts: dict[str, MetricLayout] = {}
         self._layouts_by_shape: dict[Any, MetricLayout] = {}
         self._prefixed: dict[tuple[str, str], tuple[tuple[str, ...], PackedMetrics]] = {}
@@ -147,12 +151,11 @@ class CompiledSteps:
     # ---- the metrics' structure, out of band
     def _step_metrics(self, stage: str, dyn: PyTree, batch: PyTree) -> Metrics:
         """Traced abstractly: the `Metrics` one step of `stage` returns."""
-        if stage == "train":
-            exp = self.combine(dyn)
-            batch = self._transformed(batch, jnp.int32(0))
-            return check_train_output(call_step(exp, "train_step", batch), exp)[1]
         exp = self.combine(dyn)
-        return check_metrics(call_step(exp, "eval_step", batch), exp, "eval_step")
+        if stage == "train":
+            batch = self._transformed(batch, jnp.int32(0))
+            return apply_policy(self.policy, exp, batch, self._call_train_step, None)[1]
+        return self.policy.evaluate(exp, batch, self._call_eval_step, metrics=True)
 
     def prepare(self, stage: str, dyn: PyTree, batch: PyTree) -> MetricLayout:
         """Work out the metrics of a `stage` (`"train"` or `"eval"`) step on a batch like
@@ -203,7 +206,9 @@ class CompiledSteps:
             batch = decode(batch)
         batch = self._transformed(batch, step)
         exp = self.combine(dyn)
-        new, metrics, calls = self._call_train_step(exp, batch)
+        new, metrics, calls, carries = apply_policy(
+            self.policy, exp, batch, self._call_train_step, carries
+        )
         new_dyn = self._split_new(new, dyn)
         warn_if_unchanged(new, dyn)
         m_dyn = eqx.partition(metrics, eqx.is_array)[0]
@@ -230,6 +235,10 @@ class CompiledSteps:
         new, metrics = check_train_output(call_step(tap(exp), "train_step", batch), exp)
         new, taps = untap(new, count)
         return new, metrics, calls_of(taps)
+
+    @staticmethod
+    def _call_eval_step(exp: Experiment, batch: PyTree) -> Metrics:
+        return check_metrics(call_step(exp, "eval_step", batch), exp, "eval_step")
 
     def _close(self, stage: str, acc: PyTree, total: PyTree, reset: jax.Array):
         """Traced: the interval's metrics, packed (see `PackedMetrics`), and the interval
@@ -398,7 +407,7 @@ class CompiledSteps:
                 if decode is not None:
                     batch = decode(batch)
                 exp = self.combine(dyn)
-                metrics = check_metrics(call_step(exp, "eval_step", batch), exp, "eval_step")
+                metrics = self.policy.evaluate(exp, batch, self._call_eval_step, metrics=True)
                 m_dyn = eqx.partition(metrics, eqx.is_array)[0]
                 acc = self._accumulate("eval", acc, m_dyn, reset)
                 ms = m_dyn if self.keep_step_metrics else None
@@ -421,7 +430,8 @@ class CompiledSteps:
                 self.trace_log.record(name, {"batch": batch}, self.user_function("predict_step"))
                 if decode is not None:
                     batch = decode(batch)
-                return call_step(self.combine(dyn), "predict_step", batch)
+                predict = lambda e, b: call_step(e, "predict_step", b)  # noqa: E731
+                return self.policy.evaluate(self.combine(dyn), batch, predict, metrics=False)
 
             return jax.jit(_named(step, "predict_step_last_batch" if short else "predict_step"))
 

@@ -26,6 +26,7 @@ from .._experiment import Experiment
 from .._in_step import StepData
 from .._optimizer import Optimizer
 from .._optimizer_tap import OptimizerCall, TapRule, calls_of, optimizers_of, tap, untap
+from ._precision import apply_policy
 from ._step_checks import call_step, check_train_output
 
 #: The alternative to the Trainer's microbatching, for experiments it cannot tap.
@@ -154,9 +155,16 @@ class OptimizerSteps:
             dyn, acc, flag, sums, calls, merged = carry
             batch = self._batch(source, step, j)
             exp = steps.combine(dyn)
-            tapped = tap(exp, rule, [(j, s) for s in sums])
-            new, metrics = check_train_output(call_step(tapped, "train_step", batch), exp)
-            new, taps = untap(new, count)
+            taps: list = []
+
+            def microbatch(policed: Experiment, batch: PyTree) -> tuple:
+                # `policed`: the experiment as the precision policy hands it to the step
+                tapped = tap(policed, rule, [(j, s) for s in sums])
+                new, metrics = check_train_output(call_step(tapped, "train_step", batch), exp)
+                new, taps[:] = untap(new, count)
+                return new, metrics, calls_of(taps)
+
+            new, metrics, _, _ = apply_policy(steps.policy, exp, batch, microbatch, None)
             new_dyn = steps._split_new(new, dyn)
             m_dyn = eqx.partition(metrics, eqx.is_array)[0]
             acc = steps._accumulate("train", acc, m_dyn, flag)

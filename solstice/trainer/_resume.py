@@ -40,6 +40,8 @@ _CONSEQUENCES = {
     "was interrupted",
     "datamodule": "another DataModule gives other batches: the resumed run is not the run "
     "that was interrupted",
+    "precision": "the steps compute in another precision: the resumed run is not the run "
+    "that was interrupted",
     "train_batch_size": "other batches, and schedules counted in steps advance at another "
     "pace: the resumed run is not the run that was interrupted",
 }

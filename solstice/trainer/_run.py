@@ -30,6 +30,7 @@ from ._compile import CompiledSteps
 from ._flat import FlatTree
 from ._hooks import Hooks, callback_keys
 from ._loop_controls import LoopControls
+from ._precision import LOSS_SCALE, LossScaleState
 from ._step_cost import FirstTrainCall
 from ._trace_log import static_differences
 from ._user_code import warn_at
@@ -60,6 +61,7 @@ class Run:
             )
         self.trainer = trainer
         self.placement = trainer._placement
+        experiment = trainer._steps_cache.policy.start(experiment)  # bf16-true: cast once
         self.hooks = Hooks(trainer.callbacks, experiment, trainer, self)
         self.in_steps = self.in_steps_of(trainer) if stage == "train" else {}
         keep = any(self.hooks.active(f"on_{s}_batch_end") for s in ("train", "validation", "test"))
@@ -106,6 +108,9 @@ class Run:
                 in_steps[key] = in_step
         if trainer.detect_anomaly:
             in_steps[ANOMALY] = FirstNonFinite(inputs=True)
+        scaling = trainer._steps_cache.policy.scaling
+        if scaling is not None:  # 16-mixed: the dynamic loss scale
+            in_steps[LOSS_SCALE] = LossScaleState(scaling)
         return in_steps
 
     # ------------------------------------------------------------------ the experiment
@@ -137,6 +142,7 @@ class Run:
                 f"`{where}` returned a `{type(new).__name__}`; a hook on the experiment must "
                 "return a `solstice.Experiment` (a replacement) or `None`."
             )
+        new = self.steps.policy.start(new)
         dyn, static = eqx.partition(new, eqx.is_array)
         if not eqx.tree_equal(static, self.steps.static):
             self._report_recompile(where, source, static, type(new).__name__)
@@ -276,6 +282,7 @@ def run_settings(run: Run) -> dict[str, Any]:
         "datamodule": None if datamodule is None else type(datamodule).__qualname__,
         "max_epochs": trainer.max_epochs,
         "max_steps": trainer.max_steps,
+        "precision": trainer.precision,
     }
 
 

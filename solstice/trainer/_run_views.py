@@ -16,6 +16,7 @@ from .._step_cost import StepCost
 from ..callbacks import ModelCheckpoint
 from ..datamodules import DataModule
 from ._hooks import callback_keys
+from ._precision import LOSS_SCALE
 from ._sharding_rules import describe_shardings
 
 if TYPE_CHECKING:
@@ -131,6 +132,15 @@ class RunViews:
         the last call returned is ready only then (a device sync: not per step)."""
         run = self._current()
         jax.block_until_ready((run.step_counter, run.experiment_state.leaves))
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale under `precision="16-mixed"`, else `None` (reading it is
+        a device sync: not per step)."""
+        run = self._run
+        if run is None or LOSS_SCALE not in run.in_steps:
+            return None
+        return float(run.in_step_value(LOSS_SCALE).scale)
 
     def describe_shardings(self) -> str:
         """A table of the experiment's arrays: path, shape, `PartitionSpec` and the bytes each

@@ -13,6 +13,7 @@ from .._experiment import Experiment
 from .._in_step import InStep
 from ._compile import CompiledSteps
 from ._placement import Placement
+from ._precision import Policy
 from ._sharding_rules import ShardingRule, experiment_shardings
 from ._trace_log import TraceLog
 
@@ -20,9 +21,12 @@ from ._trace_log import TraceLog
 class StepsCache:
     """The last compiled steps, and the trace log of their functions."""
 
-    def __init__(self, placement: Placement, sharding_rules: Sequence[ShardingRule]):
+    def __init__(
+        self, placement: Placement, sharding_rules: Sequence[ShardingRule], policy: Policy
+    ):
         self.placement = placement
         self.sharding_rules = sharding_rules
+        self.policy = policy
         self.trace_log = TraceLog()
         self.steps: CompiledSteps | None = None
 
@@ -62,5 +66,6 @@ class StepsCache:
             keep_step_metrics=keep,
             dyn_shardings=shardings,
             in_steps=in_steps or {},
+            policy=self.policy,
         )
         return self.steps

@@ -22,6 +22,7 @@ from ._compilation_cache import enable_compilation_cache
 from ._evaluation import evaluate, predict
 from ._fit import fit
 from ._placement import Placement
+from ._precision import policy_for
 from ._resume import resolve
 from ._run import Run
 from ._run_views import RunViews
@@ -76,6 +77,10 @@ class Trainer(RunViews):
     - `detect_anomaly`: for debugging: raise `FloatingPointError` at the first training step
       whose batch or metrics are not finite, naming the step and the leaf. It reads a flag
       back after every call: slow, so off by default.
+    - `precision`: `"32-true"`, `"bf16-mixed"` (float32 parameters and optimizer state,
+      steps computed in bfloat16), `"16-mixed"` (float16, dynamic loss scaling: call
+      `solstice.scale_loss` on the loss) or `"bf16-true"` (all bfloat16); see
+      `docs/training-controls/precision.md`.
 
     SIGINT (Ctrl-C) and SIGTERM (preemption) during `fit` stop the run at the next step
     boundary, or before the next batch of a validation run (which a resume then reruns);
@@ -134,6 +139,7 @@ class Trainer(RunViews):
         compilation_cache: "bool | str" = True,
         sharding_rules: Sequence[ShardingRule] = (),
         detect_anomaly: bool = False,
+        precision: str = "32-true",
     ):
         settings = check_arguments(**{k: v for k, v in locals().items() if k != "self"})
         self.max_epochs, self.max_steps = settings["max_epochs"], settings["max_steps"]
@@ -148,6 +154,7 @@ class Trainer(RunViews):
         self.detect_anomaly: bool = detect_anomaly
         self.steps_per_execution: int = steps_per_execution
         self.accumulate_grad_batches: int = accumulate_grad_batches
+        self.precision: str = precision
         self.prefetch: int = prefetch
         self.hparams = settings["hparams"]
         callbacks, loggers = check_objects(callbacks, loggers, enable_progress_bar)
@@ -164,7 +171,9 @@ class Trainer(RunViews):
         """What outlives a run: its results, and what the next run can reuse."""
         self.callback_metrics: dict[str, float] = {}
         self._logged: dict[tuple[str, ...], Mapping[str, Any]] = {}  # see `logged_metrics`
-        self._steps_cache = StepsCache(self._placement, self.sharding_rules)
+        self._steps_cache = StepsCache(
+            self._placement, self.sharding_rules, policy_for(self.precision)
+        )
         self._run: Run | None = None
         self._fitted: Experiment | None = None  # what the last `fit` returned
         self._fitted_in_step: tuple[dict, PyTree] | None = None  # its in-step reductions
