@@ -169,6 +169,7 @@ class ModelCheckpoint(Callback, Saver):
         self._writer: Any = None
         self._planned: _Save | None = None  # decided, not yet written
         self._pending: _Save | None = None  # written, not yet known to be committed
+        self._committed: list[_Save] = []  # committed, not yet announced to the loggers
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -252,9 +253,18 @@ class ModelCheckpoint(Callback, Saver):
 
     def on_fit_end(self, trainer, experiment) -> None:
         self.wait()
+        self._announce(trainer)
 
     def on_exception(self, trainer, experiment, exception) -> None:
         self.wait()
+        self._announce(trainer)
+
+    def _announce(self, trainer: TrainerView) -> None:
+        """Tell the loggers about the checkpoints committed since the last call
+        (`Logger.after_save_checkpoint`)."""
+        committed, self._committed = self._committed, []
+        for save in committed:
+            trainer.after_save_checkpoint(str(save.path), save.info)
 
     # ------------------------------------------------------------------ the Saver side
     # The Trainer asks `plan` at every moment a save may happen, captures the run's state
@@ -388,6 +398,7 @@ class ModelCheckpoint(Callback, Saver):
         """Decide a save now and update the books as if it were committed (`write` writes
         it; a failure restores the books)."""
         self._finish_pending()
+        self._announce(trainer)
         step = trainer.global_step
         if not all_finite(eqx.filter(trainer.experiment, eqx.is_array)):
             message = (
@@ -429,6 +440,7 @@ class ModelCheckpoint(Callback, Saver):
         if error is not None:
             self._failed(pending, error)
             return
+        self._committed.append(pending)
         kept = {*self.best_k_models, self.last_model_path}
         evicting, self._evicting = self._evicting, []
         for path in dict.fromkeys(evicting):

@@ -152,6 +152,19 @@ class Trainer(RunViews):
         if provided.intersection(metrics):
             self._update_callback_metrics({k: v for k, v in metrics.items() if k in provided})
 
+    def log_images(self, images: Mapping[str, Any], step: int | None = None) -> None:
+        """Send images (name -> array, see `Logger.log_images`) to the loggers, never syncing:
+        copied on the device here, read back on the logging thread (as `log_metrics`)."""
+        self._logging.log_images(images, self.global_step if step is None else int(step))
+
+    def log_histograms(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Send a histogram of each array of `values` to the loggers (as `log_images`)."""
+        self._logging.log_histograms(values, self.global_step if step is None else int(step))
+
+    def after_save_checkpoint(self, path: str, info: Mapping[str, Any]) -> None:
+        """Tell the loggers a checkpoint was committed (`Logger.after_save_checkpoint`)."""
+        self._logging.after_save_checkpoint(path, info)
+
     def stop(self, reason: str, *, by: str) -> None:
         """Ask `fit` to stop after the current step and the epoch's end-of-epoch work. Why
         and where are kept in `trainer.stopped` and in checkpoints taken from then on, so a
