@@ -15,7 +15,7 @@ from helpers import blobs_datamodule, make_mlp_experiment
 from test_loggers import _wandb_kwargs, _wandb_records
 
 import solstice
-from solstice.callbacks import Callback
+from solstice.callbacks import Callback, ModelCheckpoint
 from solstice.loggers import (
     AsyncLogger,
     CSVLogger,
@@ -113,7 +113,7 @@ class LogMedia(Callback):
         trainer.log_histograms({"weights/first": weight, "plain": np.arange(5.0)})
 
 
-def _fit(loggers, epochs=2, callback=None):
+def _fit(loggers, epochs=2, callback=None, more=()):
     callback = callback or LogMedia()
     trainer = solstice.Trainer(
         max_epochs=epochs,
@@ -121,7 +121,7 @@ def _fit(loggers, epochs=2, callback=None):
         devices=1,
         enable_progress_bar=False,
         loggers=loggers,
-        callbacks=[callback],
+        callbacks=[callback, *more],
     )
     trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), blobs_datamodule(n_train=64))
     trainer.close()
@@ -324,3 +324,26 @@ def test_wandb_rows_hold_images_and_histograms_without_extra_rows(tmp_path):
     np.testing.assert_allclose(hist["bins"], expected.edges)
     assert "weights" not in rows[1]
     assert (rows[0]["train/loss"], rows[0]["trainer/global_step"]) == (0.5, 1)
+
+
+def test_loggers_are_told_of_each_committed_checkpoint(tmp_path):
+    class Checkpoints(Logger):
+        def __init__(self):
+            self.saved = []
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def after_save_checkpoint(self, path, info):
+            self.saved.append((path, dict(info)))
+
+    logger = Checkpoints()
+    saver = ModelCheckpoint(tmp_path, monitor="val/loss", save_top_k=-1)
+    with pytest.warns(RuntimeWarning, match="does not record"):
+        _fit([logger], epochs=3, more=[saver])
+    paths = [path for path, _ in logger.saved]
+    assert paths == [str(tmp_path / f"epoch={e}-step={2 * (e + 1)}") for e in range(3)]
+    assert all(
+        info["reason"] == "epoch" and info["monitor"] == "val/loss" for _, info in logger.saved
+    )
+    assert logger.saved[-1][1]["score"] == saver.best_k_models[paths[-1]]

@@ -317,3 +317,25 @@ def test_images_are_png_decodable_bytes(make_logger, client, tmp_path):
     ]
     local = client.download_artifacts(logger.run_id, png, str(tmp_path))
     np.testing.assert_array_equal(np.asarray(PIL.open(io.BytesIO(Path(local).read_bytes()))), rgb)
+
+
+def test_the_logger_contract(make_logger, client):
+    """What every logger does (see test_loggers.py's battery): packed device metrics,
+    a non-scalar named, close twice, nothing after close."""
+    from solstice.loggers._packed import PackedMetrics
+
+    logger = make_logger()
+    packed = PackedMetrics(("loss", "acc"), jnp.asarray([0.5, 0.25]), {"epoch": 1}, "train/")
+    logger.log_metrics(packed, 4)
+    with pytest.raises(ValueError, match=r"'v' has shape \(2,\)"):
+        logger.log_metrics({"v": jnp.zeros(2)}, 5)
+    logger.close()
+    logger.close()
+    logger.flush()
+    with pytest.raises(RuntimeError, match="it was closed"):
+        logger.log_metrics({"x": 1.0}, 6)
+    assert _series(client, logger.run_id) == {
+        "train/loss": [(4, 0.5)],
+        "train/acc": [(4, 0.25)],
+        "train/epoch": [(4, 1.0)],  # (the prefix applies to every name)
+    }

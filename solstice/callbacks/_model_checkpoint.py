@@ -59,6 +59,9 @@ class ModelCheckpoint(Callback, Saver):
     - **Failures:** a save that fails (full disk, permissions) is reported with a
       `RuntimeWarning`; training continues and older checkpoints stay.
     - **Never non-finite:** a state with NaN/inf in its floating-point arrays is not saved.
+    - **Loggers are told:** each committed checkpoint is announced to the loggers
+      (`Logger.after_save_checkpoint(path, info)`, on their threads), e.g. for
+      `MLFlowLogger` to record or copy it.
 
     When to save (triggers combine; each fires on its own): every `every_n_epochs` epochs at
     the end of the epoch (after validation, so `val/*` metrics can be monitored), every

@@ -57,7 +57,9 @@ class MLFlowLogger(Logger):
       logger closes (after `ModelCheckpoint`'s retention) are copied as artifacts
       `checkpoints/<name>/`; with `log_model="all"` each one is copied as soon as it is
       committed (on the logger's thread: one that retention deletes before then is skipped,
-      with a warning).
+      with a warning). Copies take the logger's time: the Trainer waits at most
+      `LoggingCallback.flush_timeout` seconds for `close()`, so copy large checkpoints with
+      `"all"` (spread over the run) rather than `True` (all at the end).
     - **Resume** (`resume_at`): every batch of metrics carries the number of records the
       run holds (the tag `solstice.records`). MLflow cannot delete metrics, so when the
       Trainer resumes from a checkpoint: a run holding at most the records the checkpoint
@@ -370,6 +372,8 @@ class MLFlowLogger(Logger):
         client = self.experiment
         try:
             old = client.get_run(run_id)
+            if old.info.lifecycle_stage == "deleted":
+                raise MlflowException(f"run {run_id!r} has been deleted")
         except MlflowException as error:
             report_failure(
                 Notice(

@@ -15,7 +15,7 @@ from ._logger import Logger
 
 class _Request:
     """A queue item other than a record: run `kind` on the logger (`flush`, `close`,
-    `log_hyperparams`, `resume_at`), then set `done`."""
+    `log_hyperparams`, `resume_at`, `after_save_checkpoint`), then set `done`."""
 
     __slots__ = ("args", "done", "kind")
 
@@ -78,7 +78,7 @@ class LoggerWorker:
         self.max_queue_size = max_queue_size
         self._records_source = records_source
         self._items: collections.deque[Any] = collections.deque()
-        self._waiting = 0  # records (not requests) in `_items`
+        self._waiting = 0  # records and media (not requests) in `_items`
         self._cond = threading.Condition(threading.Lock())
         self.enabled = True
         self.dropped = 0  # records dropped from the full queue, in all
