@@ -347,3 +347,39 @@ def test_loggers_are_told_of_each_committed_checkpoint(tmp_path):
         info["reason"] == "epoch" and info["monitor"] == "val/loss" for _, info in logger.saved
     )
     assert logger.saved[-1][1]["score"] == saver.best_k_models[paths[-1]]
+
+
+def test_a_slow_logger_drops_its_oldest_media_like_records():
+    from solstice.callbacks import LoggingCallback
+
+    gate = threading.Event()
+
+    class Slow(Logger):
+        def __init__(self):
+            self.entered = threading.Event()
+            self.images = []
+
+        def log_metrics(self, metrics, step):
+            self.entered.set()
+            gate.wait()
+
+        def log_images(self, images, step):
+            self.images.append(step)
+
+        def __repr__(self):
+            return "Slow()"
+
+    slow = Slow()
+    callback = LoggingCallback([slow], max_queue_size=2)
+    callback.on_log(None, None, {"x": 0.0}, 0)
+    callback.flush_history()
+    assert slow.entered.wait(30)  # held in its first call
+    with pytest.warns(RuntimeWarning, match=r"Slow\(\) cannot keep up") as record:
+        for step in range(1, 6):
+            callback.log_images({"x": jnp.zeros((2, 2))}, step)
+        callback.flush_history()  # never waits for `slow`
+        gate.set()
+        callback.flush(timeout=60)
+    assert "(3 in all; 3 of them image or histogram calls" in str(record[-1].message)
+    assert slow.images == [4, 5]  # the newest kept
+    callback.close()

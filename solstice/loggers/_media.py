@@ -26,6 +26,13 @@ def _array(name: Any, value: Any, what: str) -> Any:
             f"{what} names must be strings, got {name!r} of type {type(name).__name__}. Use "
             "names such as `'val/samples'`."
         )
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        raise ValueError(
+            f"{what} {name!r} is sharded over several processes, so this process cannot "
+            "read all of it. Gather it first, e.g. "
+            "`jax.experimental.multihost_utils.process_allgather(x)`, or log this process's "
+            "shard (`x.addressable_data(0)`)."
+        )
     if isinstance(value, jax.Array | np.ndarray):
         return value
     try:

@@ -130,8 +130,7 @@ class LoggerWorker:
             return
         self._dropped_noted = total
         media = (
-            f" ({self.dropped_media} of them image or histogram calls, which are not kept "
-            "anywhere else)"
+            f"; {self.dropped_media} of them image or histogram calls, kept nowhere else"
             if self.dropped_media
             else ""
         )
