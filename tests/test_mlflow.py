@@ -272,6 +272,14 @@ def test_resume_at_without_a_run_or_with_an_unknown_one_starts_anew(make_logger)
     logger.close()
 
 
+class WaitForLoggers(Callback):
+    """Lets the loggers set up their runs before the first checkpoint (a checkpoint taken
+    before then records no run id, and a resume from it starts a new MLflow run)."""
+
+    def on_train_start(self, trainer, experiment):
+        trainer.flush_logs()
+
+
 def test_fit_resumed_from_an_earlier_checkpoint_gives_the_uninterrupted_run(
     make_logger, client, tmp_path
 ):
@@ -288,7 +296,7 @@ def test_fit_resumed_from_an_earlier_checkpoint_gives_the_uninterrupted_run(
 
     # from the checkpoint of step 4: the first MLflow run holds records after it
     logger = make_logger()
-    resumed = _trainer([logger], [ModelCheckpoint(tmp_path / "ends")], epochs=3)
+    resumed = _trainer([logger], [WaitForLoggers(), ModelCheckpoint(tmp_path / "ends")], epochs=3)
     resumed.fit(_experiment(), _data(), ckpt_path=ckpts / "epoch=1-step=4")
     resumed.close()
     assert logger.run_id != first_logger.run_id

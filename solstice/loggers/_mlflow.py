@@ -70,7 +70,9 @@ class MLFlowLogger(Logger):
       `solstice.resumed_from=<old run id>`) receives every record again from
       `trainer.history`. Either way the run the logger writes to holds each record once,
       as if the run had never stopped. Images, histograms and checkpoint artifacts stay
-      with the run that logged them.
+      with the run that logged them. A checkpoint taken before the logger's thread has set
+      up its run records no run id: resuming from it starts a new run, which gets every
+      record.
 
     Needs MLflow (`pip install 'solstice[mlflow]'`: `mlflow-skinny`, SQLAlchemy and Alembic
     for a local `sqlite:///` store, and Pillow for images). MLflow 3 refuses the old file

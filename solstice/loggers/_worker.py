@@ -322,6 +322,7 @@ class LoggerWorker:
         ok, held = self._call("resume_at", self.logger.resume_at, run_id, records)
         if not ok:
             return
+        self._read_run_id()  # the run it continues (or starts), for checkpoints during the replay
         if held is None:
             held = records
         if isinstance(held, bool) or not isinstance(held, int) or not 0 <= held <= records:
