@@ -139,6 +139,16 @@ def test_metrics_wait_in_a_buffer_until_flush(make_logger, client):
     logger.close()
 
 
+def test_records_alike_in_one_millisecond_are_all_kept(make_logger, client):
+    """MLflow keeps one of several metrics equal in key, value, step and timestamp."""
+    logger = make_logger()
+    logger.flush_secs = 3600.0  # one batch
+    for _ in range(3):
+        logger.log_metrics({"epoch": 1.0}, 5)
+    logger.close()
+    assert _series(client, logger.run_id)["epoch"] == [(5, 1.0)] * 3
+
+
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="`log_model` must be False"):
         MLFlowLogger(log_model="best")
@@ -347,3 +357,39 @@ def test_the_logger_contract(make_logger, client):
         "train/acc": [(4, 0.25)],
         "train/epoch": [(4, 1.0)],  # (the prefix applies to every name)
     }
+
+
+def test_killed_then_resumed_the_run_holds_the_uninterrupted_records(store, client, tmp_path):
+    """SIGKILL mid-run (records still buffered, or sent after the last checkpoint), then
+    `ckpt_path="last"`: the MLflow run written to holds exactly the records of a run that
+    never stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from logger_worker import make_experiment, trainer_kwargs
+
+    reference = solstice.Trainer(**trainer_kwargs(3))
+    reference.fit(make_experiment(), blobs_datamodule())
+    expected = _history_series(reference.history)
+
+    worker = Path(__file__).with_name("mlflow_worker.py")
+    command = [sys.executable, str(worker), str(tmp_path), store["tracking_uri"]]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "ckpts").glob("epoch=1-step=*/solstice.json")):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the worker does not get to its second epoch"
+            time.sleep(0.01)
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    run_id = resumed.stdout.split("RUN ")[-1].strip()
+    assert _series(client, run_id) == expected

@@ -41,7 +41,8 @@ class MLFlowLogger(Logger):
     made if missing) at the first call that writes, on the logger's own thread; `run_id`
     is `None` until then (or the `run_id` given, to continue that run). Metrics are
     buffered and sent in batches (`log_batch`) every `flush_secs` seconds, at `flush()`
-    and at `close()`, which also marks the run `FINISHED`. Metric and param names keep
+    and at `close()`, which also marks the run `FINISHED`; each record has a timestamp of its
+    own (MLflow keeps one of several equal metrics with the same step and timestamp). Metric and param names keep
     their `/` (MLflow groups them); characters MLflow refuses become `_`.
 
     - **Hyperparameters** are params, flattened to `outer/inner` and stored as strings.
@@ -161,6 +162,7 @@ class MLFlowLogger(Logger):
         self._params: dict[str, str] = {}  # the run's params
         self._checkpoints: dict[str, str] = {}  # path -> name, to copy at close (log_model=True)
         self._last_send = time.monotonic()
+        self._timestamp = 0  # of the last record, in ms
         self._closed = False
 
     # ------------------------------------------------------------------ the run
@@ -236,7 +238,11 @@ class MLFlowLogger(Logger):
         self._run()
         from mlflow.entities import Metric
 
-        now, step = _now_ms(), int(step)
+        # MLflow keeps one of several metrics equal in key, value, step and timestamp (two
+        # records of the same step within a millisecond, e.g. `epoch`): each record gets a
+        # timestamp of its own.
+        now, step = max(_now_ms(), self._timestamp + 1), int(step)
+        self._timestamp = now
         self._buffer.extend(Metric(_key(k), v, now, step) for k, v in values.items())
         self._records += 1
         if (
