@@ -30,6 +30,9 @@ from .loggers import (
     Logger as Logger,
 )
 from .loggers import (
+    MLFlowLogger as MLFlowLogger,
+)
+from .loggers import (
     PythonLogger as PythonLogger,
 )
 from .loggers import (

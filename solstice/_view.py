@@ -103,6 +103,18 @@ class TrainerView(Protocol):
         """Publish scalars to every `on_log`, the loggers and the history."""
         ...
 
+    def log_images(self, images: Mapping[str, Any], step: int | None = None) -> None:
+        """Send images to the loggers that record them (off the training thread)."""
+        ...
+
+    def log_histograms(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Send a histogram of each array to the loggers that record them."""
+        ...
+
+    def after_save_checkpoint(self, path: str, info: Mapping[str, Any]) -> None:
+        """Tell the loggers a checkpoint was committed at `path`."""
+        ...
+
     def stop(self, reason: str, *, by: str) -> None:
         """Ask `fit` to stop after the current step and epoch-end work."""
         ...

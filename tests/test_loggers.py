@@ -900,7 +900,7 @@ def test_import_solstice_imports_no_heavy_optional_dependency():
     code = (
         "import sys, solstice, solstice.loggers; "
         "print(sorted(m for m in ('tensorboardX', 'wandb', 'matplotlib', 'torch', "
-        "'tensorboard') if m in sys.modules))"
+        "'tensorboard', 'mlflow') if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120

@@ -14,6 +14,7 @@ import jax
 
 from .._config import hyperparameters
 from ..loggers import AsyncLogger, History, Logger
+from ..loggers._media import check_histograms, check_images
 from ..loggers._worker import LoggerWorker
 from ._callback import Callback
 
@@ -36,6 +37,14 @@ class _Tee(Logger):
         self.history.log_hyperparams(params)
         for worker in self.workers:
             worker.request("log_hyperparams", params)
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        for worker in self.workers:  # (not records: the History does not hold them)
+            worker.put_media("log_images", images, step)
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        for worker in self.workers:
+            worker.put_media("log_histograms", values, step)
 
     def flush(self) -> None:
         self.history.flush()
@@ -194,6 +203,33 @@ class LoggingCallback(Callback):
             if worker.notes:
                 self._surface()
                 break
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        """Send `images` to the loggers (`Logger.log_images`) the way `on_log` sends
+        records: checked and copied on the device here, copied to the host on the History's
+        thread, written on each logger's (dropped like records by one that falls behind).
+        They are not records: the History does not hold them, a resume does not replay them."""
+        if self._media_wanted():
+            self.sink.log_images(images, step)
+        else:
+            check_images(images)
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        """Send a histogram of each array of `values` to the loggers, as `log_images`."""
+        if self._media_wanted():
+            self.sink.log_histograms(values, step)
+        else:
+            check_histograms(values)
+
+    def _media_wanted(self) -> bool:
+        """Whether a logger writes here (one is given, and this is process 0)."""
+        return bool(self.loggers) and jax.process_index() == 0
+
+    def after_save_checkpoint(self, path: str, info: Mapping[str, Any]) -> None:
+        """Tell every logger that a checkpoint was committed at `path` (on its own thread:
+        `Logger.after_save_checkpoint`)."""
+        for worker in self._workers:
+            worker.request("after_save_checkpoint", str(path), dict(info))
 
     # ------------------------------------------------------------------ waiting
     def flush_history(self) -> None:

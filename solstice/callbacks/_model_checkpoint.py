@@ -67,6 +67,9 @@ class ModelCheckpoint(Callback, Saver):
     - **Failures:** a save that fails (full disk, permissions) is reported with a
       `RuntimeWarning`; training continues and older checkpoints stay.
     - **Never non-finite:** a state with NaN/inf in its floating-point arrays is not saved.
+    - **Loggers are told:** each committed checkpoint is announced to the loggers
+      (`Logger.after_save_checkpoint(path, info)`, on their threads), e.g. for
+      `MLFlowLogger` to record or copy it.
 
     When to save (triggers combine; each fires on its own): every `every_n_epochs` epochs at
     the end of the epoch (after validation, so `val/*` metrics can be monitored), every
@@ -182,6 +185,7 @@ class ModelCheckpoint(Callback, Saver):
         self._writer: Any = None
         self._planned: _Save | None = None  # decided, not yet written
         self._pending: _Save | None = None  # written, not yet known to be committed
+        self._committed: list[_Save] = []  # committed, not yet announced to the loggers
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -291,9 +295,18 @@ class ModelCheckpoint(Callback, Saver):
 
     def on_fit_end(self, trainer, experiment) -> None:
         self.wait()
+        self._announce(trainer)
 
     def on_exception(self, trainer, experiment, exception) -> None:
         self.wait()
+        self._announce(trainer)
+
+    def _announce(self, trainer: TrainerView) -> None:
+        """Tell the loggers about the checkpoints committed since the last call
+        (`Logger.after_save_checkpoint`)."""
+        committed, self._committed = self._committed, []
+        for save in committed:
+            trainer.after_save_checkpoint(str(save.path), save.info)
 
     # ------------------------------------------------------------------ finding
     def find_last(self) -> tuple[Path, dict[str, Any]] | None:
@@ -463,6 +476,7 @@ class ModelCheckpoint(Callback, Saver):
         """Decide a save now and update the books as if it were committed (`write` writes
         it; a failure restores the books)."""
         self._finish_pending()
+        self._announce(trainer)
         step = trainer.global_step
         if not all_finite(eqx.filter(trainer.experiment, eqx.is_array)):
             message = (
@@ -506,6 +520,7 @@ class ModelCheckpoint(Callback, Saver):
         if error is not None:
             self._failed(pending, error)
             return
+        self._committed.append(pending)
         kept = {*self.best_k_models, self.last_model_path}
         evicting, self._evicting = self._evicting, []
         for path in dict.fromkeys(evicting):

@@ -15,6 +15,7 @@ from ._failures import Reportable, deferred_failures
 from ._fanout import FanoutLogger
 from ._hparams import check_hparams
 from ._logger import Logger
+from ._media import check_histograms, check_images, copy_arrays, to_host_arrays, to_host_images
 from ._packed import PackedMetrics
 
 _CLOSE = object()
@@ -31,7 +32,9 @@ class AsyncLogger(Logger):
     """Runs another logger on one background thread.
 
     Calls are queued in order and handled on the background thread, so the inner logger sees
-    exactly the calls made here, in the same order, and need not be thread-safe. Metric
+    exactly the calls made here, in the same order, and need not be thread-safe (images,
+    histograms and checkpoints too: `log_images`, `log_histograms`, `after_save_checkpoint`;
+    their arrays are copied on the device here and to the host there). Metric
     values may be 0-d JAX arrays still on the device (or a `PackedMetrics`): they are copied
     to the host on the background thread, never on the caller's, so logging does not make
     the training thread wait for the device. Only their shapes and dtypes are checked on the
@@ -173,10 +176,21 @@ class AsyncLogger(Logger):
                     self._run("log_metrics", self._log_one, metrics, step)
                 else:
                     self._run("log_metrics", self.logger.log_metrics, values, step)
-            else:
+            elif item[0] == "log_hyperparams":
                 _, params = item
                 self._run("log_hyperparams", self.logger.log_hyperparams, params)
+            else:  # images, histograms, a checkpoint
+                method, values, arg = item
+                self._run(method, self._forward, method, values, arg)
         return False
+
+    def _forward(self, method: str, values: Any, arg: Any) -> None:
+        """Hand images or histograms (copied to the host here) or a checkpoint on."""
+        if method == "log_images":
+            values = to_host_images(values)
+        elif method == "log_histograms":
+            values = to_host_arrays(values)
+        getattr(self.logger, method)(values, arg)
 
     @staticmethod
     def _convert(batch: list[Any]) -> list[Any] | None:
@@ -274,6 +288,26 @@ class AsyncLogger(Logger):
         self._surface()
         check_hparams(params)
         self._put(("log_hyperparams", params))
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        """Queue `images`: checked here (shapes and dtypes), copied (on the device, for JAX
+        arrays), converted to host `uint8` arrays on the background thread."""
+        self._queue_media("log_images", check_images(images), step)
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        """Queue `values`: checked and copied here, copied to the host on the background
+        thread."""
+        self._queue_media("log_histograms", check_histograms(values), step)
+
+    def _queue_media(self, method: str, values: dict[str, Any], step: int) -> None:
+        check_open(self, self._closed)
+        self._surface()
+        self._put((method, copy_arrays(values), int(step)))
+
+    def after_save_checkpoint(self, path: str, info: Mapping[str, Any]) -> None:
+        check_open(self, self._closed)
+        self._surface()
+        self._put(("after_save_checkpoint", str(path), dict(info)))
 
     def flush(self) -> None:
         if self._closed:

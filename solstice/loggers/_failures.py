@@ -12,13 +12,16 @@ import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from ._logger import Logger
+if TYPE_CHECKING:  # (`Logger` reports through this module)
+    from ._logger import Logger
 
 
 class Reportable(Protocol):
     """Something to report with a warning: a `LoggerFailure` or a `Notice`."""
+
+    def message(self) -> str: ...
 
     def warn(self, stacklevel: int = 2) -> None: ...
 
@@ -26,7 +29,7 @@ class Reportable(Protocol):
 class LoggerFailure(NamedTuple):
     """A backend `logger` raised `error` while handling `method`."""
 
-    logger: Logger
+    logger: "Logger"
     error: BaseException
     method: str
 

@@ -9,6 +9,7 @@ from ._convert import to_floats
 from ._failures import LoggerFailure, report_failure
 from ._hparams import check_hparams
 from ._logger import Logger
+from ._media import to_host_arrays, to_host_images
 
 
 def _on_main_thread() -> bool:
@@ -27,7 +28,8 @@ class FanoutLogger(Logger):
     `AsyncLogger`'s next call.
 
     Metric values are converted to `float` once, here, for all the loggers (so inside an
-    `AsyncLogger` that happens on its background thread). `close()` closes every logger, the
+    `AsyncLogger` that happens on its background thread), and images and histograms to host
+    arrays. `close()` closes every logger, the
     disabled ones too (best effort, as they may hold open files; an error there is not
     reported again). `run_id` is `None`: ask each of `loggers`.
 
@@ -109,6 +111,22 @@ class FanoutLogger(Logger):
         check_open(self, self._closed)
         check_hparams(params)
         self._call_each("log_hyperparams", lambda logger: logger.log_hyperparams(params))
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        check_open(self, self._closed)
+        host = to_host_images(images)  # once for all backends (a mistake raises here)
+        self._call_each("log_images", lambda logger: logger.log_images(host, step))
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        check_open(self, self._closed)
+        host = to_host_arrays(values)
+        self._call_each("log_histograms", lambda logger: logger.log_histograms(host, step))
+
+    def after_save_checkpoint(self, path: str, info: Mapping[str, Any]) -> None:
+        check_open(self, self._closed)
+        self._call_each(
+            "after_save_checkpoint", lambda logger: logger.after_save_checkpoint(path, info)
+        )
 
     def flush(self) -> None:
         if not self._closed:

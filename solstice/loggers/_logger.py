@@ -1,8 +1,31 @@
 """The `Logger` abstraction: somewhere to send dictionaries of scalars."""
 
 import abc
+import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
+
+from ._failures import Notice, report_failure
+
+_ignored_lock = threading.Lock()
+_ignored: "weakref.WeakKeyDictionary[Logger, set[str]]" = weakref.WeakKeyDictionary()
+_ignored_types: set[tuple[type, str]] = set()  # loggers that cannot be weakly referenced
+
+
+def _first_time(logger: "Logger", method: str) -> bool:
+    """Whether `logger` ignores a `method` call for the first time."""
+    with _ignored_lock:
+        try:
+            seen = _ignored.setdefault(logger, set())
+        except TypeError:  # unhashable, or no weak references: once per class instead
+            key = (type(logger), method)
+            first = key not in _ignored_types
+            _ignored_types.add(key)
+            return first
+        first = method not in seen
+        seen.add(method)
+        return first
 
 
 class Logger(abc.ABC):
@@ -33,6 +56,45 @@ class Logger(abc.ABC):
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         """Record the run's hyperparameters (a flat or nested mapping). Default: ignore."""
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        """Record `images` (name -> image array) at training step `step`.
+
+        An image is `(height, width)` or `(height, width, channels)` with 1, 3 or 4
+        channels, of dtype `uint8` (0 to 255), `bool` or floating (0.0 to 1.0);
+        `solstice.loggers.to_host_images` turns them into `uint8` host arrays
+        `(height, width, channels)` (through the Trainer, a logger receives them so already).
+        `TensorBoardLogger`, `WandBLogger` and `MLFlowLogger` record them. Default: ignore
+        them, with a one-time `RuntimeWarning` saying so.
+        """
+        self._ignore("log_images", "images")
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        """Record a histogram of each array of `values` (name -> array of any shape) at
+        training step `step`; `solstice.loggers.histogram` draws one (from the finite
+        values, in 64 bins). `TensorBoardLogger`, `WandBLogger` and `MLFlowLogger` record
+        them. Default: ignore them, with a one-time `RuntimeWarning` saying so.
+        """
+        self._ignore("log_histograms", "histograms")
+
+    def after_save_checkpoint(self, path: str, info: Mapping[str, Any]) -> None:
+        """A checkpoint was committed at `path` (Lightning's hook of the same name).
+
+        `info` says why: `name`, `reason` (`"epoch"`, `"step"`, `"time"`, `"interrupt"`),
+        `monitor` and its `score` (or `None`). Called on the logger's thread, after the
+        checkpoint is complete on disk; it may be deleted later by `ModelCheckpoint`'s
+        retention. `MLFlowLogger` records the path (and can copy the checkpoint as an
+        artifact). Default: nothing to do.
+        """
+
+    def _ignore(self, method: str, what: str) -> None:
+        if _first_time(self, method):
+            report_failure(
+                Notice(
+                    f"{self!r} does not record {what}: its `{method}` calls are ignored. "
+                    "TensorBoardLogger, WandBLogger and MLFlowLogger record them."
+                )
+            )
 
     def flush(self) -> None:
         """Make everything logged so far durable/visible. Default: nothing to do."""

@@ -12,6 +12,7 @@ from ._closed import check_open
 from ._convert import to_floats
 from ._hparams import flatten_hparams
 from ._logger import Logger
+from ._media import encode_png, histogram, to_host_arrays, to_host_images
 from ._mirror import mirror_of
 from ._tfrecord import RecordFile, read_records
 
@@ -26,9 +27,10 @@ def _is_event_file(name: str) -> bool:
 
 
 def _is_record(event: Any) -> bool:
-    """Whether `event` was written by `log_metrics` (one per call)."""
-    return event.HasField("summary") and not any(
-        value.tag.startswith(_HPARAMS_TAG) for value in event.summary.value
+    """Whether `event` was written by `log_metrics` (one per call): a summary of scalars only
+    (not hyperparameters, images or histograms)."""
+    return event.HasField("summary") and all(
+        value.WhichOneof("value") == "simple_value" for value in event.summary.value
     )
 
 
@@ -42,7 +44,9 @@ class TensorBoardLogger(Logger):
     """Writes scalars and hyperparameters to a TensorBoard event file, with tensorboardX.
 
     Every metric is a scalar at its step (the `epoch` key too, so TensorBoard can plot
-    against it); each `log_metrics` call writes one event holding all of its scalars. Hyperparameters go to TensorBoard's HParams dashboard (nested mappings
+    against it); each `log_metrics` call writes one event holding all of its scalars.
+    `log_images` writes PNGs (Images dashboard), `log_histograms` histograms (Histograms and
+    Distributions dashboards), one event per call. Hyperparameters go to TensorBoard's HParams dashboard (nested mappings
     flattened to `outer/inner`; values other than numbers, bools and strings are stored as
     strings), which lists every scalar of the run as a metric. View with
     `tensorboard --logdir <log_dir>`.
@@ -172,6 +176,45 @@ class TensorBoardLogger(Logger):
         event.step = int(step)
         event.wall_time = time.time()
         self._writer().write(event.SerializeToString())
+        self._maybe_flush()
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        """Write each image as a PNG in TensorBoard's Images dashboard (one event per call)."""
+        check_open(self, self._closed)
+        Image = self._Summary.Image
+        values = []
+        for name, pixels in to_host_images(images).items():
+            height, width, channels = pixels.shape
+            image = Image(
+                height=height,
+                width=width,
+                colorspace=channels,
+                encoded_image_string=encode_png(pixels),
+            )
+            values.append(self._Summary.Value(tag=_tag(name), image=image))
+        self._write(self._Summary(value=values), int(step))
+        self._maybe_flush()
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        """Write a histogram of each array in TensorBoard's Histograms and Distributions
+        dashboards (`solstice.loggers.histogram`: 64 equal bins over the finite values)."""
+        check_open(self, self._closed)
+        from tensorboardX.proto.summary_pb2 import HistogramProto
+
+        summaries = []
+        for name, array in to_host_arrays(values).items():
+            h = histogram(array)
+            proto = HistogramProto(
+                min=h.min,
+                max=h.max,
+                num=h.num,
+                sum=h.sum,
+                sum_squares=h.sum_squares,
+                bucket_limit=h.edges[1:].tolist(),
+                bucket=h.counts.tolist(),
+            )
+            summaries.append(self._Summary.Value(tag=_tag(name), histo=proto))
+        self._write(self._Summary(value=summaries), int(step))
         self._maybe_flush()
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:

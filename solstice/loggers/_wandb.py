@@ -11,6 +11,7 @@ from ._closed import check_open
 from ._convert import to_floats
 from ._hparams import jsonable_hparams
 from ._logger import Logger
+from ._media import histogram, to_host_arrays, to_host_images
 
 _STEP = "trainer/global_step"
 _ID_CHARACTERS = string.ascii_lowercase + string.digits
@@ -167,6 +168,33 @@ class WandBLogger(Logger):
         values = to_floats(metrics)
         values[_STEP] = int(step)
         self.run.log(values)
+
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        """Add each image (a `wandb.Image`) to the run's next row (see `log_histograms`)."""
+        check_open(self, self._closed)
+        import wandb
+
+        rows = {
+            name: wandb.Image(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels)
+            for name, pixels in to_host_images(images).items()
+        }
+        self.run.log(rows, commit=False)
+
+    def log_histograms(self, values: Mapping[str, Any], step: int) -> None:
+        """Add a `wandb.Histogram` of each array (`solstice.loggers.histogram`'s bins) to
+        the run's next row.
+
+        W&B counts rows (`_step`) and a resume rewinds the run by rows, so images and
+        histograms join the next `log_metrics` row (`commit=False`) rather than make rows of
+        their own: they are shown at that row's `trainer/global_step`."""
+        check_open(self, self._closed)
+        import wandb
+
+        rows = {}
+        for name, array in to_host_arrays(values).items():
+            h = histogram(array)
+            rows[name] = wandb.Histogram(np_histogram=(h.counts.tolist(), h.edges.tolist()))
+        self.run.log(rows, commit=False)
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         check_open(self, self._closed)

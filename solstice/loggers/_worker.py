@@ -9,12 +9,13 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ._failures import Reportable, deferred_failures
 from ._logger import Logger
 
 
 class _Request:
     """A queue item other than a record: run `kind` on the logger (`flush`, `close`,
-    `log_hyperparams`, `resume_at`), then set `done`."""
+    `log_hyperparams`, `resume_at`, `after_save_checkpoint`), then set `done`."""
 
     __slots__ = ("args", "done", "kind")
 
@@ -22,6 +23,16 @@ class _Request:
         self.kind = kind
         self.args = args
         self.done = threading.Event()
+
+
+class _Media:
+    """A queue item that may be dropped like a record, counted apart: `log_images` or
+    `log_histograms` (`method`) with its host arrays."""
+
+    __slots__ = ("method", "step", "values")
+
+    def __init__(self, method: str, values: Mapping[str, Any], step: int) -> None:
+        self.method, self.values, self.step = method, values, step
 
 
 def _lost(count: int) -> str:
@@ -67,10 +78,11 @@ class LoggerWorker:
         self.max_queue_size = max_queue_size
         self._records_source = records_source
         self._items: collections.deque[Any] = collections.deque()
-        self._waiting = 0  # records (not requests) in `_items`
+        self._waiting = 0  # records and media (not requests) in `_items`
         self._cond = threading.Condition(threading.Lock())
         self.enabled = True
         self.dropped = 0  # records dropped from the full queue, in all
+        self.dropped_media = 0  # image and histogram calls dropped from it
         self._dropped_noted = 0
         self.replayed = 0
         self.notes: list[str] = []  # problems to report, oldest first (see `take_notes`)
@@ -99,26 +111,47 @@ class LoggerWorker:
     def _drop_oldest(self) -> None:
         items = self._items
         for i, item in enumerate(items):
-            if type(item) is tuple:
+            if type(item) is not _Request:
                 del items[i]
+                if type(item) is _Media:
+                    self.dropped_media += 1
+                else:
+                    self.dropped += 1
                 break
         self._waiting -= 1
-        self.dropped += 1
         if self._dropped_noted == 0:  # at once the first time, then at each `note_dropped`
             self.note_dropped()
 
     def note_dropped(self) -> None:
         """Note the records dropped since the last note, if any."""
-        new = self.dropped - self._dropped_noted
+        total = self.dropped + self.dropped_media
+        new = total - self._dropped_noted
         if not new:
             return
-        self._dropped_noted = self.dropped
+        self._dropped_noted = total
+        media = (
+            f"; {self.dropped_media} of them image or histogram calls, kept nowhere else"
+            if self.dropped_media
+            else ""
+        )
         self._note(
             f"Logger {self.logger!r} cannot keep up: {self.max_queue_size} records were waiting "
             f"for it, so its oldest waiting records were dropped: {new} record(s) "
-            f"({self.dropped} in all). They stay in `trainer.history`. Make the logger faster, "
-            "or log less often (`log_every_n_steps`)."
+            f"({total} in all{media}). Records stay in `trainer.history`. Make the logger "
+            "faster, or log less often (`log_every_n_steps`)."
         )
+
+    def put_media(self, method: str, values: Mapping[str, Any], step: int) -> None:
+        """Queue `log_images` or `log_histograms` (`method`) with host arrays; dropped like
+        a record when the queue is full."""
+        with self._cond:
+            if not self.enabled:
+                return
+            if self._waiting >= self.max_queue_size:
+                self._drop_oldest()
+            self._items.append(_Media(method, values, step))
+            self._waiting += 1
+            self._cond.notify()
 
     def request(self, kind: str, *args: Any) -> _Request | None:
         """Queue a request; `None` if the logger cannot take one any more (disabled and
@@ -194,14 +227,28 @@ class LoggerWorker:
 
     # ------------------------------------------------------------------ the logger's thread
     def _work(self) -> None:
+        # a logger's notices (e.g. "ignores images") are issued on the owner's thread
+        with deferred_failures(self._defer):
+            self._loop()
+
+    def _defer(self, failure: Reportable) -> None:
+        self._note(failure.message())
+
+    def _loop(self) -> None:
         self._read_run_id()
         while True:
             with self._cond:
                 while not self._items:
                     self._cond.wait()
                 item = self._items.popleft()
-                if type(item) is tuple:
+                if type(item) is not _Request:
                     self._waiting -= 1
+            if type(item) is _Media:
+                if self.enabled:
+                    self._call(
+                        item.method, getattr(self.logger, item.method), item.values, item.step
+                    )
+                continue
             if type(item) is tuple:
                 if self.enabled:
                     step, metrics = item
@@ -232,6 +279,8 @@ class LoggerWorker:
             self._call("log_hyperparams", self.logger.log_hyperparams, *request.args)
         elif request.kind == "resume_at":
             self._resume(*request.args)
+        elif request.kind == "after_save_checkpoint":
+            self._call(request.kind, self.logger.after_save_checkpoint, *request.args)
         self._read_run_id()
 
     def _call(self, method: str, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
@@ -261,7 +310,7 @@ class LoggerWorker:
     def _clear(self) -> int:
         """Drop the waiting records (under the lock); requests stay, to be marked done."""
         lost = self._waiting
-        self._items = collections.deque(item for item in self._items if type(item) is not tuple)
+        self._items = collections.deque(item for item in self._items if type(item) is _Request)
         self._waiting = 0
         return lost
 
@@ -273,6 +322,7 @@ class LoggerWorker:
         ok, held = self._call("resume_at", self.logger.resume_at, run_id, records)
         if not ok:
             return
+        self._read_run_id()  # the run it continues (or starts), for checkpoints during the replay
         if held is None:
             held = records
         if isinstance(held, bool) or not isinstance(held, int) or not 0 <= held <= records:

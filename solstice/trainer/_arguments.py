@@ -66,6 +66,22 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
         check_int(name, a[name], minimum=1)
     for stage, value in zip(LIMITS, limits):
         check_limit(f"limit_{stage}_batches", value)
+    _check_step_settings(a)
+    log_every, fused = a["log_every_n_steps"], a["steps_per_execution"]
+    hparams = {"max_epochs": max_epochs, "max_steps": max_steps, "seed": a["seed"]}
+    hparams.update(log_every_n_steps=log_every, steps_per_execution=fused)
+    hparams.update(accumulate_grad_batches=a["accumulate_grad_batches"])
+    return {
+        "max_epochs": max_epochs,
+        "max_steps": max_steps,
+        "limits": limits,
+        "hparams": hparams,
+        "loop": (*loop, overfit),
+    }
+
+
+def _check_step_settings(a: dict[str, Any]) -> None:
+    """The compiled step's settings, together: precision, microbatches, fused steps."""
     if policy_for(a["precision"]).scaling is not None and a["accumulate_grad_batches"] > 1:
         raise ValueError(
             f'`precision="{a["precision"]}"` with `accumulate_grad_batches='
@@ -83,16 +99,6 @@ def check_arguments(**arguments: Any) -> dict[str, Any]:
             f"{fused}`: metrics can only be published between fused calls. Use a multiple, "
             f"e.g. `log_every_n_steps={multiple}`."
         )
-    hparams = {"max_epochs": max_epochs, "max_steps": max_steps, "seed": a["seed"]}
-    hparams.update(log_every_n_steps=log_every, steps_per_execution=fused)
-    hparams.update(accumulate_grad_batches=a["accumulate_grad_batches"])
-    return {
-        "max_epochs": max_epochs,
-        "max_steps": max_steps,
-        "limits": limits,
-        "hparams": hparams,
-        "loop": (*loop, overfit),
-    }
 
 
 def check_objects(

@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from .._experiment import Experiment
@@ -16,7 +15,6 @@ from ..callbacks import Callback, LoggingCallback
 from ..checkpointing._saver import Saver
 from ..datamodules import DataModule
 from ..loggers import History, Logger
-from ..loggers._convert import check_scalars, to_floats
 from ._arguments import check_arguments, check_objects
 from ._compilation_cache import enable_compilation_cache
 from ._evaluation import evaluate, predict
@@ -25,13 +23,13 @@ from ._placement import Placement
 from ._precision import policy_for
 from ._resume import resolve
 from ._run import Run
-from ._run_views import RunViews
+from ._run_requests import RunRequests
 from ._sharding_rules import ShardingRule, check_sharding_rules
 from ._steps_cache import StepsCache
 from ._trace_log import TraceLog
 
 
-class Trainer(RunViews):
+class Trainer(RunRequests):
     """Runs an experiment: compiles its steps, places data and state on devices, calls hooks
     on the experiment and the callbacks, and publishes metrics to the loggers.
 
@@ -181,40 +179,6 @@ class Trainer(RunViews):
         self._recompile_warned: set[tuple[str, tuple[str, ...]]] = set()
         self._slow_paths_warned: set[str] = set()
 
-    # ------------------------------------------------------------------ requests from hooks
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Publish extra scalars (numbers or 0-d device arrays) like the Trainer's own: to
-        every `on_log`, the loggers and `trainer.history`, with the current `"epoch"`.
-        Device values are copied (an array of the experiment is donated to the next step)
-        and converted on the logging thread, so this never syncs, except for the metrics a
-        callback declares in `provided_metrics()`: those are read at once into
-        `callback_metrics`, where `EarlyStopping` and `ModelCheckpoint` can monitor them.
-        `step` defaults to `trainer.global_step`."""
-        check_scalars(metrics)
-        run = self._current()
-        metrics = {k: jnp.copy(v) if isinstance(v, jax.Array) else v for k, v in metrics.items()}
-        run.publish(metrics, self.global_step if step is None else int(step))
-        provided = {name for cb in self.callbacks for name in cb.provided_metrics()}
-        if provided.intersection(metrics):
-            self._update_callback_metrics({k: v for k, v in metrics.items() if k in provided})
-
-    def stop(self, reason: str, *, by: str) -> None:
-        """Ask `fit` to stop after the current step and the epoch's end-of-epoch work. Why
-        and where are kept in `trainer.stopped` and in checkpoints taken from then on, so a
-        resumed run stays stopped (see `fit`)."""
-        self._current().stop(reason, by)
-
-    def replace_experiment(self, experiment: Experiment, *, by: str) -> None:
-        """Continue the run with `experiment` (`by`: who asks, for messages)."""
-        self._current().replace_experiment(experiment, by)
-
-    def flush_logs(self, *, loggers: bool = True) -> None:
-        """Wait until `history` holds everything published so far, and (with `loggers`) the
-        loggers have written it, each for at most `LoggingCallback.flush_timeout` seconds."""
-        self._logging.flush_history()
-        if loggers:
-            self._logging.flush()
-
     # ------------------------------------------------------------------ runs
     @property
     def trace_log(self) -> TraceLog:
@@ -280,12 +244,6 @@ class Trainer(RunViews):
                 f"`ckpt_path={ckpt_path!r}`: there is no checkpoint to {method}."
             )
         return str(found[0])
-
-    # ------------------------------------------------------------------ results
-    def _update_callback_metrics(self, metrics: dict[str, Any]) -> dict[str, float]:
-        host = to_floats(metrics)  # one copy; a non-scalar raises naming the metric
-        self.callback_metrics.update(host)
-        return host
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
