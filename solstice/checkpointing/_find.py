@@ -7,7 +7,7 @@ damage) and skipped for the next, never loaded, deleted or overwritten.
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,22 @@ def _created(path: Path) -> int:
             return -1
 
 
-def _first_valid(paths: Sequence[Path], why: str) -> tuple[Path, dict[str, Any]] | None:
-    for path in paths:
+def first_valid(
+    candidates: Sequence[Any],
+    why: str,
+    fetch: Callable[[Any], Path] = Path,
+    shown: Callable[[Any], str] = str,
+) -> tuple[Path, dict[str, Any]] | None:
+    """The first of `candidates` (local paths, or what `fetch` makes a local copy of) that
+    verifies as a training checkpoint, with its metadata; a damaged one is reported (as
+    `shown(candidate)`) and skipped for the `why` (next) one, never touched."""
+    for candidate in candidates:
+        path = fetch(candidate)
         try:
             document = verify(path)
         except CheckpointError as error:
             warnings.warn(
-                f"Skipping checkpoint `{path}`: {error} It is left on disk untouched; "
+                f"Skipping checkpoint `{shown(candidate)}`: {error} It is left untouched; "
                 f"looking for the {why} one.",
                 RuntimeWarning,
                 stacklevel=4,
@@ -54,7 +63,7 @@ def find_last(dirpath: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
         log.info("Ignoring unfinished saves in %s: %s", dirpath, [p.name for p in partial])
     if not found:
         return None
-    result = _first_valid(sorted(found, key=_created, reverse=True), "previous")
+    result = first_valid(sorted(found, key=_created, reverse=True), "previous")
     if result is None:
         raise CheckpointError(
             f"None of the {len(found)} checkpoint(s) in `{dirpath}` is valid (see the warnings "
@@ -80,4 +89,4 @@ def find_best(
             scored.append((score, _created(path), path))
     sign = 1 if mode == "max" else -1
     scored.sort(key=lambda t: (sign * t[0], t[1]), reverse=True)
-    return _first_valid([p for _, _, p in scored], "next best")
+    return first_valid([p for _, _, p in scored], "next best")

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..storage._paths import local_cache, url_join
 from ..storage._remote import RemoteDir
+from ._find import first_valid
 from ._format import (
     CHECKPOINT_NAME,
     METADATA_FILE,
@@ -107,21 +108,12 @@ class RemoteCheckpoints(RemoteDir):
     def first_valid(self, names: list[str], staging: Path, why: str) -> tuple[Path, dict] | None:
         """Download and verify `names` in turn; the first valid training checkpoint (its
         local copy and metadata). A damaged one is reported and skipped."""
-        for name in names:
-            local = self.download(name, staging / name)
-            try:
-                document = verify(local)
-            except CheckpointError as error:
-                warnings.warn(
-                    f"Skipping checkpoint `{url_join(self.url, name)}`: {error} It is left "
-                    f"untouched; looking for the {why} one.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                continue
-            if document.get("kind") == "trainer":
-                return local, document
-        return None
+        return first_valid(
+            names,
+            why,
+            fetch=lambda name: self.download(name, staging / name),
+            shown=lambda name: url_join(self.url, name),
+        )
 
     def find_last(self, staging: Path) -> tuple[Path, dict[str, Any]] | None:
         """The newest valid training checkpoint (downloaded into `staging`), or `None` if
