@@ -17,7 +17,22 @@ import sys
 
 from _common import machine
 
-HEAVY = ("torch", "wandb", "tensorboardX", "orbax", "sklearn", "matplotlib", "keras", "lightning")
+HEAVY = (
+    "torch",
+    "wandb",
+    "tensorboardX",
+    "orbax",
+    "sklearn",
+    "matplotlib",
+    "keras",
+    "lightning",
+    "mlflow",
+    "grain",
+    "array_record",
+    "fsspec",
+    "s3fs",
+    "boto3",
+)
 
 PROBE = """
 import json, sys, time
