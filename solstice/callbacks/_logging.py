@@ -14,6 +14,7 @@ import jax
 
 from .._config import hyperparameters
 from ..loggers import AsyncLogger, History, Logger
+from ..loggers._logger import check_loggers
 from ..loggers._media import check_histograms, check_images
 from ..loggers._worker import LoggerWorker
 from ._callback import Callback
@@ -128,19 +129,7 @@ class LoggingCallback(Callback):
         max_queue_size: int = 10_000,
         flush_timeout: float | None = None,
     ):
-        loggers = list(loggers)
-        for logger in loggers:
-            if not isinstance(logger, Logger):
-                raise TypeError(
-                    f"LoggingCallback takes `solstice.Logger` instances, got {logger!r} of type "
-                    f"{type(logger).__name__}. Subclass `solstice.Logger` and implement "
-                    "`log_metrics`."
-                )
-        if len({id(logger) for logger in loggers}) != len(loggers):
-            raise ValueError(
-                f"The same logger appears twice in {loggers!r}; every record would be written "
-                "twice. Pass each logger once."
-            )
+        loggers = check_loggers(loggers, "LoggingCallback")
         if history is None:
             found = [logger for logger in loggers if isinstance(logger, History)]
             history = found[-1] if found else History()

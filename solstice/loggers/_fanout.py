@@ -8,7 +8,7 @@ from ._closed import check_open
 from ._convert import to_floats
 from ._failures import LoggerFailure, report_failure
 from ._hparams import check_hparams
-from ._logger import Logger
+from ._logger import Logger, check_loggers
 from ._media import to_host_arrays, to_host_images
 
 
@@ -47,19 +47,7 @@ class FanoutLogger(Logger):
     """
 
     def __init__(self, loggers: Iterable[Logger]):
-        loggers = tuple(loggers)
-        for logger in loggers:
-            if not isinstance(logger, Logger):
-                raise TypeError(
-                    f"FanoutLogger takes `solstice.Logger` instances, got {logger!r} of type "
-                    f"{type(logger).__name__}. Subclass `solstice.Logger` and implement "
-                    "`log_metrics`."
-                )
-        if len({id(logger) for logger in loggers}) != len(loggers):
-            raise ValueError(
-                f"FanoutLogger got the same logger twice in {loggers!r}; every value would be "
-                "written twice. Pass each logger once."
-            )
+        loggers = tuple(check_loggers(loggers, "FanoutLogger"))
         self._loggers = loggers
         self._enabled = list(loggers)
         self._failures: list[LoggerFailure] = []

@@ -3,7 +3,7 @@
 import abc
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._failures import Notice, report_failure
@@ -146,3 +146,21 @@ class Logger(abc.ABC):
         run continues it (W&B run id, log directory, ...): a `str` (an `os.PathLike` is
         stored as its path) or `None`. Default: `None`."""
         return None
+
+
+def check_loggers(loggers: Iterable[Any], owner: str) -> list["Logger"]:
+    """`loggers` as a list, each a `Logger` given once (`owner` names who takes them)."""
+    loggers = list(loggers)
+    for logger in loggers:
+        if not isinstance(logger, Logger):
+            raise TypeError(
+                f"{owner} takes `solstice.Logger` instances, got {logger!r} of type "
+                f"{type(logger).__name__}. Subclass `solstice.Logger` and implement "
+                "`log_metrics`."
+            )
+    if len({id(logger) for logger in loggers}) != len(loggers):
+        raise ValueError(
+            f"{owner} got the same logger twice in {loggers!r}; every record would be "
+            "written twice. Pass each logger once."
+        )
+    return loggers
