@@ -206,3 +206,53 @@ def test_an_empty_or_absent_directory_starts_afresh(tmp_path, state):
     )
     trainer.fit(make_mlp_experiment(in_size=8, num_classes=4), blobs_datamodule(), "last")
     assert trainer.global_step == 8
+
+
+def test_a_checkpoint_taken_before_the_first_step_of_a_resume_keeps_the_epochs_metrics(
+    tmp_path,
+):
+    """Resumed mid-epoch, then stopped before any step (a signal at `on_train_start`): a new
+    saver's checkpoint still holds the epoch's metric accumulators as they were restored,
+    so a run resumed from it logs the uninterrupted run's epoch metrics (the epoch's loss was
+    computed over the rest of the epoch only: 1.93 instead of 2.20)."""
+    import signal
+
+    from solstice.callbacks import Callback
+
+    def experiment():
+        return make_mlp_experiment(in_size=8, num_classes=4)
+
+    settings = dict(max_epochs=2, enable_progress_bar=False, log_every_n_steps=4, devices=1)
+
+    class SignalAtStep(Callback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_start(self, trainer, experiment, batch, batch_idx):
+            if trainer.global_step == self.step:
+                signal.raise_signal(signal.SIGINT)
+
+    class SignalAtStart(Callback):
+        def on_train_start(self, trainer, experiment):
+            signal.raise_signal(signal.SIGINT)
+
+    reference = solstice.Trainer(**settings)
+    reference.fit(experiment(), blobs_datamodule())
+    reference.flush_logs()
+    first, second = tmp_path / "first", tmp_path / "second"
+    stopped = solstice.Trainer(
+        **settings, callbacks=[ModelCheckpoint(first, every_n_epochs=None), SignalAtStep(2)]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(experiment(), blobs_datamodule())
+    assert stopped.global_step == 3  # mid-epoch (8 batches an epoch)
+    resumed = solstice.Trainer(
+        **settings, callbacks=[ModelCheckpoint(first), ModelCheckpoint(second), SignalAtStart()]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        resumed.fit(experiment(), blobs_datamodule(), ckpt_path=first / "epoch=0-step=3")
+    assert [p.name for p in second.iterdir() if p.is_dir()] == ["epoch=0-step=3"]
+    final = solstice.Trainer(**settings, callbacks=[ModelCheckpoint(second)])
+    final.fit(experiment(), blobs_datamodule(), ckpt_path="last")
+    final.flush_logs()
+    assert final.history.metrics == reference.history.metrics

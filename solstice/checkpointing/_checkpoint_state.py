@@ -148,7 +148,9 @@ class CheckpointState:
             "in_step": self.device.in_step or None,
         }
         for name, tree in parts.items():
-            if tree is not None:
+            if isinstance(tree, StoredTree):  # read from a checkpoint, written back as read
+                items[name], trees[name] = tree.arrays, [s.to_json() for s in tree.specs]
+            elif tree is not None:
                 items[name], trees[name] = to_storage(tree)
         document = {
             "kind": "trainer",

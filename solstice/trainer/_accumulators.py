@@ -79,8 +79,17 @@ class TrainAccumulators:
         self.fresh_epoch = True
 
     # ---- checkpoint
+    @property
+    def held(self) -> bool:
+        """Whether there are accumulators to checkpoint: live ones, or restored ones that
+        no step has taken up yet (a run stopped right after it resumed mid-epoch)."""
+        return self.ready or self.restoring
+
     def metrics(self) -> PyTree:
-        """The arrays a mid-epoch checkpoint holds, or `None` if there are none yet."""
+        """The arrays a mid-epoch checkpoint holds (as restored, if no step has run since),
+        or `None` if there are none."""
+        if self._restored is not None:
+            return self._restored
         return None if not self.ready else {"acc": self.acc, "total": self.total}
 
     def flags(self) -> dict[str, Any]:

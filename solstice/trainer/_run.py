@@ -242,7 +242,7 @@ class Run:
         an epoch's end (then it records the start of the next epoch)."""
         trainer = self.trainer
         progress = self.progress.state_dict()
-        mid_epoch = progress["batch_idx"] > 0 and self.accumulators.ready and not self.epoch_done
+        mid_epoch = progress["batch_idx"] > 0 and self.accumulators.held and not self.epoch_done
         if self.epoch_done:
             progress.update(epoch=progress["epoch"] + 1, batch_idx=0, epoch_logged=False)
         trainer._logging.flush_history()  # the history file must hold every record it counts
