@@ -1,9 +1,11 @@
 """`EpochGate`: times the epochs of one running `Trainer.fit`, one at a time."""
 
 import threading
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
+from _common import Contestant, timed
 
 import solstice
 from solstice.callbacks import Callback
@@ -42,6 +44,28 @@ class EpochGate(Callback):
         self._trainer = trainer
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
+
+    def contestant(
+        self,
+        name: str,
+        trainer: solstice.Trainer,
+        experiment,
+        datamodule,
+        samples_per_epoch: int,
+        timer: Callable = timed,
+    ) -> Contestant:
+        """Start `trainer.fit` gated, run its first epoch (compiling), and return a
+        `Contestant` whose epoch is the next released one (`close` ends the fit)."""
+        self.start(trainer, experiment, datamodule)
+        self.release()  # warm-up: compile
+
+        def epoch() -> int:
+            self.release()
+            return samples_per_epoch
+
+        contestant = Contestant(name, timer(epoch))
+        contestant.close = self.close  # type: ignore[attr-defined]
+        return contestant
 
     def release(self) -> None:
         """Run one epoch and wait for its end."""

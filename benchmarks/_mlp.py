@@ -163,13 +163,6 @@ def solstice_fit(
     if precision is not None:
         kwargs["precision"] = precision
     trainer = solstice.Trainer(**kwargs)
-    gate.start(trainer, make_experiment(hidden), dm)
-    gate.release()  # warm-up: compile
-
-    def epoch() -> int:
-        gate.release()
-        return n_steps * batch_size
-
     name = "solstice fit"
     if on_device:
         name += " (on_device)"
@@ -179,9 +172,7 @@ def solstice_fit(
         name += " (defaults)"
     if precision is not None:
         name += f" ({precision})"
-    contestant = Contestant(name, timed(epoch))
-    contestant.close = gate.close  # type: ignore[attr-defined]
-    return contestant
+    return gate.contestant(name, trainer, make_experiment(hidden), dm, n_steps * batch_size)
 
 
 # ---------------------------------------------------------------- hand-written loop

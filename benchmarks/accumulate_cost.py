@@ -16,7 +16,7 @@ ratios against each:
 
 import argparse
 
-from _common import Contestant, cpu_ratio, machine, mnist_like, ratio, run, spread, timed
+from _common import Contestant, cpu_ratio, machine, mnist_like, ratio, run, spread
 from _fit_gate import EpochGate
 from _mlp import make_experiment
 
@@ -41,15 +41,7 @@ def fit(x, y, batch_size: int, accumulate: int, name: str) -> Contestant:
         accumulate_grad_batches=accumulate,
         compilation_cache=False,
     )
-    gate.start(trainer, make_experiment(HIDDEN), dm)
-    gate.release()  # warm-up: compile
-
-    def epoch() -> int:
-        gate.release()
-        return batches * batch_size
-
-    contestant = Contestant(name, timed(epoch))
-    contestant.close = gate.close  # type: ignore[attr-defined]
+    contestant = gate.contestant(name, trainer, make_experiment(HIDDEN), dm, batches * batch_size)
     return contestant
 
 

@@ -37,7 +37,6 @@ from _common import (
     machine,
     ratio,
     spread,
-    timed,
 )
 from _fit_gate import EpochGate
 
@@ -69,17 +68,10 @@ def contestant(name: str, datamodule, **trainer_kw) -> Contestant:
     gate = _EpochTimer()
     trainer = solstice.Trainer(max_epochs=10**6, devices=1, **trainer_kw)
     trainer.callbacks.append(gate)  # last: after the progress bar and the logging callback
-    gate.start(trainer, make_experiment(), datamodule)
-    gate.release()  # warm-up: compile
     samples = (datamodule.splits["train"]["label"].shape[0] // datamodule.batch_size) * (
         datamodule.batch_size
     )
-
-    def epoch() -> int:
-        gate.release()
-        return samples
-
-    c = Contestant(name, timed(epoch))
+    c = gate.contestant(name, trainer, make_experiment(), datamodule, samples)
     c.trainer = trainer
     c.close = gate.close
     return c

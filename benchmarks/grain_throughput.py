@@ -103,15 +103,7 @@ def fit_contestant(name: str, make, hidden: int, samples: int, batch_size: int) 
         loggers=[],
         log_every_n_steps=steps,
     )
-    gate.start(trainer, experiment, make())
-    gate.release()  # warm-up: compile
-
-    def epoch() -> int:
-        gate.release()
-        return steps * batch_size
-
-    contestant = Contestant(name, timed_epoch(epoch))
-    contestant.close = gate.close  # type: ignore[attr-defined]
+    contestant = gate.contestant(name, trainer, experiment, make(), steps * batch_size, timed_epoch)
     return contestant
 
 

@@ -314,15 +314,9 @@ def solstice_fit(args, images, labels, *, on_device: bool) -> tuple[Contestant, 
         devices="auto",
         callbacks=[gate],
     )
-    gate.start(trainer, make_experiment(args), dm)
-    gate.release()  # warm-up: compile
-
-    def epoch() -> int:
-        gate.release()
-        return steps * args.batch_size
-
-    contestant = Contestant(FIT if on_device else FIT_HOST, timed(epoch))
-    contestant.close = gate.close  # type: ignore[attr-defined]
+    contestant = gate.contestant(
+        FIT if on_device else FIT_HOST, trainer, make_experiment(args), dm, steps * args.batch_size
+    )
     return contestant, lambda: trainer.experiment
 
 

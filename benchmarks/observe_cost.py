@@ -34,7 +34,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Contestant, cpu_ratio, interleave, machine, spread, timed
+from _common import Contestant, cpu_ratio, interleave, machine, spread
 from _fit_gate import EpochGate
 
 import solstice
@@ -70,15 +70,10 @@ def contestant(name: str, datamodule, callbacks, width: int, depth: int) -> Cont
         num_sanity_val_steps=0,
         callbacks=[*callbacks, gate],
     )
-    gate.start(trainer, make_experiment(width, depth), datamodule)
-    gate.release()  # warm-up: compile
     steps = datamodule.splits["train"]["label"].shape[0] // datamodule.batch_size
-
-    def epoch() -> int:
-        gate.release()
-        return steps * datamodule.batch_size
-
-    c = Contestant(name, timed(epoch))
+    c = gate.contestant(
+        name, trainer, make_experiment(width, depth), datamodule, steps * datamodule.batch_size
+    )
     c.trainer = trainer
     c.close = gate.close
     return c

@@ -13,7 +13,7 @@ epoch. Defaults: the overhead-bound MLP 784-64-10, batch 32 (`--hidden 512 512 -
 
 import argparse
 
-from _common import Contestant, machine, mnist_like, run, timed
+from _common import Contestant, machine, mnist_like, run
 from _fit_gate import EpochGate
 from _mlp import make_experiment, ratio_line
 
@@ -34,15 +34,9 @@ def fit_with(name: str, averaging: Callback | None, args, x, y) -> Contestant:
         log_every_n_steps=n_steps,
         num_sanity_val_steps=0,
     )
-    gate.start(trainer, make_experiment(args.hidden), dm)
-    gate.release()  # warm-up: compile
-
-    def epoch() -> int:
-        gate.release()
-        return n_steps * args.batch_size
-
-    contestant = Contestant(name, timed(epoch))
-    contestant.close = gate.close  # type: ignore[attr-defined]
+    contestant = gate.contestant(
+        name, trainer, make_experiment(args.hidden), dm, n_steps * args.batch_size
+    )
     return contestant
 
 
