@@ -120,6 +120,20 @@ class Regression(solstice.Experiment):
         return {"prediction": jax.vmap(self.model)(x)[:, 0], "input": x}
 
 
+class NoOptimizer(solstice.Experiment):
+    """Updates its weights by hand: no `solstice.Optimizer` for the Trainer to tap."""
+
+    w: jax.Array
+
+    def train_step(self, batch):
+        x, y = batch
+        grad = jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(self.w)
+        return NoOptimizer(self.w - 0.1 * grad), SquaredError(grad)
+
+    def eval_step(self, batch):
+        return SquaredError(jnp.zeros(1))
+
+
 def regression(structure="tuple", seed=0, lr=0.05):
     model = eqx.nn.Linear(3, 1, key=jax.random.key(seed))
     return Regression(model, solstice.OptaxOptimizer(optax.sgd(lr), model), structure)

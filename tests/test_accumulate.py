@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import Regression, SquaredError, params_of, regression_split
+from helpers import NoOptimizer, Regression, params_of, regression_split
 
 import solstice
 from solstice.callbacks import Callback, ModelCheckpoint
@@ -209,18 +209,6 @@ def test_a_resume_with_another_k_refuses_mid_epoch_and_warns_between_epochs(tmp_
     end = run(2, 4, mid, every_epoch=True)  # saved at the end of epoch 0
     with pytest.warns(RuntimeWarning, match="`accumulate_grad_batches` 2 in the checkpoint, 4 now"):
         run(4, 5, end)
-
-
-class NoOptimizer(solstice.Experiment):
-    w: jax.Array
-
-    def train_step(self, batch):
-        x, y = batch
-        grad = jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(self.w)
-        return NoOptimizer(self.w - 0.1 * grad), SquaredError(grad)
-
-    def eval_step(self, batch):
-        return SquaredError(jnp.zeros(1))
 
 
 def test_an_experiment_without_a_solstice_optimizer_is_told_the_multisteps_recipe():

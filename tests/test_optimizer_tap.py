@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import SquaredError, regression, regression_split
+from helpers import NoOptimizer, regression, regression_split
 
 import solstice
 from solstice.datamodules import ArrayDataModule
@@ -71,18 +71,6 @@ def test_tap_records_the_gradients_params_and_updates_of_the_step():
     for a, b in zip(jax.tree.leaves(trained.model), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     assert type(trained.optimizer) is solstice.OptaxOptimizer
-
-
-class NoOptimizer(solstice.Experiment):
-    w: jax.Array
-
-    def train_step(self, batch):
-        x, y = batch
-        grad = jax.grad(lambda w: jnp.mean((x @ w - y) ** 2))(self.w)
-        return NoOptimizer(self.w - 0.1 * grad), SquaredError(grad)
-
-    def eval_step(self, batch):
-        return SquaredError(jnp.zeros(1))
 
 
 def test_an_experiment_without_an_optimizer_is_reported_before_training():
