@@ -21,6 +21,7 @@ log = logging.getLogger("solstice")
 #: and no `detect_anomaly` (the sweep runs the loss into divergence on purpose).
 SWEEP_SETTINGS = (
     "devices",
+    "mesh",
     "seed",
     "steps_per_execution",
     "prefetch",
@@ -40,6 +41,7 @@ def _settings(trainer_or_settings: Any) -> dict[str, Any]:
         t = trainer_or_settings
         return {
             "devices": t.devices,
+            "mesh": t.mesh,
             "seed": t.seed,
             "steps_per_execution": t.steps_per_execution,
             "prefetch": t.prefetch,
