@@ -222,3 +222,21 @@ def test_two_processes_on_a_2x2_mesh_train_like_one_device(one_device, tmp_path)
             got = [npz[f"param{k}"] for k in range(len(expected))]
         for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------- the example
+
+
+def test_tensor_parallel_example_smoke(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "tensor_parallel.py"
+    spec = importlib.util.spec_from_file_location("tensor_parallel_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--smoke"])  # 4 steps on the 2x2 mesh (conftest gives 4 devices)
+    out = capsys.readouterr().out
+    assert out.startswith("mesh: data=2, model=2")
+    assert ".model.attention.query_proj.weight" in out and "P('model', None)" in out
+    assert "P(('model', 'data'), None)" in out  # the MLP's first layer: TP, then FSDP
+    assert "tensor parallel on {'data': 2, 'model': 2}: train/loss_epoch" in out

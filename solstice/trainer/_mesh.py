@@ -146,7 +146,7 @@ def _check_layout(mesh: Mesh, data: str) -> None:
     """Raise unless every slice of the data axis lies within one process and process `p`
     holds the `p`-th block of them (how each process's share of a batch is placed)."""
     grid = np.moveaxis(mesh.devices, list(mesh.axis_names).index(data), 0)
-    owners = [{d.process_index for d in row.flat} for row in grid]
+    owners = [{d.process_index for d in row} for row in grid.reshape(len(grid), -1)]
     if any(len(o) > 1 for o in owners):
         spread = next(sorted(o) for o in owners if len(o) > 1)
         raise ValueError(

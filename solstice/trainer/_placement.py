@@ -111,16 +111,12 @@ class Placement:
         the data axis."""
         n = self.local_data_shards
         if size % n != 0:
-            axes = (
-                ""
-                if len(self.mesh.axis_names) == 1
-                else f" (the {self.data_axis!r} axis of the mesh)"
-            )
+            axes = "" if len(self.mesh.axis_names) == 1 else f" of the {self.data_axis!r} axis"
             raise ValueError(
-                f"The batch size {size} is not divisible by the number of devices it is "
-                f"split over, {n}{axes}: the batch axis is split evenly across them. Use a "
-                f"batch size that is a multiple of {n} (for example {size - size % n or n}), "
-                "or pass fewer `devices=` (or a smaller data axis in `mesh=`)."
+                f"The batch size {size} is not divisible by the number of devices {n}{axes}: "
+                "the batch axis is split evenly across them. Use a batch size that is a "
+                f"multiple of {n} (for example {size - size % n or n}), or pass fewer "
+                "`devices=` (or a smaller data axis in `mesh=`)."
             )
 
     # ------------------------------------------------------------------ batches

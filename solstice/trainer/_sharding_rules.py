@@ -265,6 +265,11 @@ def check_sharding_rules(rules: Any) -> tuple[Any, ...]:
     return tuple(rules)
 
 
+def _padded(spec: PartitionSpec, ndim: int) -> PartitionSpec:
+    """`spec` with one entry per axis (jit writes `P('model',)` for `P('model', None)`)."""
+    return PartitionSpec(*spec, *([None] * (ndim - len(spec))))
+
+
 def describe_shardings(tree: PyTree, shardings: PyTree) -> str:
     """A table of every array: path, shape, spec and the bytes each device holds, under a
     line naming the mesh's axes and sizes."""
@@ -280,7 +285,8 @@ def describe_shardings(tree: PyTree, shardings: PyTree) -> str:
         local = math.prod(s.shard_shape(shape)) * (nbytes // max(1, math.prod(shape)))
         total += nbytes
         per_device += local
-        rows.append(f"{jax.tree_util.keystr(path):<60} {shape!s:<16} {s.spec!s:<28} {local:>10}")
+        spec = _padded(s.spec, len(shape)) if hasattr(s, "spec") else s
+        rows.append(f"{jax.tree_util.keystr(path):<60} {shape!s:<16} {spec!s:<28} {local:>10}")
     header = f"{'array':<60} {'shape':<16} {'spec':<28} {'bytes/dev':>10}"
     footer = f"total {total} bytes; {per_device} bytes per device"
     return "\n".join([f"mesh: {axes or '(none)'}", header, *rows, footer])
