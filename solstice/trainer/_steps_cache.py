@@ -22,7 +22,10 @@ class StepsCache:
     """The last compiled steps, and the trace log of their functions."""
 
     def __init__(
-        self, placement: Placement, sharding_rules: Sequence[ShardingRule | TreeRule], policy: Policy
+        self,
+        placement: Placement,
+        sharding_rules: Sequence[ShardingRule | TreeRule],
+        policy: Policy,
     ):
         self.placement = placement
         self.sharding_rules = sharding_rules
