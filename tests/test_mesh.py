@@ -240,3 +240,20 @@ def test_tensor_parallel_example_smoke(capsys):
     assert ".model.attention.query_proj.weight" in out and "P('model', None)" in out
     assert "P(('model', 'data'), None)" in out  # the MLP's first layer: TP, then FSDP
     assert "tensor parallel on {'data': 2, 'model': 2}: train/loss_epoch" in out
+
+
+# ---------------------------------------------------------------- the docs
+
+
+def test_scaling_docs_mesh_section_runs():
+    from test_docs import python_blocks
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
+    lines = page.read_text(encoding="utf-8").splitlines()
+    start = lines.index("## Meshes: data and model axes")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    blocks = [(line, code) for line, code in python_blocks(page) if start < line < end]
+    assert blocks  # the section's ```python blocks, run in one namespace
+    namespace: dict = {}
+    for line, code in blocks:  # (compiled at their real line numbers, for tracebacks)
+        exec(compile("\n" * line + code, str(page), "exec"), namespace)
