@@ -79,7 +79,10 @@ def _fit_one_step(batch_size=16, **kw):
 
 @pytest.fixture(scope="module")
 def one_device():
-    return solstice.Trainer(devices=1, **SETTINGS).fit(experiment(), datamodule())
+    """The one-device run, and its test metrics (70 rows: a short, padded last batch)."""
+    trainer = solstice.Trainer(devices=1, **SETTINGS)
+    fitted = trainer.fit(experiment(), datamodule())
+    return fitted, trainer.test(fitted, datamodule(test=blobs(70, dim=16, seed=2)))
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +98,20 @@ def on_mesh(tmp_path_factory):
     full = trainer()
     fitted = full.fit(experiment(), datamodule(on_device=True, mesh=full.mesh))
     table = full.describe_shardings()
+    test = datamodule(test=blobs(70, dim=16, seed=2), on_device=True, mesh=full.mesh)
+    metrics = full.test(fitted, test)
     (step2,) = [p for p in out.iterdir() if "step=2" in p.name]
     resumed = trainer().fit(experiment(), datamodule(), ckpt_path=step2)
-    return fitted, table, resumed
+    return fitted, table, resumed, metrics
 
 
 def test_mesh_with_tensor_parallelism_trains_like_one_device(one_device, on_mesh):
-    fitted, table, _ = on_mesh
-    for a, b in zip(params_of(fitted), params_of(one_device), strict=True):
+    fitted, table, _, metrics = on_mesh
+    for a, b in zip(params_of(fitted), params_of(one_device[0]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    assert metrics.keys() == one_device[1].keys()
+    for name, value in one_device[1].items():  # every test row counted once, as on 1 device
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
     model = fitted.model
 
     def spec(x):  # the spec of `x`, without trailing `None`s (jit may drop them)
@@ -134,7 +142,7 @@ def test_mesh_with_tensor_parallelism_trains_like_one_device(one_device, on_mesh
 
 
 def test_mesh_checkpoint_resumes_bit_for_bit(on_mesh):
-    fitted, _, resumed = on_mesh
+    fitted, _, resumed, _ = on_mesh
     leaves = [jax.tree.leaves(eqx.filter(e, eqx.is_array)) for e in (resumed, fitted)]
     for a, b in zip(*leaves, strict=True):
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
@@ -211,7 +219,7 @@ def test_two_processes_on_a_2x2_mesh_train_like_one_device(one_device, tmp_path)
         timeout=180,
         cwd=WORKER.parent,
     )
-    expected = [np.asarray(p) for p in params_of(one_device)]
+    expected = [np.asarray(p) for p in params_of(one_device[0])]
     for i in range(2):
         info = json.loads((tmp_path / f"{i}.json").read_text())
         # the data axis across the processes, the model axis within each
