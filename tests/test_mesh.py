@@ -8,6 +8,7 @@ The same with 2 processes of 2 devices each (one subprocess pair, `mesh_worker.p
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import equinox as eqx
@@ -78,6 +79,32 @@ def _fit_one_step(batch_size=16, **kw):
 
 
 @pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """2 processes of 2 devices each (`mesh_worker.py`), started at once and left running in
+    a thread (the first test asks for them, so that they compile while it does); the test of
+    their results joins the thread. `(out_dir, thread, [error])`."""
+    from test_multiprocess import _free_port
+
+    out = tmp_path_factory.mktemp("two_processes")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 2 devices each
+    env["JAX_PLATFORMS"] = "cpu"
+    command = [sys.executable, str(WORKER), "{}", "2", str(_free_port()), str(out)]
+    failure: list[BaseException] = []
+
+    def launch():
+        try:
+            commands = [[a.format(i) for a in command] for i in range(2)]
+            run_processes(commands, env=env, timeout=240, cwd=WORKER.parent)
+        except BaseException as error:  # noqa: BLE001 - raised by the test that reads them
+            failure.append(error)
+
+    thread = threading.Thread(target=launch, daemon=True)
+    thread.start()
+    yield out, thread, failure
+    thread.join()  # (never leave the processes behind)
+
+
+@pytest.fixture(scope="module")
 def one_device():
     """The one-device run, and its test metrics (70 rows: a short, padded last batch)."""
     trainer = solstice.Trainer(devices=1, **SETTINGS)
@@ -105,7 +132,7 @@ def on_mesh(tmp_path_factory):
     return fitted, table, resumed, metrics
 
 
-def test_mesh_with_tensor_parallelism_trains_like_one_device(one_device, on_mesh):
+def test_mesh_with_tensor_parallelism_trains_like_one_device(two_processes, one_device, on_mesh):
     fitted, table, _, metrics = on_mesh
     for a, b in zip(params_of(fitted), params_of(one_device[0]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
@@ -175,6 +202,28 @@ def test_mesh_arguments_errors_teach():
         _fit_one_step(mesh={"model": 2, "data": 2}, batch_size=5)
 
 
+class _Holder(eqx.Module):
+    layers: tuple
+
+
+class _Weight(eqx.Module):
+    weight: jax.Array
+
+
+def test_tensor_parallel_matches_state_by_the_parameters_path():
+    from solstice.trainer._sharding_rules import experiment_shardings
+
+    mesh = Placement(mesh={"data": 2, "model": 2}).mesh
+    mlp = eqx.filter(eqx.nn.MLP(8, 4, 16, 1, key=jax.random.key(0)), eqx.is_array)
+    w0, w1 = (layer.weight for layer in mlp.layers)
+    # state that lost the modules' types but kept the model's paths: split like them
+    tree = {"model": mlp, "mu": _Holder((_Weight(w0), _Weight(w1))), "other": _Weight(w1)}
+    specs = experiment_shardings(tree, mesh, [solstice.TensorParallel()])
+    assert specs["mu"].layers[0].weight.spec == P("model", None)  # column, as layers[0]
+    assert specs["mu"].layers[1].weight.spec == P(None, "model")  # row, as layers[1]
+    assert specs["other"].weight.spec == P()  # another path: not a parameter's
+
+
 def test_tensor_parallel_errors_name_array_shape_and_axis():
     from solstice.trainer._sharding_rules import experiment_shardings
 
@@ -206,27 +255,19 @@ def test_explicit_mesh_and_dict_mesh_place_batches_over_the_data_axis():
 # ---------------------------------------------------------------- 2 processes x 2 devices
 
 
-def test_two_processes_on_a_2x2_mesh_train_like_one_device(one_device, tmp_path):
-    from test_multiprocess import _free_port
-
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 2 devices each
-    env["JAX_PLATFORMS"] = "cpu"
-    port = _free_port()
-    command = [sys.executable, str(WORKER), "{}", "2", str(port), str(tmp_path)]
-    run_processes(
-        [[a.format(i) for a in command] for i in range(2)],
-        env=env,
-        timeout=180,
-        cwd=WORKER.parent,
-    )
+def test_two_processes_on_a_2x2_mesh_train_like_one_device(two_processes, one_device):
+    out, thread, failure = two_processes
+    thread.join()
+    if failure:
+        raise failure[0]
     expected = [np.asarray(p) for p in params_of(one_device[0])]
     for i in range(2):
-        info = json.loads((tmp_path / f"{i}.json").read_text())
+        info = json.loads((out / f"{i}.json").read_text())
         # the data axis across the processes, the model axis within each
         assert info["axis_names"] == ["data", "model"]
         assert info["processes_by_data_slice"] == [[0], [1]]
         assert info["big_shard_nbytes"] == [info["big_nbytes"] // 4]
-        with np.load(tmp_path / f"{i}.npz") as npz:
+        with np.load(out / f"{i}.npz") as npz:
             got = [npz[f"param{k}"] for k in range(len(expected))]
         for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

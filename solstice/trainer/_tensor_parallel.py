@@ -40,8 +40,9 @@ class TensorParallel(TreeRule):
     - a lone `eqx.nn.Linear` whose path matches a pattern of `linear`.
 
     Optimizer state shaped like the model (Adam's `mu`, `nu`, ...) is split like the
-    parameters: it holds the same modules. An array of the same shape whose path ends like a
-    split parameter's (at least its last two keys) is split the same way too. Every other
+    parameters: it holds the same modules. So is an array of the parameter's shape whose path
+    ends with the parameter's path less its first key (the experiment's field), e.g.
+    `.optimizer.state.mu.mlp.layers[0].weight` for `.model.mlp.layers[0].weight`. Every other
     array is left to the next rule (see `Combined` to add FSDP over the data axis).
 
     **Arguments:**
@@ -137,10 +138,19 @@ def _keys(path: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class _BySplit:
-    """The specs `TensorParallel.prepare` found, as a rule: by exact path, else by the
-    longest path ending (two keys or more) of a split array of the same shape."""
+    """The specs `TensorParallel.prepare` found, as a rule: by exact path, else for an array
+    of the same shape whose path ends with a split array's path less its first key (the
+    experiment's field: `.model`), as optimizer state built on the model has it."""
 
     specs: dict[str, tuple[tuple[int, ...], PartitionSpec]]
+
+    def __post_init__(self) -> None:
+        within = {}
+        for path, (shape, spec) in self.specs.items():
+            keys = _keys(path)
+            if len(keys) > 1:
+                within["".join(keys[1:])] = (shape, spec)
+        object.__setattr__(self, "_within", within)
 
     def __call__(
         self, path: str, shape: tuple[int, ...], dtype: Any, mesh: Mesh
@@ -148,14 +158,9 @@ class _BySplit:
         found = self.specs.get(path)
         if found is not None:
             return found[1]
-        best: tuple[int, PartitionSpec] | None = None
-        for known, (known_shape, spec) in self.specs.items():
-            if known_shape != shape:
-                continue
-            keys = _keys(known)
-            for start in range(len(keys) - 1):
-                if path.endswith("".join(keys[start:])):
-                    if best is None or len(keys) - start > best[0]:
-                        best = (len(keys) - start, spec)
-                    break
-        return None if best is None else best[1]
+        keys = _keys(path)
+        for start in range(1, len(keys)):
+            found = self._within.get("".join(keys[start:]))  # type: ignore[attr-defined]
+            if found is not None and found[0] == shape:
+                return found[1]
+        return None
