@@ -2,12 +2,12 @@
 
 One code path serves one device, several local devices and several processes: batches are
 split over the mesh's data axis (`"batch"`, the one axis of the default mesh, or `"data"` of
-a mesh with more axes, such as `{"data": 2, "model": 2}`) and copied over its other axes. With
-several processes
-(`jax.process_count() > 1`, after `jax.distributed.initialize()`) each process holds only its
-own devices' shards, so nothing here may `jax.device_put` a process-local `jax.Array` onto the
-global mesh: host values are assembled with `jax.make_array_from_process_local_data`, and
-global arrays are resharded by a compiled identity that every process runs.
+a mesh with more axes, such as `{"data": 2, "model": 2}`) and copied over its other axes.
+With several processes (`jax.process_count() > 1`, after `jax.distributed.initialize()`)
+each process holds only its own devices' shards, so nothing here may `jax.device_put` a
+process-local `jax.Array` onto the global mesh: host values are assembled with
+`jax.make_array_from_process_local_data`, and global arrays are resharded by a compiled
+identity that every process runs.
 """
 
 import functools
