@@ -232,6 +232,11 @@ def test_tensor_parallel_errors_name_array_shape_and_axis():
     mlp = eqx.nn.MLP(8, 4, 6, 1, key=jax.random.key(0))  # (6, 8) column: 6 rows over 4
     with pytest.raises(ValueError, match=r"`\.layers\[0\]\.weight` \(shape \(6, 8\)\) over 4 "):
         experiment_shardings(eqx.filter(mlp, eqx.is_array), mesh, [tp])
+    twice = solstice.Combined(
+        solstice.ByPath([("w", P("model"))]), solstice.ByPath([("w", P(None, "model"))])
+    )
+    with pytest.raises(ValueError, match=r"split `\['w'\]` \(shape \(8, 8\)\) over mesh axis"):
+        experiment_shardings({"w": np.zeros((8, 8), np.float32)}, mesh, [twice])
     mha = eqx.nn.MultiheadAttention(2, 8, key=jax.random.key(0))
     with pytest.raises(ValueError, match="it has 2 heads. Use a number of heads that is a"):
         experiment_shardings(eqx.filter(mha, eqx.is_array), mesh, [tp])
