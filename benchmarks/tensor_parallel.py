@@ -74,9 +74,9 @@ class Probe(solstice.callbacks.Callback):
 
 
 def main() -> None:
+    ex = example()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    n = jax.device_count()
-    parser.add_argument("--mesh", default=f"data={max(1, n // 2)},model={min(n, 2)}")
+    parser.add_argument("--mesh", default=ex.default_mesh(), help="axis=size pairs")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -84,7 +84,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-size", type=int, default=2**12, help="FSDP's min_size")
     args = parser.parse_args()
-    ex = example()
     mesh = ex.parse_mesh(args.mesh)
     print(machine())
     print(

@@ -2,7 +2,7 @@
 
 Each 8x8 digit (scikit-learn's real handwritten digits, offline) is read as a sequence of 8
 row tokens; a transformer block (self-attention and an MLP, Equinox modules) classifies it.
-The Trainer gets a mesh with named axes, `{"data": 2, "model": 2}` by default: batches are
+The Trainer gets a mesh with named axes, `{"data": 2, "model": 2}` on 4 devices: batches are
 split over "data", and `solstice.TensorParallel` splits the attention's query/key/value
 projections and the MLP's first layer by output features (column-parallel) and the output
 projection and the MLP's second layer by input features (row-parallel) over "model"
@@ -76,6 +76,13 @@ def sharding_rules(fsdp: bool, min_size: int = 2**10) -> list:
     return [solstice.Combined(tp, solstice.FullySharded(axis="data", min_size=min_size))]
 
 
+def default_mesh() -> str:
+    """`data=N/2,model=2` over every device (`data=2,model=2` on 4), or `data=N,model=1`
+    for an odd number of devices."""
+    model = 2 if jax.device_count() % 2 == 0 else 1
+    return f"data={jax.device_count() // model},model={model}"
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """`"data=2,model=2"` -> `{"data": 2, "model": 2}` (a size may be -1: the rest)."""
     try:
@@ -108,7 +115,7 @@ def train(args: argparse.Namespace, mesh: dict | None, rules: list) -> tuple:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mesh", default="data=2,model=2", help="axis=size pairs")
+    parser.add_argument("--mesh", default=default_mesh(), help="axis=size pairs")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=10)

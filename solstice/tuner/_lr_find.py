@@ -117,7 +117,7 @@ def lr_find(
 
     **Arguments:**
 
-    - `trainer_or_settings`: a `solstice.Trainer` (its devices, seed, `steps_per_execution`,
+    - `trainer_or_settings`: a `solstice.Trainer` (its devices, mesh, seed, `steps_per_execution`,
       `limit_train_batches`, ... are copied) or a dict of those Trainer keyword arguments.
     - `experiment`, `datamodule`: as for `Trainer.fit`.
     - `min_lr`, `max_lr`: the rate of the first and of the last step.
