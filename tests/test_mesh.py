@@ -7,6 +7,7 @@ The same with 2 processes of 2 devices each (one subprocess pair, `mesh_worker.p
 
 import json
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -83,12 +84,13 @@ def two_processes(tmp_path_factory):
     """2 processes of 2 devices each (`mesh_worker.py`), started at once and left running in
     a thread (the first test asks for them, so that they compile while it does); the test of
     their results joins the thread. `(out_dir, thread, [error])`."""
-    from test_multiprocess import _free_port
-
     out = tmp_path_factory.mktemp("two_processes")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 2 devices each
     env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, str(WORKER), "{}", "2", str(_free_port()), str(out)]
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, str(WORKER), "{}", "2", str(port), str(out)]
     failure: list[BaseException] = []
 
     def launch():
