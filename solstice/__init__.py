@@ -42,7 +42,9 @@ from .loggers import (
     WandBLogger as WandBLogger,
 )
 from .trainer import ByPath as ByPath
+from .trainer import Combined as Combined
 from .trainer import FullySharded as FullySharded
 from .trainer import ResumeReport as ResumeReport
+from .trainer import TensorParallel as TensorParallel
 from .trainer import Trainer as Trainer
 from .trainer import check_resume as check_resume

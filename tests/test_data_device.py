@@ -74,7 +74,7 @@ def test_device_mode_argument_errors():
     two = Mesh(np.asarray(jax.devices()[:2]), ("batch",))
     with pytest.raises(ValueError, match="Batch size 5 .* multiple of 2"):
         ArrayDataModule(train=data, batch_size=5, on_device=True, mesh=two)
-    with pytest.raises(ValueError, match="no `batch` axis"):
+    with pytest.raises(ValueError, match=r"axes \('x',\) but no data axis"):
         ArrayDataModule(
             train=data, batch_size=8, on_device=True, mesh=Mesh(np.asarray(jax.devices()), ("x",))
         )

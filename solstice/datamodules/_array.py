@@ -40,9 +40,9 @@ class ArrayDataModule(DataModule):
     - `shuffle`: shuffle training batches each epoch.
     - `seed`: fixes the order (and the keys of `augment`).
     - `on_device`: keep the data on the devices and gather batches there.
-    - `mesh`: the devices for `on_device` (a `jax.sharding.Mesh` with a `"batch"` axis);
-      default: every device, which is the Trainer's default. Pass the Trainer's mesh if it
-      uses other devices.
+    - `mesh`: the devices for `on_device` (a `jax.sharding.Mesh` with a `"batch"` or
+      `"data"` axis); default: every device, which is the Trainer's default. Pass the
+      Trainer's mesh (`trainer.mesh`) if it uses other devices or a mesh of several axes.
     - `transform`: optional deterministic function applied to every batch after gathering and
       padding: to numpy arrays in host mode, to jax arrays inside the compiled gather in device
       mode. Write it with operations both support (arithmetic, indexing, `.astype`), or branch

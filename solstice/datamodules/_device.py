@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
 from .._checks import check_int
+from .._mesh_axes import data_axis
 from ._batching import batch_size_of
 from ._order import OrderedLoader
 
@@ -24,19 +25,16 @@ def default_mesh() -> Mesh:
 
 
 def check_mesh(mesh: Mesh, batch_size: int) -> None:
-    """Raise unless `mesh` has a `"batch"` axis that splits `batch_size` evenly."""
+    """Raise unless `mesh` has a data axis (`"data"` or `"batch"`) that splits `batch_size`
+    evenly."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"`mesh` must be a `jax.sharding.Mesh`, got {type(mesh).__name__}.")
-    if BATCH_AXIS not in mesh.shape:
-        raise ValueError(
-            f"The device mesh has axes {tuple(mesh.shape)} but no `{BATCH_AXIS}` axis to "
-            f"split batches over; build it with `Mesh(devices, ({BATCH_AXIS!r},))`."
-        )
-    n = mesh.shape[BATCH_AXIS]
+    axis = data_axis(mesh)
+    n = mesh.shape[axis]
     if batch_size % n != 0:
         raise ValueError(
             f"Batch size {batch_size} does not split evenly over the {n} devices of the "
-            f"mesh's {BATCH_AXIS!r} axis; use a multiple of {n} or a smaller `mesh`."
+            f"mesh's {axis!r} axis; use a multiple of {n} or a smaller `mesh`."
         )
 
 
@@ -101,7 +99,7 @@ class DeviceBatchLoader(OrderedLoader):
     is the host `BatchLoader`'s (same `(seed, epoch)` permutation, same short last batch), so
     host and device mode give identical batches; here they are `jax.Array`s of the *global*
     batch, sharded along the leading axis with `NamedSharding(mesh, PartitionSpec("batch"))`
-    (each process's devices hold that process's share), which is how the Trainer places
+    (or `"data"`: the mesh's data axis; each process's devices hold that process's share), which is how the Trainer places
     batches, so placing them again is free. A short last evaluation batch whose size does
     not split over the mesh is replicated instead (every device holds all of its rows).
 
@@ -110,8 +108,9 @@ class DeviceBatchLoader(OrderedLoader):
     - `arrays`: pytree of arrays sharing a leading axis. Host arrays are uploaded here,
       replicated over `mesh`; pass arrays already uploaded (`put_replicated`) to share one
       upload between epochs, as `ArrayDataModule` does.
-    - `batch_size`: global batch size; a multiple of the mesh's `"batch"` axis.
-    - `mesh`: the devices; `None` = every device, as the Trainer uses by default.
+    - `batch_size`: global batch size; a multiple of the size of the mesh's data axis.
+    - `mesh`: the devices; `None` = every device, as the Trainer uses by default. Its data
+      axis is `"data"` if it has one, else `"batch"` (copies are kept over the others).
     - `shuffle`, `seed`, `epoch`, `drop_last`: as in `BatchLoader`.
     - `transform`: optional function applied to every gathered batch inside the compiled
       gather (jax arrays in and out), e.g. `PixelDecode`. It must be hashable (functions and
@@ -158,7 +157,8 @@ class DeviceBatchLoader(OrderedLoader):
             epoch=epoch,
         )
         self.transform = transform
-        self.sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
+        self.data_axis = data_axis(self.mesh)
+        self.sharding = NamedSharding(self.mesh, PartitionSpec(self.data_axis))
 
     def device_epoch(self, first_step: int) -> tuple[DeviceGather, dict[str, Any]]:
         """This epoch's full batches as `(gather, data)` for gathering inside a compiled step.
@@ -168,7 +168,7 @@ class DeviceBatchLoader(OrderedLoader):
         `step`, equal to the one `iter_from` yields for it. A short last evaluation batch is
         not part of it (`iter_from` yields it).
         """
-        by_batch = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
+        by_batch = NamedSharding(self.mesh, PartitionSpec(None, self.data_axis))
         indices = jax.device_put(self.order.full_batches(), by_batch)
         first = jax.device_put(np.int32(first_step), NamedSharding(self.mesh, PartitionSpec()))
         gather = DeviceGather(self.sharding, self.transform)
@@ -179,7 +179,7 @@ class DeviceBatchLoader(OrderedLoader):
         splits over the mesh, else replicated."""
         rows = self.order.global_indices(b).astype(np.int32)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        fits = len(rows) % self.mesh.shape[BATCH_AXIS] == 0
+        fits = len(rows) % self.mesh.shape[self.data_axis] == 0
         sharding = self.sharding if fits else replicated
         return _gather_rows(self.arrays, jax.device_put(rows, replicated), sharding, self.transform)
 

@@ -142,7 +142,7 @@ class EvalPreparer:
             check_numeric(batch)
             self.masked = self.honours_mask and isinstance(batch, Mapping)
             single = not placement.multi_process
-            if single and last and not short and size % placement.num_local_devices:
+            if single and last and not short and size % placement.local_data_shards:
                 # A lone batch that does not split over the devices: at its own size.
                 short, self.masked = True, False
             if not (single and short and not self.masked):  # anything else is split

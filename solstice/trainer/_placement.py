@@ -1,15 +1,17 @@
 """Device placement: the mesh, batch sharding, and replication of the experiment.
 
-One code path serves one device, several local devices and several processes: the mesh always
-has one axis, `"batch"`, over every device the Trainer uses. With several processes
-(`jax.process_count() > 1`, after `jax.distributed.initialize()`) each process holds only its
-own devices' shards, so nothing here may `jax.device_put` a process-local `jax.Array` onto the
-global mesh: host values are assembled with `jax.make_array_from_process_local_data`, and
-global arrays are resharded by a compiled identity that every process runs.
+One code path serves one device, several local devices and several processes: batches are
+split over the mesh's data axis (`"batch"`, the one axis of the default mesh, or `"data"` of
+a mesh with more axes, such as `{"data": 2, "model": 2}`) and copied over its other axes.
+With several processes (`jax.process_count() > 1`, after `jax.distributed.initialize()`)
+each process holds only its own devices' shards, so nothing here may `jax.device_put` a
+process-local `jax.Array` onto the global mesh: host values are assembled with
+`jax.make_array_from_process_local_data`, and global arrays are resharded by a compiled
+identity that every process runs.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,53 +20,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
-BATCH_AXIS = "batch"
-
-
-def resolve_devices(devices: "str | int | Sequence[jax.Device]") -> list[jax.Device]:
-    """Turn the Trainer's `devices=` argument into a list of devices.
-
-    `"auto"` means every device of the default backend (all processes' devices after
-    `jax.distributed.initialize()`); an int `n` the first `n` devices of this process; a list
-    is used as given.
-    """
-    if devices == "auto" or devices is None:
-        return list(jax.devices())
-    if (
-        isinstance(devices, bool)
-        or not isinstance(devices, (int, Sequence))
-        or isinstance(devices, str)
-    ):
-        raise TypeError(
-            f"`devices` must be 'auto', a positive int or a list of jax devices, got {devices!r}."
-        )
-    if isinstance(devices, int):
-        available = jax.local_devices()
-        if jax.process_count() > 1:
-            raise ValueError(
-                f"`devices={devices}` is ambiguous with {jax.process_count()} processes: "
-                "every process must use the same global mesh. Use `devices='auto'` (every "
-                "device of every process) or pass the same list of devices in every process."
-            )
-        if not 1 <= devices <= len(available):
-            raise ValueError(
-                f"`devices={devices}` but this process has {len(available)} device(s) "
-                f"({available[0].platform}). Use a number from 1 to {len(available)} or "
-                "'auto'. On CPU, more devices can be faked with "
-                "`XLA_FLAGS=--xla_force_host_platform_device_count=N`."
-            )
-        return list(available[:devices])
-    devs = list(devices)
-    if not devs or not all(isinstance(d, jax.Device) for d in devs):
-        raise TypeError(f"`devices` list must hold jax devices, got {devices!r}.")
-    if len(set(devs)) != len(devs):
-        raise ValueError(f"`devices` lists a device more than once: {devs!r}.")
-    if not any(d.process_index == jax.process_index() for d in devs):
-        raise ValueError(
-            f"None of `devices` belongs to this process (process {jax.process_index()}); "
-            "every process must take part in the mesh. Use `devices='auto'`."
-        )
-    return devs
+from .._mesh_axes import data_axis
+from ._mesh import BATCH_AXIS as BATCH_AXIS
+from ._mesh import build_mesh
+from ._mesh import resolve_devices as resolve_devices
 
 
 def is_device_batch(batch: PyTree) -> bool:
@@ -92,7 +51,8 @@ def _fresh_copy(x: Any) -> Any:
 
 
 class Placement:
-    """Puts batches on a 1-D `Mesh` (axis `"batch"`) and replicates the experiment.
+    """Puts batches on the Trainer's `Mesh`, split over its data axis, and places the
+    experiment (replicated, or split by sharding rules).
 
     One device is the degenerate case of the same code. With several processes each process
     provides its share of every global batch (`jax.make_array_from_process_local_data`), and
@@ -102,6 +62,8 @@ class Placement:
     **Arguments:**
 
     - `devices`: `"auto"`, an int or a list of devices (see `Trainer(devices=...)`).
+    - `mesh`: `None` (a 1-D mesh, axis `"batch"`), a dict of axis sizes or a `Mesh` (see
+      `Trainer(mesh=...)`).
 
     **Example:**
 
@@ -112,33 +74,49 @@ class Placement:
     ```
     """
 
-    def __init__(self, devices: "str | int | Sequence[jax.Device]" = "auto"):
-        self.devices = resolve_devices(devices)
-        self.mesh = Mesh(np.asarray(self.devices), (BATCH_AXIS,))
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
-        self.stacked_batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXIS))
+    def __init__(
+        self,
+        devices: "str | int | Sequence[jax.Device]" = "auto",
+        mesh: "Mapping[str, int] | Mesh | None" = None,
+    ):
+        self.mesh = build_mesh(devices, mesh)
+        self.devices: list[jax.Device] = list(self.mesh.devices.flat)
+        #: The mesh axis batches are split over (copied over the others).
+        self.data_axis = data_axis(self.mesh)
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(self.data_axis))
+        self.stacked_batch_sharding = NamedSharding(self.mesh, PartitionSpec(None, self.data_axis))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.process_count = len({d.process_index for d in self.devices})
         self.multi_process = self.process_count > 1
         # The CPU backend shares suitably aligned host buffers instead of copying them.
         self.on_cpu = all(d.platform == "cpu" for d in self.devices)
         self._index_scalars: list[jax.Array] = []  # see index_scalars
-        local = [d for d in self.devices if d.process_index == jax.process_index()]
-        self.num_local_devices = len(local)
+        #: How many ways the whole batch is split (the size of the data axis).
+        self.data_shards: int = self.mesh.shape[self.data_axis]
+        axis = list(self.mesh.axis_names).index(self.data_axis)
+        mine = {
+            index[axis]
+            for index, d in np.ndenumerate(self.mesh.devices)
+            if d.process_index == jax.process_index()
+        }
+        #: How many ways this process's rows of a batch are split (its data-axis slices).
+        self.local_data_shards: int = len(mine)
 
     @property
     def num_devices(self) -> int:
         return len(self.devices)
 
     def check_local_batch_size(self, size: int) -> None:
-        """Raise `ValueError` unless `size` (this process's rows) splits over its devices."""
-        if size % self.num_local_devices != 0:
+        """Raise `ValueError` unless `size` (this process's rows) splits over its slices of
+        the data axis."""
+        n = self.local_data_shards
+        if size % n != 0:
+            axes = "" if len(self.mesh.axis_names) == 1 else f" of the {self.data_axis!r} axis"
             raise ValueError(
-                f"The batch size {size} is not divisible by the number of devices "
-                f"{self.num_local_devices}: the batch axis is split evenly across devices. "
-                f"Use a batch size that is a multiple of {self.num_local_devices} (for "
-                f"example {size - size % self.num_local_devices or self.num_local_devices}), "
-                "or pass fewer `devices=`."
+                f"The batch size {size} is not divisible by the number of devices {n}{axes}: "
+                "the batch axis is split evenly across them. Use a batch size that is a "
+                f"multiple of {n} (for example {size - size % n or n}), or pass fewer "
+                "`devices=` (or a smaller data axis in `mesh=`)."
             )
 
     # ------------------------------------------------------------------ batches
@@ -163,7 +141,7 @@ class Placement:
         along its leading axis when its rows split over the devices, else replicated (every
         device holds all of it). `owned`: as in `put_batch`."""
         rows = jax.tree.leaves(batch)[0].shape[0]
-        fits = rows % self.num_local_devices == 0
+        fits = rows % self.local_data_shards == 0
         sharding = self.batch_sharding if fits else self.replicated
         return self._put_sharded(batch, sharding, owned=owned)
 
@@ -171,7 +149,7 @@ class Placement:
         """The rows `positions` of a global batch on the mesh, as a new batch (sharded when
         they split over the devices, else replicated). With several processes every process
         must call this with the same positions (a compiled program over the whole mesh)."""
-        fits = len(positions) % self.num_devices == 0
+        fits = len(positions) % self.data_shards == 0
         index = self._put_global(np.asarray(positions, np.int32), self.replicated)
         return _take_rows(batch, index, self.batch_sharding if fits else self.replicated)
 

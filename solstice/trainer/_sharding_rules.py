@@ -9,7 +9,10 @@ step: under `jax.jit`, XLA's SPMD partitioner sees the shardings and inserts the
 A rule is any callable `rule(path, shape, dtype, mesh) -> PartitionSpec | None`; `None` means
 "not mine", and the next rule is asked; an array no rule claims is replicated. Rules only see
 shapes, so the optimizer state (Adam's `mu`, `nu`), which has its parameters' shapes, is
-sharded like the parameters.
+sharded like the parameters. A `TreeRule` (such as `TensorParallel`) first looks at the whole
+experiment once (`prepare`), to learn which arrays belong to which module. `Combined` applies
+several rules to the same array, each over the axes the earlier ones left: tensor
+parallelism over the mesh's `"model"` axis and FSDP over its `"data"` axis, for example.
 
 **Example:**
 
@@ -22,6 +25,7 @@ print(trainer.describe_shardings())   # path, shape, spec and bytes per device o
 ```
 """
 
+import abc
 import dataclasses
 import math
 import re
@@ -32,6 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
+
+from .._mesh_axes import data_axis
 
 ShardingRule = Callable[[str, tuple[int, ...], Any, Mesh], "PartitionSpec | None"]
 
@@ -47,24 +53,33 @@ class FullySharded:
     **Arguments:**
 
     - `min_size`: arrays with fewer elements stay replicated (biases, norms, scalars: their
-      all-gathers would cost more than the memory they save).
-    - `axis`: the mesh axis to split over (the Trainer's mesh has one, `"batch"`).
+      all-gathers would cost more than the memory they save). Inside `Combined`, the
+      elements of what the earlier rules left on each device.
+    - `axis`: the mesh axis to split over; `None` (the default): the axis batches are split
+      over, `"batch"` on the Trainer's default mesh, `"data"` on a mesh such as
+      `{"data": 2, "model": 2}`.
     """
 
     min_size: int = 2**18
-    axis: str = "batch"
+    axis: str | None = None
 
     def __call__(
         self, path: str, shape: tuple[int, ...], dtype: Any, mesh: Mesh
     ) -> PartitionSpec | None:
-        n = mesh.shape[self.axis]
+        axis = data_axis(mesh) if self.axis is None else self.axis
+        if axis not in mesh.shape:
+            raise ValueError(
+                f"`FullySharded(axis={axis!r})`, but the mesh has axes {tuple(mesh.shape)}. "
+                "Name one of them, or leave `axis=None` for the data axis."
+            )
+        n = mesh.shape[axis]
         if n == 1 or math.prod(shape) < self.min_size:
             return None
         # largest axis first; ties: the last one (the output features of a weight matrix)
         for dim in sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True):
             if shape[dim] % n == 0:
                 spec: list[str | None] = [None] * len(shape)
-                spec[dim] = self.axis
+                spec[dim] = axis
                 return PartitionSpec(*spec)
         return None
 
@@ -92,6 +107,86 @@ class ByPath:
         return None
 
 
+class TreeRule(abc.ABC):
+    """A sharding rule that looks at the whole experiment first (e.g. to find its modules).
+
+    The Trainer calls `prepare` once per experiment structure, with the experiment's arrays
+    (`eqx.filter(experiment, eqx.is_array)`: modules keep their types) and the mesh, and asks
+    the rule it returns about each array, as any other rule.
+    """
+
+    @abc.abstractmethod
+    def prepare(self, tree: PyTree, mesh: Mesh) -> ShardingRule:
+        """A plain rule `rule(path, shape, dtype, mesh) -> PartitionSpec | None` for `tree`."""
+
+
+def prepare_rule(rule: "ShardingRule | TreeRule", tree: PyTree, mesh: Mesh) -> ShardingRule:
+    """`rule` ready to be asked about the arrays of `tree` (see `TreeRule`)."""
+    return rule.prepare(tree, mesh) if isinstance(rule, TreeRule) else rule
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Combined(TreeRule):
+    """Several rules applied to the same array, each splitting what the earlier ones left.
+
+    Every rule is asked in turn, with the shape of one device's part after the earlier
+    rules' splits (so `FullySharded` splits the largest axis that is left); their splits are
+    merged into one `PartitionSpec`. Two rules splitting the same array axis split it over
+    both mesh axes (`P(("model", "data"))`); two rules using the same mesh axis on one array
+    are an error. An array no rule claims stays replicated.
+
+    **Arguments:**
+
+    - `*rules`: sharding rules (or `TreeRule`s), in order.
+
+    **Example:**
+
+    ```python
+    # Megatron splits over "model", then FSDP over "data": a large matrix keeps a quarter
+    # of itself on each device of a 2x2 mesh.
+    rules = [solstice.Combined(solstice.TensorParallel(), solstice.FullySharded(axis="data"))]
+    trainer = solstice.Trainer(mesh={"data": 2, "model": 2}, sharding_rules=rules)
+    ```
+    """
+
+    rules: tuple[Any, ...]
+
+    def __init__(self, *rules: "ShardingRule | TreeRule"):
+        object.__setattr__(self, "rules", check_sharding_rules(list(rules)))
+
+    def prepare(self, tree: PyTree, mesh: Mesh) -> ShardingRule:
+        return Combined(*(prepare_rule(rule, tree, mesh) for rule in self.rules))
+
+    def __call__(
+        self, path: str, shape: tuple[int, ...], dtype: Any, mesh: Mesh
+    ) -> PartitionSpec | None:
+        spec: list[tuple[str, ...]] = [()] * len(shape)
+        local, claimed = list(shape), False
+        for rule in self.rules:
+            if isinstance(rule, TreeRule):
+                raise TypeError(f"{rule!r} must be prepared first (`Combined.prepare`).")
+            got = rule(path, tuple(local), dtype, mesh)
+            if got is None:
+                continue
+            _check_spec(path, tuple(local), got, mesh)
+            claimed = True
+            for dim, names in enumerate(got):
+                names = () if names is None else names if isinstance(names, tuple) else (names,)
+                taken = {name for entry in spec for name in entry}
+                if taken & set(names):
+                    raise ValueError(
+                        f"`Combined` rules split `{path}` (shape {shape}) over mesh axis "
+                        f"{sorted(taken & set(names))} twice ({rule!r} gave `{got}`). Give "
+                        "the rules different mesh axes, e.g. `TensorParallel(axis='model')` "
+                        "and `FullySharded(axis='data')`."
+                    )
+                spec[dim] += names
+                local[dim] //= math.prod(mesh.shape[name] for name in names)
+        if not claimed:
+            return None
+        return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else e for e in spec))
+
+
 def _check_spec(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
     if len(spec) > len(shape):
         raise ValueError(
@@ -112,12 +207,15 @@ def _check_spec(path: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Me
         if shape[dim] % size:
             raise ValueError(
                 f"Sharding rule splits axis {dim} of `{path}` (shape {shape}) over {size} "
-                f"devices, but {shape[dim]} is not divisible by {size}. Choose another axis "
-                "or leave this array replicated."
+                f"devices (mesh axis {' x '.join(names)}), but {shape[dim]} is not divisible "
+                f"by {size}. Make that dimension a multiple of {size}, choose another axis "
+                "or a smaller mesh axis, or leave this array replicated."
             )
 
 
-def experiment_shardings(tree: PyTree, mesh: Mesh, rules: Sequence[ShardingRule] = ()) -> PyTree:
+def experiment_shardings(
+    tree: PyTree, mesh: Mesh, rules: "Sequence[ShardingRule | TreeRule]" = ()
+) -> PyTree:
     """A `NamedSharding` for every array of `tree`, from the first rule that claims it.
 
     PRNG keys and arrays no rule claims are replicated (`PartitionSpec()`).
@@ -131,13 +229,14 @@ def experiment_shardings(tree: PyTree, mesh: Mesh, rules: Sequence[ShardingRule]
     **Returns:** a pytree of the same structure, with a `NamedSharding` per leaf.
     """
     replicated = PartitionSpec()
+    prepared = [prepare_rule(rule, tree, mesh) for rule in rules]
 
     def choose(path: tuple, x: Any) -> NamedSharding:
         spec = None
         if not _is_key(x):
             name = jax.tree_util.keystr(path)
             shape = tuple(np.shape(x))
-            for rule in rules:
+            for rule in prepared:
                 spec = rule(name, shape, x.dtype, mesh)
                 if spec is not None:
                     _check_spec(name, shape, spec, mesh)
@@ -147,7 +246,7 @@ def experiment_shardings(tree: PyTree, mesh: Mesh, rules: Sequence[ShardingRule]
     return jax.tree_util.tree_map_with_path(choose, tree)
 
 
-def check_sharding_rules(rules: Any) -> tuple[ShardingRule, ...]:
+def check_sharding_rules(rules: Any) -> tuple[Any, ...]:
     """`rules` as a tuple, or a `TypeError` naming what is not a rule."""
     if rules is None:
         return ()
@@ -157,7 +256,7 @@ def check_sharding_rules(rules: Any) -> tuple[ShardingRule, ...]:
             "a list: `sharding_rules=[solstice.FullySharded()]`."
         )
     for rule in rules:
-        if not callable(rule):
+        if not (callable(rule) or isinstance(rule, TreeRule)):
             raise TypeError(
                 f"`sharding_rules` holds {rule!r} of type {type(rule).__name__}, which is not "
                 "a rule. A rule is a callable `rule(path, shape, dtype, mesh) -> "
@@ -166,8 +265,16 @@ def check_sharding_rules(rules: Any) -> tuple[ShardingRule, ...]:
     return tuple(rules)
 
 
+def _padded(spec: PartitionSpec, ndim: int) -> PartitionSpec:
+    """`spec` with one entry per axis (jit writes `P('model',)` for `P('model', None)`)."""
+    return PartitionSpec(*spec, *([None] * (ndim - len(spec))))
+
+
 def describe_shardings(tree: PyTree, shardings: PyTree) -> str:
-    """A table of every array: path, shape, spec and the bytes each device holds."""
+    """A table of every array: path, shape, spec and the bytes each device holds, under a
+    line naming the mesh's axes and sizes."""
+    meshes = {s.mesh.shape_tuple for s in jax.tree.leaves(shardings) if hasattr(s, "mesh")}
+    axes = ", ".join(f"{n}={k}" for mesh in sorted(meshes) for n, k in mesh)
     rows = []
     total = per_device = 0
     for (path, x), s in zip(
@@ -178,7 +285,8 @@ def describe_shardings(tree: PyTree, shardings: PyTree) -> str:
         local = math.prod(s.shard_shape(shape)) * (nbytes // max(1, math.prod(shape)))
         total += nbytes
         per_device += local
-        rows.append(f"{jax.tree_util.keystr(path):<60} {shape!s:<16} {s.spec!s:<22} {local:>10}")
-    header = f"{'array':<60} {'shape':<16} {'spec':<22} {'bytes/dev':>10}"
+        spec = _padded(s.spec, len(shape)) if hasattr(s, "spec") else s
+        rows.append(f"{jax.tree_util.keystr(path):<60} {shape!s:<16} {spec!s:<28} {local:>10}")
+    header = f"{'array':<60} {'shape':<16} {'spec':<28} {'bytes/dev':>10}"
     footer = f"total {total} bytes; {per_device} bytes per device"
-    return "\n".join([header, *rows, footer])
+    return "\n".join([f"mesh: {axes or '(none)'}", header, *rows, footer])

@@ -14,7 +14,7 @@ from .._in_step import InStep
 from ._compile import CompiledSteps
 from ._placement import Placement
 from ._precision import Policy
-from ._sharding_rules import ShardingRule, experiment_shardings
+from ._sharding_rules import ShardingRule, TreeRule, experiment_shardings
 from ._trace_log import TraceLog
 
 
@@ -22,7 +22,10 @@ class StepsCache:
     """The last compiled steps, and the trace log of their functions."""
 
     def __init__(
-        self, placement: Placement, sharding_rules: Sequence[ShardingRule], policy: Policy
+        self,
+        placement: Placement,
+        sharding_rules: Sequence[ShardingRule | TreeRule],
+        policy: Policy,
     ):
         self.placement = placement
         self.sharding_rules = sharding_rules

@@ -130,7 +130,7 @@ def _gathered(run: "Run", loader: Loader, count: int | None) -> TrainInput | Non
     k = run.trainer.accumulate_grad_batches
     if loader.mesh is None:
         return None
-    if tuple(loader.mesh.devices.flat) != tuple(run.placement.devices):
+    if loader.mesh != run.placement.mesh:
         if "mesh" not in run.trainer._slow_paths_warned:  # once per Trainer
             run.trainer._slow_paths_warned.add("mesh")
             warnings.warn(

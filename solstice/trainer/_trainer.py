@@ -24,7 +24,7 @@ from ._precision import policy_for
 from ._resume import resolve
 from ._run import Run
 from ._run_requests import RunRequests
-from ._sharding_rules import ShardingRule, check_sharding_rules
+from ._sharding_rules import ShardingRule, TreeRule, check_sharding_rules
 from ._steps_cache import StepsCache
 from ._trace_log import TraceLog
 
@@ -62,7 +62,11 @@ class Trainer(RunRequests):
     - `seed`: seed of the Trainer's own randomness (on-device batch transforms).
     - `devices`: `"auto"` (all), an int (the first n) or a list of devices; batches are split
       over them, the experiment replicated, or split by `sharding_rules` (e.g.
-      `[solstice.FullySharded()]`; see `solstice.ByPath`).
+      `[solstice.FullySharded()]`; see `solstice.ByPath`, `solstice.TensorParallel`).
+    - `mesh`: named axes over those devices: a dict of sizes (`{"data": 2, "model": 2}`;
+      one size may be -1, the devices left) or a `jax.sharding.Mesh` (which brings its own
+      devices). Batches are split over the `"data"` axis (the default mesh's one axis is
+      `"batch"`) and copied over the others, which sharding rules can name.
     - `enable_progress_bar`: add a `ProgressBar` unless one is in `callbacks`.
     - `steps_per_execution`: fuse this many training steps into one compiled call
       (`lax.scan`); `log_every_n_steps` must be a multiple of it.
@@ -130,12 +134,13 @@ class Trainer(RunRequests):
         loggers: Sequence[Logger] | None = None,
         seed: int = 0,
         devices: "str | int | Sequence[jax.Device]" = "auto",
+        mesh: "Mapping[str, int] | jax.sharding.Mesh | None" = None,
         enable_progress_bar: bool = True,
         steps_per_execution: int = 1,
         accumulate_grad_batches: int = 1,
         prefetch: int = 2,
         compilation_cache: "bool | str" = True,
-        sharding_rules: Sequence[ShardingRule] = (),
+        sharding_rules: Sequence[ShardingRule | TreeRule] = (),
         detect_anomaly: bool = False,
         precision: str = "32-true",
     ):
@@ -161,7 +166,7 @@ class Trainer(RunRequests):
         self._logging = LoggingCallback(self.loggers, history=self.history)
         self.callbacks: list[Callback] = [*callbacks, self._logging]
         self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
-        self._placement = Placement(devices)
+        self._placement = Placement(devices, mesh)
         self.sharding_rules = check_sharding_rules(sharding_rules)
         self._init_results()
 

@@ -21,6 +21,7 @@ log = logging.getLogger("solstice")
 #: and no `detect_anomaly` (the sweep runs the loss into divergence on purpose).
 SWEEP_SETTINGS = (
     "devices",
+    "mesh",
     "seed",
     "steps_per_execution",
     "prefetch",
@@ -40,6 +41,7 @@ def _settings(trainer_or_settings: Any) -> dict[str, Any]:
         t = trainer_or_settings
         return {
             "devices": t.devices,
+            "mesh": t.mesh,
             "seed": t.seed,
             "steps_per_execution": t.steps_per_execution,
             "prefetch": t.prefetch,
@@ -115,7 +117,7 @@ def lr_find(
 
     **Arguments:**
 
-    - `trainer_or_settings`: a `solstice.Trainer` (its devices, seed, `steps_per_execution`,
+    - `trainer_or_settings`: a `solstice.Trainer` (its devices, mesh, seed, `steps_per_execution`,
       `limit_train_batches`, ... are copied) or a dict of those Trainer keyword arguments.
     - `experiment`, `datamodule`: as for `Trainer.fit`.
     - `min_lr`, `max_lr`: the rate of the first and of the last step.
