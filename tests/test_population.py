@@ -10,7 +10,12 @@ import pytest
 from helpers import blobs_datamodule
 
 import solstice
-from solstice.callbacks import ModelCheckpoint, NormMonitor
+from solstice.callbacks import (
+    Callback,
+    NormMonitor,
+    PopulationCheckpoint,
+    PopulationEarlyStopping,
+)
 
 SIZE = 3
 
@@ -189,17 +194,65 @@ def test_stopped_member_keeps_its_arrays_exactly_and_bootstrap_differs_per_membe
     assert not np.array_equal(jax.random.key_data(new.keys), jax.random.key_data(population.keys))
 
 
-def test_bootstrap_population_resumes_bit_for_bit():
+def test_bootstrap_population_with_early_stopping_resumes_bit_for_bit():
     def make():
         return solstice.Population([_member(i) for i in range(2)], data="bootstrap")
 
-    report = solstice.check_resume(
-        make,
-        blobs_datamodule,
-        _kwargs(max_epochs=1, devices=1, log_every_n_steps=3, limit_val_batches=0),
-        interrupt_at=5,
-    )
+    def kwargs():
+        stopping = PopulationEarlyStopping("val/loss", patience=1, min_delta=0.05)
+        return _kwargs(max_epochs=2, devices=1, log_every_n_steps=3, callbacks=[stopping])
+
+    report = solstice.check_resume(make, blobs_datamodule, kwargs, interrupt_at=10)
     assert report, str(report)
+
+
+# ------------------------------------------------------------------ per-member callbacks
+class _Record(Callback):
+    """Every member's arrays (on the host) at the end of every epoch."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_end(self, trainer, experiment):
+        self.epochs.append([jax.device_get(_arrays(experiment.member(i))) for i in range(SIZE)])
+
+
+def _raw(x):
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+def _equal(a, b):
+    """Whether two lists of arrays (PRNG keys included) are equal bit for bit."""
+    return all(np.array_equal(_raw(x), _raw(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_early_stopping_and_best_checkpoints_per_member(tmp_path):
+    # member 0 never moves its parameters (learning rate 0: constant val loss), so it stops
+    # after `patience` checks; its optimizer state and key would still change if trained
+    population = solstice.Population.build(_sweep_member, lr=[0.0, 0.05, 0.05])
+    stopping = PopulationEarlyStopping("val/loss", patience=2)
+    checkpoint = PopulationCheckpoint(tmp_path, monitor="val/accuracy", mode="max")
+    record = _Record()
+    trainer = solstice.Trainer(**_kwargs(max_epochs=4, callbacks=[stopping, checkpoint, record]))
+    trained = trainer.fit(population, blobs_datamodule())
+    assert stopping.stopped_epochs[0] == 2 and stopping.wait_counts[0] == 2
+    final = [jax.device_get(_arrays(trained.member(i))) for i in range(SIZE)]
+    assert _equal(final[0], record.epochs[2][0])  # kept exactly after its stop
+    assert not _equal(record.epochs[2][0], record.epochs[1][0])  # state moved before it
+    assert not bool(trained.active[0])
+    for i in (1, 2):
+        if stopping.stopped_epochs[i] is None:
+            assert bool(trained.active[i]) and not _equal(final[i], record.epochs[2][i])
+    # each member's best checkpoint holds that member at its best epoch
+    trainer.flush_logs(loggers=False)
+    for i in range(SIZE):
+        accuracies = trainer.history.metrics[f"val/member_{i}/accuracy"]
+        best = checkpoint.best_epochs[i]
+        assert checkpoint.best_scores[i] == pytest.approx(max(accuracies))
+        assert accuracies.index(max(accuracies)) == best
+        loaded = solstice.load(checkpoint.best_paths[i], like=_sweep_member(i, 0.1))
+        assert _equal(jax.device_get(_arrays(loaded)), record.epochs[best][i])
+        assert len(list((tmp_path / f"member_{i}").iterdir())) == 1  # older bests removed
 
 
 # ------------------------------------------------------------------ errors
@@ -239,4 +292,3 @@ def test_a_model_checkpoint_of_a_population_loads_back(fitted, tmp_path):
     _assert_trees_equal(solstice.load(path, like=like), trained)
     member = solstice.save(tmp_path / "member", trained.member(1))
     _assert_trees_equal(solstice.load(member, like=_member(1)), trained.member(1))
-    assert ModelCheckpoint  # (used by the callback tests below)
