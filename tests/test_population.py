@@ -245,6 +245,7 @@ def test_early_stopping_and_best_checkpoints_per_member(tmp_path):
             assert bool(trained.active[i]) and not _equal(final[i], record.epochs[2][i])
     # each member's best checkpoint holds that member at its best epoch
     trainer.flush_logs(loggers=False)
+    assert trainer.history.hparams["population.lr"] == "[0.0, 0.05, 0.05]"
     for i in range(SIZE):
         accuracies = trainer.history.metrics[f"val/member_{i}/accuracy"]
         best = checkpoint.best_epochs[i]
