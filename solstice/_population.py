@@ -83,11 +83,29 @@ def _record(hparams: Mapping[str, Sequence[Any]] | None, size: int) -> tuple:
     return tuple(record)
 
 
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _stack_leaf(values: list[Any]) -> jax.Array:
+    """One stacked array, built on the host (eager `jnp.stack` would compile per shape)."""
+    if _is_key(values[0]):
+        data = np.stack([np.asarray(jr.key_data(v)) for v in values])
+        return jr.wrap_key_data(jnp.asarray(data), impl=jr.key_impl(values[0]))
+    return jnp.asarray(np.stack([np.asarray(v) for v in values]))
+
+
 def _stack(members: Sequence[Experiment]) -> Experiment:
     dyn, static = eqx.partition(members[0], eqx.is_array)
     leaves = [jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in members]
-    stacked = [jnp.stack([jnp.asarray(m[k]) for m in leaves]) for k in range(len(leaves[0]))]
+    stacked = [_stack_leaf([m[k] for m in leaves]) for k in range(len(leaves[0]))]
     return eqx.combine(jax.tree.unflatten(jax.tree.structure(dyn), stacked), static)
+
+
+@jax.jit
+def _take(arrays: PyTree, index: jax.Array) -> PyTree:
+    """Every array's entry `index` of its leading axis: one compiled call for all of them."""
+    return jax.tree.map(lambda x: x[index], arrays)
 
 
 def _keep(active: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -262,7 +280,7 @@ class Population(Experiment):
         """Member `index` as an ordinary experiment (its arrays, the shared non-array part)."""
         self._check_index(index)
         dyn, static = eqx.partition(self.members, eqx.is_array)
-        return eqx.combine(jax.tree.map(lambda x: x[index], dyn), static)
+        return eqx.combine(_take(dyn, jnp.asarray(index, jnp.int32)), static)
 
     def with_active(self, active: Any) -> "Population":
         """This population with `active` (one bool per member) as its active members: the
