@@ -198,8 +198,8 @@ def test_stopped_member_keeps_its_arrays_exactly_and_bootstrap_differs_per_membe
 
 def test_bootstrap_population_with_early_stopping_resumes_bit_for_bit():
     # member 0 (learning rate 0) stops at the check of epoch 1, after the interruption at
-    # step 10: only a restored stopping state (its best score) stops it there again, and
-    # only then are its optimizer state and key kept through epoch 2
+    # step 10: only a restored stopping state (its best score) stops it there again (else
+    # the population's `active` flags differ at the end)
     def make():
         return solstice.Population.build(_sweep_member, lr=[0.0, 0.05], data="bootstrap")
 
@@ -207,7 +207,7 @@ def test_bootstrap_population_with_early_stopping_resumes_bit_for_bit():
 
     def kwargs():
         stoppers.append(PopulationEarlyStopping("val/loss", patience=1))
-        return _kwargs(max_epochs=3, devices=1, log_every_n_steps=3, callbacks=[stoppers[-1]])
+        return _kwargs(max_epochs=2, devices=1, log_every_n_steps=3, callbacks=[stoppers[-1]])
 
     report = solstice.check_resume(make, blobs_datamodule, kwargs, interrupt_at=10)
     assert report, str(report)
@@ -238,19 +238,20 @@ def test_early_stopping_and_best_checkpoints_per_member(tmp_path):
     # member 0 never moves its parameters (learning rate 0: constant val loss), so it stops
     # after `patience` checks; its optimizer state and key would still change if trained
     population = solstice.Population.build(_sweep_member, lr=[0.0, 0.05, 0.05])
-    stopping = PopulationEarlyStopping("val/loss", patience=2)
+    stopping = PopulationEarlyStopping("val/loss", patience=1)
     checkpoint = PopulationCheckpoint(tmp_path, monitor="val/accuracy", mode="max")
     record = _Record()
-    trainer = solstice.Trainer(**_kwargs(max_epochs=4, callbacks=[stopping, checkpoint, record]))
+    trainer = solstice.Trainer(**_kwargs(max_epochs=3, callbacks=[stopping, checkpoint, record]))
     trained = trainer.fit(population, blobs_datamodule())
-    assert stopping.stopped_epochs[0] == 2 and stopping.wait_counts[0] == 2
+    assert stopping.stopped_epochs[0] == 1 and stopping.wait_counts[0] == 1
     final = [jax.device_get(_arrays(trained.member(i))) for i in range(SIZE)]
-    assert _equal(final[0], record.epochs[2][0])  # kept exactly after its stop
-    assert not _equal(record.epochs[2][0], record.epochs[1][0])  # state moved before it
+    assert _equal(final[0], record.epochs[1][0])  # kept exactly after its stop
+    assert not _equal(record.epochs[1][0], record.epochs[0][0])  # state moved before it
     assert not bool(trained.active[0])
+    assert stopping.stopped_epochs[1:].count(None) >= 1  # some trained on after member 0
     for i in (1, 2):
         if stopping.stopped_epochs[i] is None:
-            assert bool(trained.active[i]) and not _equal(final[i], record.epochs[2][i])
+            assert bool(trained.active[i]) and not _equal(final[i], record.epochs[1][i])
     # each member's best checkpoint holds that member at its best epoch
     trainer.flush_logs(loggers=False)
     for i in range(SIZE):
