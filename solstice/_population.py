@@ -144,8 +144,8 @@ class Population(Experiment):
     (`(batch, size, ...)`), since the Trainer concatenates predictions along the first.
     The members' hooks are not called (a member class that overrides one is refused), and
     features that wrap the optimizer call inside the step (`precision="bf16-mixed"` /
-    `"16-mixed"`, `accumulate_grad_batches`, `NormMonitor`, `lr_find`) are refused when the
-    step is compiled, before it runs.
+    `"16-mixed"`, `accumulate_grad_batches`, `NormMonitor`) or set one value for all members
+    (`lr_find`) are refused when the step is compiled, before it runs.
 
     **Arguments:**
 
@@ -306,11 +306,25 @@ class Population(Experiment):
             raise ValueError(
                 f"The Trainer wrapped the population's optimizers (now {names}) for a feature "
                 "that reads or changes the optimizer call inside the training step: "
-                "`precision='bf16-mixed'`/`'16-mixed'`, `accumulate_grad_batches`, "
-                "`NormMonitor`, or `lr_find`. A `Population` does not support them (their "
+                "`precision='bf16-mixed'`/`'16-mixed'`, `accumulate_grad_batches` or "
+                "`NormMonitor`. A `Population` does not support them (their "
                 "numbers would mix the members). Remove that option or callback, or train "
                 "the members one by one."
             )
+
+    def _check_member_axis(self) -> None:
+        leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(self.members, eqx.is_array))[0]
+        for path, leaf in leaves:
+            if leaf.ndim == 0 or leaf.shape[0] != self.size:
+                raise ValueError(
+                    f"The population's array `{jax.tree_util.keystr(path)}` has shape "
+                    f"{leaf.shape}, but every array of its members has a leading member axis "
+                    f"of size {self.size}: something replaced it with one value for all "
+                    "members, e.g. `solstice.tuner.lr_find`, which sets one learning rate for "
+                    "the whole experiment and does not support a `Population`. Sweep rates "
+                    "with `Population.build(make, lr=[...])` instead; keep the member axis "
+                    "when replacing a population's arrays."
+                )
 
     def _member_batches(self, batch: PyTree) -> tuple[PyTree, Any, jax.Array | None]:
         """The batch each member trains on, its vmap axis, and the advanced keys."""
@@ -326,6 +340,7 @@ class Population(Experiment):
     def train_step(self, batch: PyTree) -> tuple["Population", PopulationMetrics]:
         """Every active member's `train_step`, vmapped; stopped members keep their arrays."""
         self._check_optimizers()
+        self._check_member_axis()
         batches, axis, keys = self._member_batches(batch)
         new, metrics = eqx.filter_vmap(
             lambda member, b: member.train_step(b), in_axes=(eqx.if_array(0), axis)

@@ -292,6 +292,9 @@ def test_options_that_wrap_the_optimizer_are_refused_before_training():
         solstice.Trainer(**_kwargs(callbacks=[NormMonitor()], devices=1)).fit(
             population, blobs_datamodule()
         )
+    with pytest.raises(ValueError, match="lr_find"):
+        sweep = solstice.Population.build(_sweep_member, lr=RATES)
+        solstice.tuner.lr_find(solstice.Trainer(**_kwargs(devices=1)), sweep, blobs_datamodule())
 
 
 def test_a_model_checkpoint_of_a_population_loads_back(fitted, tmp_path):
