@@ -237,6 +237,12 @@ class Population(Experiment):
 
         **Returns:** the `Population`.
         """
+        for name, values in hparams.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+                raise TypeError(
+                    f"`Population.build({name}={values!r})`: a hyperparameter takes one value "
+                    f"per member, e.g. `{name}=[1e-3, 1e-2]`."
+                )
         lengths = {name: len(values) for name, values in hparams.items()}
         if n is None:
             if not lengths:

@@ -274,6 +274,8 @@ def test_members_of_different_structures_are_refused():
         solstice.Population([_member(0), _member(1), _member(2, width=32)])
     with pytest.raises(ValueError, match="one value per member"):
         solstice.Population.build(_sweep_member, n=2, lr=RATES)
+    with pytest.raises(TypeError, match="one value per member"):
+        solstice.Population.build(_sweep_member, lr=0.1)
     with pytest.raises(ValueError, match="'shared'.*'bootstrap'"):
         solstice.Population([_member(0)], data="bagging")
     with pytest.raises(TypeError, match="list of experiments"):
