@@ -14,6 +14,8 @@ from ._metrics import Metrics as Metrics
 from ._optax_optimizer import OptaxOptimizer as OptaxOptimizer
 from ._optimizer import Optimizer as Optimizer
 from ._optimizer_tap import OptimizerCall as OptimizerCall
+from ._population import Population as Population
+from ._population_metrics import PopulationMetrics as PopulationMetrics
 from ._sgd import SGDOptimizer as SGDOptimizer
 from ._step_cost import StepCost as StepCost
 from ._version import __version__ as __version__

@@ -5,6 +5,8 @@ from typing import Any
 
 import equinox as eqx
 
+from ._population import Population
+
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -12,7 +14,8 @@ def hyperparameters(module: Any, prefix: str = "", depth: int = 2) -> dict[str, 
     """Describe the non-array configuration of an `eqx.Module` as a flat dict.
 
     Nested modules contribute their type name and, down to `depth` levels, their own scalar
-    fields (`"model.in_size": 64`). Arrays are skipped; functions appear by name.
+    fields (`"model.in_size": 64`). Arrays are skipped; functions appear by name. A
+    `Population`'s recorded hyperparameters appear as `"population.lr": "[0.001, 0.01]"`.
 
     **Example:**
 
@@ -24,6 +27,8 @@ def hyperparameters(module: Any, prefix: str = "", depth: int = 2) -> dict[str, 
     out: dict[str, Any] = {}
     if not prefix:
         out["experiment"] = type(module).__name__
+        if isinstance(module, Population):  # one value per member, e.g. `population.lr`
+            out.update({f"population.{k}": str(v) for k, v in module.hparams.items()})
     if not dataclasses.is_dataclass(module):
         return out
     for field in dataclasses.fields(module):

@@ -42,6 +42,7 @@ EXECUTED_PAGES = [
     "training-controls/precision.md",
     "observing/media.md",
     "observing/mlflow.md",
+    "population.md",
 ]
 
 # Subpackages whose public names must all appear in the API reference.

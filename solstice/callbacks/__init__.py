@@ -9,6 +9,8 @@ from ._model_checkpoint import ModelCheckpoint as ModelCheckpoint
 from ._model_summary import ModelSummary as ModelSummary
 from ._norm_monitor import NormMonitor as NormMonitor
 from ._on_exception_checkpoint import OnExceptionCheckpoint as OnExceptionCheckpoint
+from ._population_checkpoint import PopulationCheckpoint as PopulationCheckpoint
+from ._population_early_stopping import PopulationEarlyStopping as PopulationEarlyStopping
 from ._profiler import ProfilerCallback as ProfilerCallback
 from ._profiler import Trace as Trace
 from ._progress_bar import ProgressBar as ProgressBar

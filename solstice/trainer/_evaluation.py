@@ -96,7 +96,7 @@ def _eval_items(run: "Run", loader: Loader, count: int | None, validate: Any, ke
     source, decode = (loader, None) if split is None else split
     preparer = EvalPreparer(
         run.placement,
-        honours_mask=type(run.experiment).honours_mask,
+        honours_mask=bool(run.experiment.honours_mask),
         validate=validate,
         batch_size=loader.batch_size,
     )
