@@ -116,12 +116,13 @@ CASES = {
         _settings(2, **FSDP_ON_DEVICE),
         MID_EPOCH,
     ),
+    # without the EMA: the data order's in-step state is restored, the EMA's left unused
     "4 fsdp->1 plain epoch end": (
         _settings(4, **FSDP_ON_DEVICE),
-        _settings(1, **{**FSDP_ON_DEVICE, "rules": ()}),
+        _settings(1, data="device", fused=1),
         EPOCH_END,
     ),
-    "4 plain->2 fsdp mid-epoch": (FOUR, _settings(2, FSDP), MID_EPOCH),
+    "4 plain->2 fsdp mid-epoch, unfused": (FOUR, _settings(2, FSDP, fused=1), MID_EPOCH),
 }
 
 
