@@ -254,9 +254,13 @@ def test_resumed_runs_are_the_uninterrupted_run(run):
 
 
 # (checkpoint of the 2-process run, Trainer settings of the 1-process resume): mid-epoch with
-# the epoch's metric accumulators, and at the end of the 2-epoch timed run (trained on to 3)
+# the epoch's metric accumulators (unfused, too: one compiled step), and at the end of the
+# 2-epoch timed run (trained on to 3)
 RESUMES_IN_ONE_PROCESS = {
-    "mid-epoch on 1 device": ("ckpt_full/epoch=2-step=16", dict(devices=1)),
+    "mid-epoch on 1 device": (
+        "ckpt_full/epoch=2-step=16",
+        dict(devices=1, steps_per_execution=1),
+    ),
     "epoch end on 2 devices": ("ckpt_timed/epoch=1-step=14", dict(devices=2)),
 }
 
