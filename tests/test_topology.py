@@ -188,6 +188,7 @@ def test_resume_on_another_topology(case, uninterrupted):
     np.testing.assert_array_equal(order, expected_order)
     assert trainer.global_step == ref_trainer.global_step == STEPS
     _assert_allclose(expected, got)
+    _assert_allclose(uninterrupted(ONE)[1], got)  # and the run on one device
     # PRNG keys and counts: never split, never per device; the same bits as the uninterrupted run's
     exact = _exact(got)
     assert any(v.dtype == np.uint32 for _, v in exact)  # the experiment's key is among them
