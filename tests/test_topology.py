@@ -33,7 +33,7 @@ STEPS = 14
 MID_EPOCH = "epoch=1-step=10"  # batch 3 of epoch 1, with the epoch's metric accumulators
 EPOCH_END = "epoch=0-step=7"
 FSDP = [solstice.FullySharded(min_size=64)]
-# Float tolerance of another topology (measured at most 6e-8 absolute, 1.2e-5 relative on
+# Float tolerance of another topology (measured at most 9e-8 absolute, 1.2e-5 relative on
 # small values: see docs/scaling.md).
 TOL = dict(rtol=2e-5, atol=2e-6)
 
