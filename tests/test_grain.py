@@ -151,8 +151,11 @@ def test_random_maps_are_fixed_by_seed_epoch_and_position():
     again = list(loader(1))
     assert not np.array_equal(first[0]["noise"], again[0]["noise"])  # a new epoch, new draws
     shares = [list(loader(0, process_index=p, process_count=2)) for p in (0, 1)]
-    # two processes never draw the same numbers
+    # two processes never draw the same numbers, and together they draw what one process
+    # draws: the global batches do not depend on the number of processes
     assert not np.array_equal(shares[0][0]["noise"], shares[1][0]["noise"])
+    joined = [jax.tree.map(lambda *x: np.concatenate(x), a, b) for a, b in zip(*shares)]
+    assert_same_batches(joined, first)
 
 
 class CountingSource:

@@ -253,6 +253,39 @@ def test_resumed_runs_are_the_uninterrupted_run(run):
         assert infos[0][name]["history"] == full["history"], name
 
 
+# (checkpoint of the 2-process run, Trainer settings of the 1-process resume): mid-epoch with
+# the epoch's metric accumulators (unfused, too: one compiled step), and at the end of the
+# 2-epoch timed run (trained on to 3)
+RESUMES_IN_ONE_PROCESS = {
+    "mid-epoch on 1 device": (
+        "ckpt_full/epoch=2-step=16",
+        dict(devices=1, steps_per_execution=1),
+    ),
+    "epoch end on 2 devices": ("ckpt_timed/epoch=1-step=14", dict(devices=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMES_IN_ONE_PROCESS))
+def test_a_two_process_checkpoint_resumes_in_one_process(run, case):
+    """Another topology: the same global batches in the same order, results allclose to the
+    uninterrupted 3-epoch run of the 2 processes."""
+    results, out = run
+    name, kwargs = RESUMES_IN_ONE_PROCESS[case]
+    full = _stage(results, "checkpoint")[0]["full"]
+    no_validation = dict(limit_val_batches=0, num_sanity_val_steps=0)  # (one compile less)
+    trainer = solstice.Trainer(**{**TRAINER_KW, "max_epochs": 3, **no_validation, **kwargs})
+    with pytest.warns(RuntimeWarning, match=r"`processes` 2 in the checkpoint, 1 now .*allclose"):
+        exp = trainer.fit(experiment(), datamodule(), ckpt_path=out / name)
+    assert trainer.global_step == full["global_step"] == 21
+    _, arrays = results[0]
+    for i, p in enumerate(params_of(exp)):
+        np.testing.assert_allclose(np.asarray(p), arrays[f"full_param{i}"], rtol=1e-5, atol=1e-6)
+    trained = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    assert "train/loss_epoch" in trained  # (val/* are the checkpoint's: this run validates not)
+    for key, value in trained.items():
+        assert value == pytest.approx(full["callback_metrics"][key], rel=1e-5, abs=1e-6), key
+
+
 def test_last_ignores_a_checkpoint_removed_while_it_looks(tmp_path, monkeypatch):
     """With several processes, process 0 deletes the checkpoints retention drops when a save
     commits (at the latest at the end of `fit`) while the others go on: another process may

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from .._version import __version__
@@ -190,19 +191,12 @@ class CheckpointState:
         acc_saved = [LeafSpec.from_json(d) for d in trees.get("train_accumulators", [])]
         abstract["train_accumulators"] = _replicated(acc_saved, replicated)
         step_saved = [LeafSpec.from_json(d) for d in trees.get("in_step", [])]
-        same_in_step = bool(in_step) and specs(in_step) == step_saved
-        if same_in_step:
-            abstract["in_step"] = abstract_storage(
-                in_step, step_saved, [replicated] * len(step_saved)
-            )
+        kept, abstract["in_step"] = _in_step_abstract(in_step, step_saved, replicated)
         restored = read_items(path, abstract)
         device = TrainState(
             experiment=from_storage(experiment, saved, restored["experiment"]),
             metrics=StoredTree(acc_saved, restored["train_accumulators"]) if acc_saved else None,
-            # A callback with an in-step state that the checkpoint lacks starts it afresh.
-            in_step=from_storage(in_step, step_saved, restored["in_step"])
-            if same_in_step
-            else in_step,
+            in_step=_in_step_restored(in_step, kept, step_saved, restored["in_step"]),
         )
         return cls(device, RunRecord.from_document(document))
 
@@ -212,6 +206,47 @@ def _replicated(saved: list[LeafSpec], sharding: jax.sharding.Sharding) -> dict[
         storage_key(i): jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
         for i, s in enumerate(saved)
     }
+
+
+def _in_step_abstract(
+    in_step: dict[str, PyTree], saved: list[LeafSpec], replicated: jax.sharding.Sharding
+) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """Which in-step states (by callback key) the checkpoint holds with the same structure,
+    and what Orbax restores (every saved leaf, placed on `replicated`). A callback whose
+    in-step state the checkpoint lacks, or holds with another structure, starts it afresh;
+    the others' states are still restored (unless a state left out holds PRNG keys, whose
+    stored shape its spec does not tell: then all start afresh)."""
+    kept = {}
+    for key, state in in_step.items():
+        prefix = jax.tree_util.keystr((jax.tree_util.DictKey(key),))
+        if specs({key: state}) == [s for s in saved if s.path.startswith(prefix)]:
+            kept[key] = state
+    if not kept:
+        return {}, {}
+    ours = abstract_storage(kept, saved, [replicated] * len(specs(kept)))
+    abstract: dict[str, Any] = {}
+    for i, spec in enumerate(saved):
+        name = storage_key(i)
+        if name in ours:
+            abstract[name] = ours[name]
+        elif spec.dtype.startswith("key<"):
+            return {}, {}
+        else:
+            abstract[name] = jax.ShapeDtypeStruct(
+                spec.shape, jnp.dtype(spec.dtype), sharding=replicated
+            )
+    return kept, abstract
+
+
+def _in_step_restored(
+    in_step: dict[str, PyTree],
+    kept: dict[str, PyTree],
+    saved: list[LeafSpec],
+    stored: dict[str, Any],
+) -> dict[str, PyTree]:
+    """`in_step` with the states of `kept` replaced by the checkpoint's."""
+    restored = from_storage(kept, saved, stored) if kept else {}
+    return {key: restored.get(key, state) for key, state in in_step.items()}
 
 
 def read_in_step(

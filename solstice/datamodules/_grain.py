@@ -43,16 +43,31 @@ def _import_grain() -> Any:
     return grain
 
 
-class EpochShare:
-    """Random access to this process's share of an epoch: item `i` is the record at row
-    `i % L` of this process's share of global batch `i // L` (`L`: the local batch size), as
-    `EpochOrder.local_indices` lays it out. Only the last batch's share may be shorter (or
-    empty, in evaluation), so batching it by `L` gives exactly the epoch's batches."""
+class EpochRecords:
+    """Random access to an epoch's records in their order: item `k` is the record at place
+    `k` of the epoch (`EpochOrder.indices`), whichever process reads it."""
 
     def __init__(self, source: Any, order: EpochOrder):
         self.source = source
-        self.order = order
         self._keys = order.indices()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[int(self._keys[index])]
+
+
+class EpochShare:
+    """Random access to this process's share of an epoch: item `i` is the item of `records`
+    (the epoch's records in their order, `EpochRecords`, transformed) at row `i % L` of this
+    process's share of global batch `i // L` (`L`: the local batch size), as
+    `EpochOrder.local_indices` lays it out. Only the last batch's share may be shorter (or
+    empty, in evaluation), so batching it by `L` gives exactly the epoch's batches."""
+
+    def __init__(self, records: Any, order: EpochOrder):
+        self.records = records
+        self.order = order
         last = len(order.local_indices(len(order) - 1)) if len(order) else 0
         self._length = max(0, len(order) - 1) * order.local_batch_size + last
 
@@ -63,7 +78,7 @@ class EpochShare:
         order = self.order
         batch, row = divmod(index, order.local_batch_size)
         position = batch * order.batch_size + order.process_index * order.local_batch_size + row
-        return self.source[int(self._keys[position])]
+        return self.records[position]
 
     def __repr__(self) -> str:
         o = self.order
@@ -175,19 +190,22 @@ class GrainLoader(OrderedLoader):
         self.read_options = _read_options(read_options)
 
     def random_seed(self) -> int:
-        """The seed of this epoch's and process's `RandomMap`s (from `seed`, `epoch` and the
-        process's share: no two processes draw the same numbers)."""
+        """The seed of this epoch's `RandomMap`s (from `seed` and `epoch`). Grain draws each
+        record's numbers from it and the record's place in the epoch, so no two records
+        draw the same numbers, and the draws do not depend on the number of processes."""
         o = self.order
-        entropy = np.random.SeedSequence([o.seed, o.epoch, o.process_index])
+        entropy = np.random.SeedSequence([o.seed, o.epoch])
         return int(entropy.generate_state(1)[0])
 
     def dataset(self) -> Any:
         """The epoch's batches of this process, as a random-access `grain.MapDataset`
-        (batch `b` is `dataset()[b]`)."""
+        (batch `b` is `dataset()[b]`). The transforms apply to the epoch's records in their
+        order (lazily: only this process's are read), then this process takes its share."""
         grain = _import_grain()
-        share = grain.MapDataset.source(EpochShare(self.source, self.order))
-        records = _transformed(share, self.operations, self.random_seed())
-        return records.batch(self.order.local_batch_size, drop_remainder=False)
+        epoch = grain.MapDataset.source(EpochRecords(self.source, self.order))
+        records = _transformed(epoch, self.operations, self.random_seed())
+        share = grain.MapDataset.source(EpochShare(records, self.order))
+        return share.batch(self.order.local_batch_size, drop_remainder=False)
 
     def _batches(self, start: int) -> Iterator[PyTree]:
         grain = _import_grain()

@@ -25,16 +25,25 @@ from ._run import Run, run_settings
 
 log = logging.getLogger("solstice")
 
+# Settings that change where and how the steps compute, not what they compute: the global
+# batches and their order depend on none of them (see `check_settings`).
+_TOPOLOGY = {
+    "devices": "each batch is split over another number of devices",
+    "processes": "each process feeds another share of every global batch",
+    "mesh": "the devices form another mesh",
+    "sharding": "the experiment's arrays are split another way (`sharding_rules`)",
+    "steps_per_execution": "the steps are fused into other compiled calls",
+}
+TOPOLOGY_HOLDS = (
+    "the same global batches in the same order, so the run continues where it stopped; "
+    "results allclose to the uninterrupted run (float reductions are summed in another "
+    "order), not bit-identical"
+)
+
 # What a changed setting means for the resumed run (see `check_settings`).
 _CONSEQUENCES = {
     "seed": "the seed keys the Trainer's randomness (on-device augmentation): the resumed run "
     "is not the run that was interrupted",
-    "devices": "reductions over the batch run in another order: the result matches to float "
-    "tolerance, not bit for bit",
-    "processes": "each process feeds another share: the result matches to float tolerance, "
-    "not bit for bit",
-    "steps_per_execution": "the steps are compiled differently: the result matches to float "
-    "tolerance, not bit for bit",
     "accumulate_grad_batches": "each optimizer step averages another number of batches, and "
     "schedules counted in steps advance at another pace: the resumed run is not the run that "
     "was interrupted",
@@ -52,7 +61,11 @@ def check_settings(
 ) -> None:
     """Warn naming every setting that differs from the checkpoint's, with what it means;
     raise `ValueError` where an exact resume is impossible (another batch size mid-epoch:
-    the position in the epoch counts batches). Settings unknown on either side are skipped."""
+    the position in the epoch counts batches). Settings unknown on either side are skipped.
+
+    Another topology (devices, processes, mesh, sharding of the experiment, fused steps) is
+    one warning saying what holds (`TOPOLOGY_HOLDS`); other settings, which make the resumed
+    run another run, are another."""
     differences = []
     for key, consequence in _CONSEQUENCES.items():
         old, new = saved.get(key), now.get(key)
@@ -82,6 +95,45 @@ def check_settings(
             RuntimeWarning,
             stacklevel=6,
         )
+    changed = topology_changes(saved, now)
+    if changed:
+        warnings.warn(
+            f"Resuming from `{source}` on another topology: {'; '.join(changed)}. What holds: "
+            f"{TOPOLOGY_HOLDS}.",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+
+
+def topology_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Each topology setting that differs between a checkpoint's settings and this run's,
+    with what it changes (settings unknown on either side are skipped; a one-axis mesh says
+    no more than `devices`, so only meshes of several axes are compared)."""
+    changed = []
+    for key, what in _TOPOLOGY.items():
+        old, new = saved.get(key), now.get(key)
+        if old is None or new is None or old == new:
+            continue
+        if key == "mesh" and "," not in old and "," not in new:
+            continue
+        changed.append(f"`{key}` {old} in the checkpoint, {new} now ({what})")
+    return changed
+
+
+def check_batch_split(saved: dict[str, Any], num_devices: int, source: Any) -> None:
+    """Raise `ValueError` if a checkpoint taken mid-epoch has a global batch size that does
+    not split over this run's `num_devices` (the rest of the epoch must keep its batches)."""
+    size = saved.get("train_batch_size")
+    if size is None or size % num_devices == 0:
+        return
+    fits = max(d for d in range(1, min(size, num_devices) + 1) if size % d == 0)
+    raise ValueError(
+        f"`{source}` was taken mid-epoch with a global batch size of {size}, which does not "
+        f"split evenly over this Trainer's {num_devices} devices. The rest of the epoch must "
+        f"keep batches of {size} (its position counts them): resume on a number of devices "
+        f"that divides {size} (for example `devices={fits}`), or from a checkpoint taken at "
+        f"the end of an epoch with a batch size that is a multiple of {num_devices}."
+    )
 
 
 def resolve(
@@ -140,8 +192,10 @@ def resume(run: Run, path: Path, document: dict[str, Any], continue_stopped: boo
         replicated=run.placement.replicated,
     )
     _apply(run, state)
-    saved = state.host.settings
-    check_settings(saved, run_settings(run), path, mid_epoch=run.progress.batch_idx > 0)
+    saved, mid_epoch = state.host.settings, run.progress.batch_idx > 0
+    if mid_epoch:
+        check_batch_split(saved, run.placement.num_devices, path)
+    check_settings(saved, run_settings(run), path, mid_epoch=mid_epoch)
     run.resumed_from = (path, saved)  # the batch size is compared at the first batch
     _restore_stop(run, state.host.stopped, saved, path, continue_stopped)
     p = run.progress

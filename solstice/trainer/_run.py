@@ -8,6 +8,7 @@ a checkpoint (`checkpoint_state`), kept as flat leaf lists between steps for spe
 """
 
 import contextlib
+import hashlib
 import logging
 import warnings
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import equinox as eqx
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 from jaxtyping import PyTree
 
 from .._experiment import Experiment
@@ -271,9 +273,12 @@ def run_settings(run: Run) -> dict[str, Any]:
     """The settings a checkpoint records, which an exact resume needs unchanged (and the
     limits, to tell whether a resumed run that had stopped should train on)."""
     trainer, datamodule = run.trainer, run.datamodule
+    mesh = run.placement.mesh
     return {
         "devices": run.placement.num_devices,
         "processes": jax.process_count(),
+        "mesh": ",".join(f"{axis}={size}" for axis, size in mesh.shape.items()),
+        "sharding": sharding_layout(run.steps.dyn_shardings),
         "seed": trainer.seed,
         "steps_per_execution": trainer.steps_per_execution,
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
@@ -284,6 +289,26 @@ def run_settings(run: Run) -> dict[str, Any]:
         "max_steps": trainer.max_steps,
         "precision": trainer.precision,
     }
+
+
+def sharding_layout(shardings: PyTree) -> str:
+    """How the experiment's arrays lie on the mesh, in a few words that compare equal exactly
+    when the layouts do: `"replicated"`, or `"5 of 9 arrays split (specs 1f2e3d4c)"` (a digest
+    of every array's `PartitionSpec`, in tree order)."""
+    specs = [_normal_spec(s.spec) for s in jax.tree.leaves(shardings)]
+    split = sum(bool(spec) for spec in specs)
+    if not split:
+        return "replicated"
+    digest = hashlib.sha1(repr(specs).encode()).hexdigest()[:8]
+    return f"{split} of {len(specs)} arrays split (specs {digest})"
+
+
+def _normal_spec(spec: PartitionSpec) -> tuple[Any, ...]:
+    """`spec` without trailing `None`s (`P("batch")` and `P("batch", None)` are one layout)."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
 
 
 def start_run(

@@ -205,7 +205,9 @@ class Trainer(RunRequests):
         always pass it), `"best"` or a path; `experiment` is then the template. A run that
         had stopped (`EarlyStopping`, ...) or completed stays so, with a warning, unless the
         limits are raised or `continue_stopped=True`; other settings than the checkpoint's
-        are named. A Trainer runs one `fit`: a second one after training raises."""
+        are named. Another topology (devices, processes, `sharding_rules`) resumes with the
+        same batches, results allclose (docs/scaling.md). A Trainer runs one `fit`: a
+        second one after training raises."""
         return fit(self, experiment, datamodule, ckpt_path, continue_stopped)
 
     def validate(
