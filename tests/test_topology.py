@@ -5,8 +5,8 @@ and results allclose to the uninterrupted runs on 4 and on 1 device. The same to
 bit-identical. What cannot work is refused before the first step.
 
 Every case is `(before, after, checkpoint)`: Trainer settings of the run that writes the
-checkpoints (uninterrupted: it is also the reference) and of the run that resumes. A mesh of
-another shape is one more entry of `CASES` once `Trainer(mesh=...)` exists.
+checkpoints (uninterrupted: it is also the reference) and of the run that resumes. Meshes of
+another shape (2x2 with tensor parallelism -> 1x2, -> 1 device) are entries too.
 
 (The 2-process -> 1-process resume is in `test_multiprocess.py`, which reuses the
 checkpoints its processes already write.)
@@ -61,7 +61,7 @@ def _settings(devices, rules=(), data="host", fused=2, ema=False, mesh=None):
     """Trainer and data settings of one side of a case (`data`: `"host"`, or `"device"`
     for an on-device DataModule, whose batches are gathered inside the step; `ema`: an
     `EMAWeightAveraging`, whose average is an in-step state; `mesh`: `Trainer(mesh=...)`,
-    for a mesh of another shape, once the Trainer takes one)."""
+    for a mesh of another shape)."""
     return dict(devices=devices, rules=tuple(rules), data=data, fused=fused, ema=ema, mesh=mesh)
 
 
@@ -106,6 +106,12 @@ def _fit(settings, dirpath=None, ckpt_path=None):
 FOUR = _settings(4)
 FSDP_ON_DEVICE = dict(rules=FSDP, data="device", fused=1, ema=True)
 ONE = _settings(1, fused=1)
+# A 2-D mesh: tensor parallel over "model", FSDP over "data" (the MLP's first weight is split
+# over both axes), and a mesh of another shape with the model axis alone.
+TP_FSDP = [
+    solstice.Combined(solstice.TensorParallel(), solstice.FullySharded(axis="data", min_size=64))
+]
+MESH_2X2 = _settings(4, rules=TP_FSDP, mesh={"data": 2, "model": 2})
 
 # (before, after, checkpoint). The `after` settings repeat a few (compiling costs the most).
 CASES = {
@@ -121,6 +127,12 @@ CASES = {
     "4 fsdp->1 plain epoch end": (_settings(4, **FSDP_ON_DEVICE), ONE, EPOCH_END),
     # (the EMA starts afresh: the checkpoint has none)
     "4 plain->2 fsdp mid-epoch, unfused": (FOUR, _settings(2, **FSDP_ON_DEVICE), MID_EPOCH),
+    "2x2 tp+fsdp->1x2 tp mid-epoch": (
+        MESH_2X2,
+        _settings(2, rules=[solstice.TensorParallel()], mesh={"data": 1, "model": 2}),
+        MID_EPOCH,
+    ),
+    "2x2 tp+fsdp->1 epoch end": (MESH_2X2, ONE, EPOCH_END),
 }
 
 
