@@ -9,7 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.solstice-installed
 # torch first, pinned to a CPU build: an unpinned `torch` pulls several GB of CUDA wheels.
 TORCH := torch==2.13.0
-# extra pytest arguments, e.g. `make test PYTEST_ARGS="tests/test_trainer.py -x"`
+# pytest arguments: 2 worker processes (each test file in one, so its shared runs are made
+# once), and extra ones, e.g. `make test PYTEST_ARGS="tests/test_trainer.py -x"`
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 PYTEST_ARGS ?=
 
 .PHONY: quickstart test lint typecheck docs env
@@ -19,7 +21,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
