@@ -1,6 +1,8 @@
 """`solstice.Population`: members trained as one vmapped program equal their single runs;
 per-member metrics, stopping, best checkpoints, bootstrap data, resume and structure errors."""
 
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -306,3 +308,14 @@ def test_a_model_checkpoint_of_a_population_loads_back(fitted, tmp_path):
     _assert_trees_equal(solstice.load(path, like=like), trained)
     member = solstice.save(tmp_path / "member", trained.member(1))
     _assert_trees_equal(solstice.load(member, like=_member(1)), trained.member(1))
+
+
+def test_best_checkpoints_refuse_what_they_cannot_write(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"not to remote storage.*ModelCheckpoint\('s3://b/run'"):
+        PopulationCheckpoint("s3://b/run")
+    with pytest.raises(ValueError, match="one slash after `s3:`"):
+        PopulationCheckpoint(Path("s3://b/run"))  # what pathlib makes of a URL
+    checkpoint = PopulationCheckpoint(tmp_path)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="this run has 2 processes.*ModelCheckpoint"):
+        checkpoint.on_fit_start(None, solstice.Population([_member(0)]))

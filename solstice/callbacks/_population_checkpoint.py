@@ -10,6 +10,7 @@ import numpy as np
 from .._population import Population
 from .._view import TrainerView
 from ..checkpointing._export import save
+from ..storage._paths import check_path, is_remote
 from ._population_monitor import PopulationMonitor
 
 
@@ -21,8 +22,10 @@ class PopulationCheckpoint(PopulationMonitor):
 
     Load one with `solstice.load(checkpoint.best_paths[i], like=make_member(i))`. The best
     scores and paths are saved in the run's checkpoints, so a resumed run goes on from them.
-    Writes from process 0 only, synchronously (members are small: that is what populations
-    are for).
+    Writes synchronously, to a local (or shared) directory, in a run of one process (members
+    are small: that is what populations are for); a storage URL (`s3://...`) and a run of
+    several processes are refused with the alternative (`ModelCheckpoint`, which keeps the
+    whole population).
 
     **Arguments:**
 
@@ -44,7 +47,15 @@ class PopulationCheckpoint(PopulationMonitor):
 
     def __init__(self, dirpath: Any, monitor: str = "val/loss", mode: str = "min"):
         super().__init__(monitor, mode, "PopulationCheckpoint")
-        self.dirpath = Path(dirpath).absolute()
+        text = check_path(dirpath, "PopulationCheckpoint(dirpath=...)")
+        if is_remote(text):
+            raise ValueError(
+                f"`PopulationCheckpoint(dirpath={text!r})`: per-member checkpoints are written "
+                "to a local or shared directory, not to remote storage. Pass a local path, or "
+                f"keep the whole population there with `ModelCheckpoint({text!r}, "
+                "monitor=...)` and take members with `population.member(i)` after loading."
+            )
+        self.dirpath = Path(text).absolute()
         if self.dirpath.exists() and not self.dirpath.is_dir():
             raise ValueError(
                 f"`PopulationCheckpoint(dirpath={str(dirpath)!r})` is a file; pass a directory."
@@ -63,6 +74,14 @@ class PopulationCheckpoint(PopulationMonitor):
         self.best_paths = [str(p) for p in state["best_paths"]]
 
     def on_fit_start(self, trainer: TrainerView, experiment: Any) -> None:
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"`PopulationCheckpoint` writes each member's best from one process, but this "
+                f"run has {jax.process_count()} processes (taking a member out of the "
+                "population is a computation every process would have to join). Use "
+                "`ModelCheckpoint(monitor='val/member_{i}/...')`, which saves the whole "
+                "population from every process, and `population.member(i)` after loading."
+            )
         size = self.population(experiment).size
         if len(self.best_paths) != size:
             self.best_paths = [""] * size

@@ -3,7 +3,6 @@ member of a `solstice.Population`, and per-member best scores."""
 
 from typing import Any
 
-import jax
 import numpy as np
 
 from .._population import Population
@@ -86,7 +85,8 @@ class PopulationMonitor(Callback):
                 f"Metrics it produced include: {available}. Pass `monitor=` as "
                 "'<stage>/<member metric>', e.g. 'val/loss'."
             )
-        active = np.asarray(jax.device_get(population.active))
+        # replicated: every device, of every process, holds all of it
+        active = np.asarray(population.active.addressable_data(0))
         scores = [float(metrics[self.key(i)]) for i in range(population.size)]
         sign = 1.0 if self.mode == "min" else -1.0
         improved = [
