@@ -202,3 +202,19 @@ def packed_like_trainer(metrics: dict, epoch: int = 0, prefix: str = "train/"):
 
     vector, rest = jax.jit(pack)(metrics)
     return PackedMetrics(names[0], vector, rest, prefix=prefix).with_items(epoch=epoch)
+
+
+def join_local_processes(
+    process_id: int, num_processes: int, port: int, devices_per_process: int
+) -> None:
+    """Make this process one of `num_processes` local processes of one JAX run (on
+    127.0.0.1:`port`, gloo CPU collectives, `devices_per_process` CPU devices each). Call it
+    first in a worker, before anything touches a device."""
+    jax.config.update("jax_num_cpu_devices", devices_per_process)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+    )

@@ -16,20 +16,14 @@ import sys
 import equinox as eqx
 import jax
 import numpy as np
+from helpers import join_local_processes
 from test_mesh import MESH, SETTINGS, datamodule, experiment, rules
 
 import solstice
 
 
 def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
-    jax.config.update("jax_num_cpu_devices", 2)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=60,
-    )
+    join_local_processes(process_id, num_processes, port, 2)
     trainer = solstice.Trainer(mesh=MESH, sharding_rules=rules(), **SETTINGS)
     fitted = trainer.fit(experiment(), datamodule())
     mesh = trainer.mesh

@@ -25,7 +25,13 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import numpy as np
-from helpers import blobs_datamodule, make_mlp_experiment, regression, regression_split
+from helpers import (
+    blobs_datamodule,
+    join_local_processes,
+    make_mlp_experiment,
+    regression,
+    regression_split,
+)
 
 import solstice
 from solstice.callbacks import ModelCheckpoint
@@ -232,14 +238,7 @@ def loop_controls_stage(out_dir: str, result: dict) -> None:
 
 
 def main(process_id: int, num_processes: int, port: int, num_devices: int, out_dir: str) -> None:
-    jax.config.update("jax_num_cpu_devices", num_devices)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=60,
-    )
+    join_local_processes(process_id, num_processes, port, num_devices)
     result: dict = {
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_processes
+from helpers import join_local_processes, run_processes
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -71,14 +71,7 @@ def collect(dm):
 def worker(process_id: int, port: int, out_dir: str) -> None:
     import jax
 
-    jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=NUM_PROCESSES,
-        process_id=process_id,
-        initialization_timeout=60,
-    )
+    join_local_processes(process_id, NUM_PROCESSES, port, DEVICES_PER_PROCESS)
     assert jax.process_count() == NUM_PROCESSES
     assert jax.device_count() == NUM_PROCESSES * DEVICES_PER_PROCESS
     host, device = collect(make_datamodule(False)), collect(make_datamodule(True))

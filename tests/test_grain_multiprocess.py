@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_processes
+from helpers import join_local_processes, run_processes
 
 pytest.importorskip("grain")
 pytest.importorskip("array_record")
@@ -62,14 +62,7 @@ def fit(data_dir, devices=None) -> tuple[dict, dict]:
 def worker(process_id: int, port: int, data_dir: str) -> None:
     import jax
 
-    jax.config.update("jax_num_cpu_devices", 1)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}",
-        num_processes=NUM_PROCESSES,
-        process_id=process_id,
-        initialization_timeout=60,
-    )
+    join_local_processes(process_id, NUM_PROCESSES, port, 1)
     assert jax.process_count() == NUM_PROCESSES
     np.savez(os.path.join(data_dir, f"shares{process_id}.npz"), **shares(make_datamodule(data_dir)))
     arrays, metrics = fit(data_dir)
