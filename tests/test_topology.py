@@ -12,6 +12,7 @@ another shape (2x2 with tensor parallelism -> 1x2, -> 1 device) are entries too.
 checkpoints its processes already write.)
 """
 
+import dataclasses
 import json
 import warnings
 
@@ -24,8 +25,10 @@ from helpers import blobs, make_mlp_experiment
 
 import solstice
 from solstice._in_step import InStep
+from solstice._loss_scaling import DynamicScaling
 from solstice.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from solstice.datamodules import ArrayDataModule
+from solstice.trainer import _precision
 
 # 112 samples in batches of 16: 7 steps per epoch, 14 in all. With `steps_per_execution=2`
 # every epoch has a single step (the remainder), at its end or its start.
@@ -262,3 +265,39 @@ def test_arrays_of_other_shapes_are_named(uninterrupted):
         r"template float32\[16, 8\]",
     ):
         trainer.fit(other, ArrayDataModule(train=blobs(112), batch_size=16), dirpath / MID_EPOCH)
+
+
+def test_the_dynamic_loss_scale_carries_over_to_another_topology(tmp_path, monkeypatch):
+    """`16-mixed`'s loss scale (an in-step state, with its count of finite steps) comes back
+    on 2 devices from a checkpoint written on 4, exactly; the parameters end allclose (float16
+    arithmetic summed in another order). The scale starts at 16 and doubles every 3 finite steps here, so a
+    scale or a count that restarted at the resume would end lower."""
+    policy = dataclasses.replace(
+        _precision.POLICIES["16-mixed"], scaling=DynamicScaling(initial=16.0, growth_interval=3)
+    )
+    monkeypatch.setitem(_precision.POLICIES, "16-mixed", policy)
+
+    def fit(devices, ckpt_path=None):
+        trainer = solstice.Trainer(
+            max_epochs=2,
+            devices=devices,
+            precision="16-mixed",
+            log_every_n_steps=7,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            callbacks=[ModelCheckpoint(tmp_path, save_top_k=-1, every_n_train_steps=10)],
+        )
+        datamodule = ArrayDataModule(train=blobs(112), batch_size=16)
+        experiment = make_mlp_experiment(in_size=8, num_classes=4)
+        return trainer, trainer.fit(experiment, datamodule, ckpt_path)
+
+    reference, expected = fit(4)
+    checkpoint = json.loads((tmp_path / MID_EPOCH / "solstice.json").read_text())
+    assert checkpoint["progress"]["global_step"] == 10
+    with pytest.warns(RuntimeWarning, match="on another topology"):
+        resumed, got = fit(2, ckpt_path=tmp_path / MID_EPOCH)
+    assert reference.loss_scale == 16.0 * 2**4  # doubled after steps 3, 6, 9 and 12
+    assert resumed.loss_scale == reference.loss_scale
+    for a, b in zip(_arrays(expected), _arrays(got), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
