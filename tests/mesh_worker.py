@@ -24,7 +24,11 @@ import solstice
 
 def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     join_local_processes(process_id, num_processes, port, 2)
-    trainer = solstice.Trainer(mesh=MESH, sharding_rules=rules(), **SETTINGS)
+    # a checkpoint mid-epoch (step 2 of 4), for a resume on one device in the test process
+    ckpt = solstice.callbacks.ModelCheckpoint(
+        os.path.join(out_dir, "ckpt"), every_n_train_steps=2, save_top_k=-1
+    )
+    trainer = solstice.Trainer(mesh=MESH, sharding_rules=rules(), callbacks=[ckpt], **SETTINGS)
     fitted = trainer.fit(experiment(), datamodule())
     mesh = trainer.mesh
     big = fitted.model.mlp.layers[0].weight

@@ -280,6 +280,24 @@ def test_two_processes_on_a_2x2_mesh_train_like_one_device(two_processes, one_de
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+def test_a_checkpoint_of_two_processes_on_a_2x2_mesh_resumes_on_one_device(
+    two_processes, one_device
+):
+    """Another topology: written mid-epoch by 2 processes of 2 devices (data across them,
+    TP + FSDP), resumed in this one process on 1 device: allclose to the 1-device run."""
+    out, thread, failure = two_processes
+    thread.join()
+    if failure:
+        raise failure[0]
+    (step2,) = [p for p in (out / "ckpt").iterdir() if "step=2" in p.name]
+    trainer = solstice.Trainer(devices=1, **SETTINGS)
+    with pytest.warns(RuntimeWarning, match=r"(?s)on another topology.*`mesh`.*allclose"):
+        resumed = trainer.fit(experiment(), datamodule(), ckpt_path=step2)
+    assert trainer.global_step == 4
+    for a, b in zip(params_of(resumed), params_of(one_device[0]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
 # ---------------------------------------------------------------- the example
 
 
