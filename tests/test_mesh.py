@@ -242,6 +242,13 @@ def test_tensor_parallel_errors_name_array_shape_and_axis():
     mha = eqx.nn.MultiheadAttention(2, 8, key=jax.random.key(0))
     with pytest.raises(ValueError, match="it has 2 heads. Use a number of heads that is a"):
         experiment_shardings(eqx.filter(mha, eqx.is_array), mesh, [tp])
+    # a tensor-parallel run that would silently replicate: said, with the layers' paths
+    head = {"body": mlp, "head": eqx.nn.Linear(4, 8, key=jax.random.key(1))}
+    typo = solstice.TensorParallel(linear=[(r"\.haed$", "column")])
+    with pytest.raises(ValueError, match=r"`\\\.haed\$` match no .*`\['head'\]`"):
+        experiment_shardings(eqx.filter(head, eqx.is_array), mesh, [typo])
+    with pytest.raises(ValueError, match=r"found nothing to split.*`\['head'\]`"):
+        experiment_shardings(eqx.filter({"head": head["head"]}, eqx.is_array), mesh, [tp])
 
 
 def test_explicit_mesh_and_dict_mesh_place_batches_over_the_data_axis():

@@ -45,6 +45,10 @@ class TensorParallel(TreeRule):
     `.optimizer.state.mu.mlp.layers[0].weight` for `.model.mlp.layers[0].weight`. Every other
     array is left to the next rule (see `Combined` to add FSDP over the data axis).
 
+    A `linear` pattern that matches no layer, and an experiment in which nothing is found to
+    split, are `ValueError`s naming the `Linear` layers there are (a tensor-parallel run
+    must not silently replicate).
+
     **Arguments:**
 
     - `axis`: the mesh axis to split over (e.g. `"model"` of `mesh={"data": 2, "model": 2}`).
@@ -84,6 +88,8 @@ class TensorParallel(TreeRule):
             )
         specs: dict[str, tuple[tuple[int, ...], PartitionSpec]] = {}
         nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_module)[0]
+        matched: set[str] = set()
+        linears: list[str] = []
         for path, node in nodes:
             base = jax.tree_util.keystr(path)
             if isinstance(node, eqx.nn.MLP) and self.mlp:
@@ -98,11 +104,34 @@ class TensorParallel(TreeRule):
                     self._split(specs, f"{base}.{name}", getattr(node, name), "column")
                 self._split(specs, f"{base}.output_proj", node.output_proj, "row")
             elif isinstance(node, eqx.nn.Linear):
+                linears.append(base)
                 for pattern, kind in self.linear:
                     if re.search(pattern, base):
                         self._split(specs, base, node, kind)
+                        matched.add(pattern)
                         break
+        self._check_found(specs, [p for p, _ in self.linear if p not in matched], linears)
         return _BySplit(specs)
+
+    def _check_found(self, specs: dict, unmatched: list[str], linears: list[str]) -> None:
+        """Raise if a `linear` pattern matched no layer, or nothing at all is split: a
+        tensor-parallel run that silently replicates is the mistake to catch."""
+        found = ", ".join(f"`{p}`" if p else "the root" for p in linears[:8]) or "none"
+        if unmatched:
+            raise ValueError(
+                "`TensorParallel(linear=...)`: the pattern(s) "
+                f"{', '.join(f'`{p}`' for p in unmatched)} match no "
+                f"`eqx.nn.Linear` outside MLPs and attention. Such layers, by path: {found}. "
+                "Fix the pattern (matched with `re.search` against these paths) or drop it."
+            )
+        if not specs:
+            raise ValueError(
+                "`TensorParallel` found nothing to split: no `eqx.nn.MLP` or "
+                "`eqx.nn.MultiheadAttention` (with `mlp`/`attention` on) and no "
+                f"`eqx.nn.Linear` named by `linear=` (such layers, by path: {found}). Name "
+                "the layers to split with `linear=[(pattern, 'column' | 'row')]`, or leave "
+                "`TensorParallel` out."
+            )
 
     def _split(self, specs: dict, base: str, layer: Any, kind: str) -> None:
         for name in ("weight", "bias"):
