@@ -32,6 +32,20 @@ class EpochGate(Callback):
         jax.block_until_ready(eqx.filter(trainer.experiment, eqx.is_array))
         self._done.release()
 
+    def trainer(self, steps_per_epoch: int, callbacks=(), **settings) -> solstice.Trainer:
+        """A Trainer gated by this gate: as many epochs as released, no progress bar, no
+        loggers, one log per epoch, no sanity validation; `settings` add to or override
+        these (`devices=1`, `accumulate_grad_batches=4`, ...); `callbacks` run before the
+        gate."""
+        defaults = dict(
+            max_epochs=10**6,
+            enable_progress_bar=False,
+            loggers=[],
+            log_every_n_steps=steps_per_epoch,
+            num_sanity_val_steps=0,
+        )
+        return solstice.Trainer(callbacks=[*callbacks, self], **{**defaults, **settings})
+
     def start(self, trainer: solstice.Trainer, experiment, datamodule) -> None:
         def run() -> None:
             try:

@@ -20,7 +20,6 @@ from _common import Contestant, cpu_ratio, machine, mnist_like, ratio, run, spre
 from _fit_gate import EpochGate
 from _mlp import make_experiment
 
-import solstice
 from solstice.datamodules import ArrayDataModule
 
 HIDDEN = [512, 512]
@@ -32,15 +31,7 @@ def fit(x, y, batch_size: int, accumulate: int, name: str) -> Contestant:
     batches = len(x) // batch_size
     steps = batches // accumulate
     gate = EpochGate()
-    trainer = solstice.Trainer(
-        max_epochs=10**6,
-        callbacks=[gate],
-        enable_progress_bar=False,
-        loggers=[],
-        log_every_n_steps=steps,  # one log per epoch
-        accumulate_grad_batches=accumulate,
-        compilation_cache=False,
-    )
+    trainer = gate.trainer(steps, accumulate_grad_batches=accumulate, compilation_cache=False)
     contestant = gate.contestant(name, trainer, make_experiment(HIDDEN), dm, batches * batch_size)
     return contestant
 

@@ -96,13 +96,7 @@ def fit_contestant(name: str, make, hidden: int, samples: int, batch_size: int) 
     )
     steps = samples // batch_size
     gate = EpochGate()
-    trainer = solstice.Trainer(
-        max_epochs=10**6,
-        callbacks=[gate],
-        enable_progress_bar=False,
-        loggers=[],
-        log_every_n_steps=steps,
-    )
+    trainer = gate.trainer(steps)
     contestant = gate.contestant(name, trainer, experiment, make(), steps * batch_size, timed_epoch)
     return contestant
 

@@ -42,15 +42,7 @@ def contestant(name: str, experiment, args, data) -> Contestant:
     dm = ArrayDataModule(train=data, batch_size=args.batch_size)
     steps = args.samples // args.batch_size
     gate = EpochGate()
-    trainer = solstice.Trainer(
-        max_epochs=10**6,
-        callbacks=[gate],
-        enable_progress_bar=False,
-        loggers=[],
-        log_every_n_steps=steps,
-        num_sanity_val_steps=0,
-        devices=1,
-    )
+    trainer = gate.trainer(steps, devices=1)
     return gate.contestant(name, trainer, experiment, dm, steps * args.batch_size)
 
 

@@ -17,7 +17,6 @@ from _common import Contestant, machine, mnist_like, run
 from _fit_gate import EpochGate
 from _mlp import make_experiment, ratio_line
 
-import solstice
 from solstice.callbacks import Callback, EMAWeightAveraging, StochasticWeightAveraging
 from solstice.datamodules import ArrayDataModule
 
@@ -26,14 +25,7 @@ def fit_with(name: str, averaging: Callback | None, args, x, y) -> Contestant:
     dm = ArrayDataModule(train={"image": x, "label": y}, batch_size=args.batch_size)
     n_steps = len(x) // args.batch_size
     gate = EpochGate()
-    trainer = solstice.Trainer(
-        max_epochs=10**6,
-        callbacks=[gate] + ([] if averaging is None else [averaging]),
-        enable_progress_bar=False,
-        loggers=[],
-        log_every_n_steps=n_steps,
-        num_sanity_val_steps=0,
-    )
+    trainer = gate.trainer(n_steps, callbacks=[] if averaging is None else [averaging])
     contestant = gate.contestant(
         name, trainer, make_experiment(args.hidden), dm, n_steps * args.batch_size
     )
