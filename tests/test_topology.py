@@ -301,3 +301,15 @@ def test_the_dynamic_loss_scale_carries_over_to_another_topology(tmp_path, monke
     assert resumed.loss_scale == reference.loss_scale
     for a, b in zip(_arrays(expected), _arrays(got), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_a_mid_epoch_batch_must_split_over_the_data_axis_not_every_device():
+    from solstice.trainer._placement import Placement
+    from solstice.trainer._resume import check_batch_split
+
+    mesh = Placement(mesh={"data": 2, "model": 2})  # 4 devices, batches split 2 ways
+    check_batch_split({"train_batch_size": 6}, mesh, "ckpt")  # 3 rows per data slice
+    with pytest.raises(ValueError, match=r"6, which does not split evenly over this Trainer's 4"):
+        check_batch_split({"train_batch_size": 6}, Placement(devices=4), "ckpt")
+    with pytest.raises(ValueError, match=r"2 slices of its data axis 'data'.*`devices=1`"):
+        check_batch_split({"train_batch_size": 5}, mesh, "ckpt")

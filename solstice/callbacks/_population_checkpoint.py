@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from .._population import Population
 from .._view import TrainerView
@@ -88,14 +87,8 @@ class PopulationCheckpoint(PopulationMonitor):
         super().on_fit_start(trainer, experiment)
 
     def checked(
-        self,
-        trainer: TrainerView,
-        population: Population,
-        scores: list[float],
-        improved: list[int],
-        active: np.ndarray,
+        self, trainer: TrainerView, population: Population, improved: list[int], active: Any
     ) -> None:
-        super().checked(trainer, population, scores, improved, active)
         for i in improved:
             folder = self.dirpath / f"member_{i}"
             path = folder / f"epoch={trainer.current_epoch}-step={trainer.global_step}"

@@ -82,14 +82,8 @@ class PopulationEarlyStopping(PopulationMonitor):
         super().on_fit_start(trainer, experiment)
 
     def checked(
-        self,
-        trainer: TrainerView,
-        population: Population,
-        scores: list[float],
-        improved: list[int],
-        active: np.ndarray,
+        self, trainer: TrainerView, population: Population, improved: list[int], active: Any
     ) -> None:
-        super().checked(trainer, population, scores, improved, active)
         now_active = active.copy()
         for i in range(population.size):
             if not active[i]:

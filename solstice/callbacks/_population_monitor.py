@@ -94,17 +94,13 @@ class PopulationMonitor(Callback):
             for i, score in enumerate(scores)
             if active[i] and better(score + sign * self.min_delta, self.best_scores[i], self.mode)
         ]
-        self.checked(trainer, population, scores, improved, active)
-
-    def checked(
-        self,
-        trainer: TrainerView,
-        population: Population,
-        scores: list[float],
-        improved: list[int],
-        active: np.ndarray,
-    ) -> None:
-        """Act on one check: member `i` scored `scores[i]`; `improved` beat their best."""
         for i in improved:
             self.best_scores[i] = scores[i]
             self.best_epochs[i] = trainer.current_epoch
+        self.checked(trainer, population, improved, active)
+
+    def checked(
+        self, trainer: TrainerView, population: Population, improved: list[int], active: Any
+    ) -> None:
+        """Act on one check, after the best scores are updated: the members `improved` beat
+        their best; `active` (numpy bools) are the members that were training."""

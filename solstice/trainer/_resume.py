@@ -21,6 +21,7 @@ from ..checkpointing._remote import materialize
 from ..checkpointing._saver import Saver
 from ..storage._paths import check_path, is_remote
 from ._hooks import callback_keys
+from ._placement import Placement
 from ._run import Run, run_settings
 
 log = logging.getLogger("solstice")
@@ -120,19 +121,24 @@ def topology_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return changed
 
 
-def check_batch_split(saved: dict[str, Any], num_devices: int, source: Any) -> None:
+def check_batch_split(saved: dict[str, Any], placement: Placement, source: Any) -> None:
     """Raise `ValueError` if a checkpoint taken mid-epoch has a global batch size that does
-    not split over this run's `num_devices` (the rest of the epoch must keep its batches)."""
-    size = saved.get("train_batch_size")
-    if size is None or size % num_devices == 0:
+    not split over this run's data axis (the rest of the epoch must keep its batches)."""
+    size, shards = saved.get("train_batch_size"), placement.data_shards
+    if size is None or size % shards == 0:
         return
-    fits = max(d for d in range(1, min(size, num_devices) + 1) if size % d == 0)
+    fits = max(d for d in range(1, min(size, shards) + 1) if size % d == 0)
+    over = (
+        f"{shards} devices"
+        if shards == placement.num_devices
+        else f"{shards} slices of its data axis {placement.data_axis!r}"
+    )
     raise ValueError(
         f"`{source}` was taken mid-epoch with a global batch size of {size}, which does not "
-        f"split evenly over this Trainer's {num_devices} devices. The rest of the epoch must "
-        f"keep batches of {size} (its position counts them): resume on a number of devices "
-        f"that divides {size} (for example `devices={fits}`), or from a checkpoint taken at "
-        f"the end of an epoch with a batch size that is a multiple of {num_devices}."
+        f"split evenly over this Trainer's {over}. The rest of the epoch must keep batches "
+        f"of {size} (its position counts them): resume on a number of devices that divides "
+        f"{size} (for example `devices={fits}`), or from a checkpoint taken at the end of "
+        f"an epoch with a batch size that is a multiple of {shards}."
     )
 
 
@@ -194,7 +200,7 @@ def resume(run: Run, path: Path, document: dict[str, Any], continue_stopped: boo
     _apply(run, state)
     saved, mid_epoch = state.host.settings, run.progress.batch_idx > 0
     if mid_epoch:
-        check_batch_split(saved, run.placement.num_devices, path)
+        check_batch_split(saved, run.placement, path)
     check_settings(saved, run_settings(run), path, mid_epoch=mid_epoch)
     run.resumed_from = (path, saved)  # the batch size is compared at the first batch
     _restore_stop(run, state.host.stopped, saved, path, continue_stopped)
